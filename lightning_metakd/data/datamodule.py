@@ -1,0 +1,223 @@
+"""The episodic LightningDataModule that every data source builds on."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.episode import Episode
+from lightning_metakd.data.sampler import EpisodeSampler
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+_STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """Serves N-way K-shot episodes from three class-disjoint splits.
+
+    A data source subclasses it and implements :meth:`build_splits`, returning one
+    :class:`ClassDataset` per split (and optionally :meth:`prepare_data` for one-off work such as
+    rendering a cache). Everything else — samplers, DDP sharding, fixed evaluation episodes, checks —
+    lives here once.
+
+    Every batch is an :class:`Episode` of ``meta_batch_size`` tasks (divided over DDP processes).
+    Training draws ``steps_per_epoch`` fresh meta-batches per epoch; validation and test use fixed,
+    seeded lists of ``val_episodes`` and ``test_episodes`` tasks, the same at every evaluation.
+
+    Args:
+        ways, shots, queries: training task shape (N-way K-shot with Q queries per class).
+        meta_batch_size: tasks per optimisation step, over all processes.
+        test_ways, test_shots, test_queries: validation/test task shape; default to the training one.
+        steps_per_epoch: training meta-batches per epoch.
+        val_episodes, test_episodes: number of fixed validation and test tasks.
+        grouping: ``"none"`` draws a task's classes from the whole split; the source's group name
+            (``"radical"`` for KanjiVG, ``"alphabet"`` for Omniglot, ``"group"`` always) draws them
+            from one group — fine-grained tasks.
+        rotations: add the 90° rotations of each training class as new classes (Omniglot practice).
+        num_workers: DataLoader worker processes.
+        seed: seeds the class split (where the source makes one) and every episode list.
+        image_size: images are resized to ``image_size x image_size``.
+        train_transform, eval_transform: optional callables on ``[C, H, W]`` float images.
+
+    Example:
+        >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical")  # doctest: +SKIP
+        >>> dm.setup("fit"); episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    """
+
+    #: The name of this source's class groups, accepted as a ``grouping`` value besides ``"group"``.
+    group_name: str = "group"
+
+    def __init__(
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        meta_batch_size: int = 32,
+        test_ways: int | None = None,
+        test_shots: int | None = None,
+        test_queries: int | None = None,
+        steps_per_epoch: int = 100,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        grouping: str = "none",
+        rotations: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        image_size: int = 28,
+        train_transform: Transform | None = None,
+        eval_transform: Transform | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("ways", ways), ("shots", shots), ("meta_batch_size", meta_batch_size),
+            ("steps_per_epoch", steps_per_epoch), ("val_episodes", val_episodes),
+            ("test_episodes", test_episodes), ("image_size", image_size),
+        ):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        if queries < 1:
+            raise ValueError(f"queries must be at least 1, got {queries}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be non-negative, got {num_workers}.")
+        if grouping not in ("none", "group", self.group_name):
+            raise ValueError(
+                f"grouping must be 'none' or '{self.group_name}', got {grouping!r}."
+            )
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.test_ways = test_ways or ways
+        self.test_shots = test_shots or shots
+        self.test_queries = test_queries or queries
+        self.meta_batch_size = meta_batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.val_episodes, self.test_episodes = val_episodes, test_episodes
+        self.grouping = grouping
+        self.rotations = rotations
+        self.num_workers = num_workers
+        self.seed = seed
+        self.image_size = image_size
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.splits: dict[str, ClassDataset] = {}
+        self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
+
+    @abstractmethod
+    def build_splits(self) -> dict[str, ClassDataset]:
+        """Return ``{"train": ..., "val": ..., "test": ...}``, each a :class:`ClassDataset`.
+
+        Called from :meth:`setup`. Implementations should honour ``self.image_size`` and
+        ``self.seed``; the base class applies ``rotations`` and the transforms.
+        """
+
+    @property
+    def channels(self) -> int:
+        """Image channels of this source (after :meth:`setup`)."""
+        self._require_setup()
+        return self.splits["train"].channels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        splits = self.build_splits()
+        missing = [s for s in SPLITS if s not in splits]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.build_splits() returned no {missing} split(s).")
+        names = {s: set(splits[s].base_class_names) for s in SPLITS}
+        for i, a in enumerate(SPLITS):
+            for b in SPLITS[i + 1 :]:
+                shared = names[a] & names[b]
+                if shared:
+                    raise ValueError(
+                        f"The {a} and {b} splits share {len(shared)} class(es), e.g. "
+                        f"{sorted(shared)[:3]}; class splits must be disjoint."
+                    )
+        if self.rotations:
+            splits["train"] = _with_rotations(splits["train"])
+        splits["train"].transform = self.train_transform or splits["train"].transform
+        for s in ("val", "test"):
+            splits[s].transform = self.eval_transform or splits[s].transform
+        self.splits = splits
+        # Build every sampler once so that bad ways/shots fail here, before any training starts.
+        for split in SPLITS:
+            self.sampler(split)
+
+    def _require_setup(self) -> None:
+        if not self.splits:
+            raise RuntimeError(f"Call {type(self).__name__}.setup() before asking for data.")
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def sampler(self, split: Split) -> EpisodeSampler:
+        """The episode sampler of ``split`` for this process."""
+        self._require_setup()
+        world, rank = self._world()
+        train = split == "train"
+        num_tasks = {
+            "train": self.steps_per_epoch * self.meta_batch_size,
+            "val": self.val_episodes,
+            "test": self.test_episodes,
+        }[split]
+        return EpisodeSampler(
+            self.splits[split],
+            ways=self.ways if train else self.test_ways,
+            shots=self.shots if train else self.test_shots,
+            queries=self.queries if train else self.test_queries,
+            num_tasks=num_tasks,
+            fixed=not train,
+            seed=self.seed,
+            stream=_STREAMS[split],
+            grouping=self.grouping != "none",
+            num_replicas=world,
+            rank=rank,
+        )
+
+    def dataloader(self, split: Split) -> DataLoader:
+        """A DataLoader of :class:`Episode` s for ``split`` (what the ``*_dataloader`` hooks return)."""
+        world, _ = self._world()
+        if self.meta_batch_size % world:
+            raise ValueError(
+                f"meta_batch_size={self.meta_batch_size} is not divisible by the {world} processes."
+            )
+        return DataLoader(
+            self.splits[split],
+            sampler=self.sampler(split),
+            batch_size=self.meta_batch_size // world,
+            collate_fn=Episode.from_tasks,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+
+def _with_rotations(dataset: ClassDataset) -> ClassDataset:
+    return ClassDataset(
+        dataset.images,
+        dataset.base_labels,
+        dataset.base_class_names,
+        groups=_base_groups(dataset),
+        image_size=dataset.image_size,
+        channels=dataset.channels,
+        invert=dataset.invert,
+        transform=dataset.transform,
+        rotations=4,
+    )
+
+
+def _base_groups(dataset: ClassDataset) -> dict[str, list[int]]:
+    r = dataset.rotations
+    return {name: sorted({c // r for c in members}) for name, members in dataset.groups.items()}

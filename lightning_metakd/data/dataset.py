@@ -1,0 +1,155 @@
+"""Images grouped by class: the split that an episode sampler draws tasks from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from lightning_metakd.data.episode import TaskSpec
+
+Transform = Callable[[Tensor], Tensor]
+
+
+class ClassDataset(Dataset):
+    """The images of one split (train, val or test), grouped by class, loaded task by task.
+
+    Indexing with a :class:`TaskSpec` returns one task ``(support_x, support_y, query_x, query_y,
+    classes)`` with labels remapped to ``0..ways-1``; :meth:`Episode.from_tasks` stacks tasks.
+
+    Args:
+        images: either a ``uint8`` tensor ``[M, C, H, W]`` (or ``[M, H, W]``) held in memory, or a
+            sequence of ``M`` image file paths read lazily with PIL.
+        labels: ``M`` class indices in ``0..len(class_names)-1``.
+        class_names: a globally unique name per class (used to prove splits are disjoint and to name
+            classes in error messages).
+        groups: optional named groups of class indices (Omniglot alphabets, KanjiVG radicals): the
+            pools that ``grouping`` draws fine-grained tasks from.
+        image_size: images are resized (antialiased) to ``image_size x image_size``.
+        channels: 1 (grey) or 3 (RGB); file images are converted on load.
+        invert: turn black-on-white strokes into white-on-black (Omniglot convention).
+        transform: applied to each ``[C, H, W]`` float image in ``[0, 1]`` after resizing.
+        rotations: 1, or 4 to add the 90°, 180° and 270° rotations of every class as new classes
+            (the Omniglot augmentation of Santoro et al. 2016 and Vinyals et al. 2016).
+
+    Example:
+        >>> images = torch.randint(0, 255, (20, 1, 28, 28), dtype=torch.uint8)
+        >>> ds = ClassDataset(images, [i // 5 for i in range(20)], ["a", "b", "c", "d"])
+        >>> sx, sy, qx, qy, classes = ds[TaskSpec(classes=(2, 0), support=(10, 0), query=(11, 1))]
+        >>> sx.shape, sy.tolist(), classes.tolist()
+        (torch.Size([2, 1, 28, 28]), [0, 1], [2, 0])
+    """
+
+    def __init__(
+        self,
+        images: Tensor | Sequence[str | Path],
+        labels: Sequence[int] | Tensor | np.ndarray,
+        class_names: Sequence[str],
+        groups: Mapping[str, Sequence[int]] | None = None,
+        image_size: int | None = None,
+        channels: int = 1,
+        invert: bool = False,
+        transform: Transform | None = None,
+        rotations: int = 1,
+    ) -> None:
+        if rotations not in (1, 4):
+            raise ValueError(f"rotations must be 1 or 4, got {rotations}.")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        if isinstance(images, Tensor):
+            if images.dtype != torch.uint8:
+                raise ValueError(f"In-memory images must be uint8, got {images.dtype}.")
+            if images.dim() == 3:
+                images = images.unsqueeze(1)
+            if images.dim() != 4:
+                raise ValueError(f"In-memory images must be [M, C, H, W], got {tuple(images.shape)}.")
+        self.images = images
+        self.base_labels = np.asarray(labels, dtype=np.int64)
+        if len(self.base_labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.base_labels)} labels.")
+        self.base_class_names = list(class_names)
+        if len(self.base_labels) and (
+            self.base_labels.min() < 0 or self.base_labels.max() >= len(self.base_class_names)
+        ):
+            raise ValueError("labels must lie in 0..len(class_names)-1.")
+        self.rotations = rotations
+        self.image_size = image_size
+        self.channels = channels
+        self.invert = invert
+        self.transform = transform
+
+        r = rotations
+        self.class_names = [
+            name if r == 1 else f"{name}@rot{90 * k}" for name in self.base_class_names for k in range(r)
+        ]
+        self.labels = (self.base_labels[:, None] * r + np.arange(r)[None, :]).reshape(-1)
+        order = np.argsort(self.labels, kind="stable")
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        self.indices_by_class: list[np.ndarray] = np.split(order, np.cumsum(counts)[:-1])
+        self.groups: dict[str, list[int]] = {
+            name: [c * r + k for c in members for k in range(r)] for name, members in (groups or {}).items()
+        }
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_image(self, index: int) -> Tensor:
+        """Sample ``index`` as a float ``[C, H, W]`` image in ``[0, 1]``, resized, before ``transform``."""
+        base, rotation = divmod(int(index), self.rotations)
+        if isinstance(self.images, Tensor):
+            image = self.images[base].float().div_(255.0)
+            if image.shape[0] != self.channels:
+                image = image.expand(self.channels, -1, -1) if image.shape[0] == 1 else image.mean(0, True)
+        else:
+            image = self._read_file(Path(self.images[base]))
+        if self.invert:
+            image = 1.0 - image
+        if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
+            image = F.interpolate(
+                image[None], size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )[0].clamp_(0.0, 1.0)
+        if rotation:
+            image = torch.rot90(image, rotation, dims=(1, 2))
+        return image
+
+    def _read_file(self, path: Path) -> Tensor:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+                array = np.asarray(img, dtype=np.uint8).copy()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+            raise OSError(
+                f"Cannot read image file {path}: {err}. Remove or replace the file (a truncated "
+                "copy or a non-image file in the data folder is the usual cause)."
+            ) from err
+        tensor = torch.from_numpy(array)
+        tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+        return tensor.float().div_(255.0)
+
+    def __getitem__(self, spec: TaskSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        if not isinstance(spec, TaskSpec):
+            raise TypeError(
+                f"ClassDataset is indexed by a TaskSpec (from an EpisodeSampler), got {type(spec).__name__}."
+            )
+        ways = spec.ways
+
+        def load(indices: Sequence[int]) -> Tensor:
+            images = [self.load_image(i) for i in indices]
+            if self.transform is not None:
+                images = [self.transform(img) for img in images]
+            return torch.stack(images)
+
+        support_y = torch.arange(ways).repeat_interleave(spec.shots)
+        query_y = torch.arange(ways).repeat_interleave(spec.queries)
+        classes = torch.tensor(spec.classes, dtype=torch.long)
+        return load(spec.support), support_y, load(spec.query), query_y, classes

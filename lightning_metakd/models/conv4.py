@@ -1,0 +1,66 @@
+"""Conv4: the four-block convolutional backbone of MAML and Prototypical Networks."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Sequential:
+    """3x3 conv → BatchNorm → ReLU → 2x2 max-pool: one block of Conv4 (Vinyals et al. 2016)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels, track_running_stats=False),
+        nn.ReLU(inplace=False),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks of ``hidden`` channels, then a flattened embedding.
+
+    The backbone of MAML (Finn et al. 2017) and Prototypical Networks (Snell et al. 2017). On
+    28x28 Omniglot-like images the embedding has ``hidden`` features (the map pools down to 1x1);
+    on 84x84 mini-ImageNet images it has ``hidden * 5 * 5``.
+
+    BatchNorm uses the statistics of the batch it sees (``track_running_stats=False``): the
+    transductive convention of MAML, identical in training and evaluation, and safe under
+    ``torch.func.vmap`` because no running buffers are written.
+
+    Args:
+        in_channels: image channels (1 for Omniglot/KanjiVG, 3 for mini-ImageNet).
+        hidden: channels of every block (64 in the papers).
+        width: width multiplier applied to ``hidden`` — a student is the same family, only narrower.
+        image_size: input side length, used to compute :attr:`num_features`.
+
+    Example:
+        >>> import torch
+        >>> net = Conv4(in_channels=1, hidden=64)
+        >>> net(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, width: float = 1.0, image_size: int = 28):
+        super().__init__()
+        channels = max(1, round(hidden * width))
+        self.in_channels, self.hidden, self.width, self.image_size = in_channels, hidden, width, image_size
+        self.features = nn.Sequential(
+            conv_block(in_channels, channels),
+            conv_block(channels, channels),
+            conv_block(channels, channels),
+            conv_block(channels, channels),
+        )
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.channels = channels
+        self.num_features = channels * max(side, 1) ** 2
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map ``[B, channels, h, w]``."""
+        return self.features(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The flattened embedding ``[B, num_features]``."""
+        return self.forward_features(x).flatten(1)
