@@ -180,6 +180,7 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def dataloader(self, split: Split) -> DataLoader:
         """A DataLoader of :class:`Episode` s for ``split`` (what the ``*_dataloader`` hooks return)."""
+        sampler = self.sampler(split)
         world, _ = self._world()
         if self.meta_batch_size % world:
             raise ValueError(
@@ -187,7 +188,7 @@ class EpisodicDataModule(L.LightningDataModule):
             )
         return DataLoader(
             self.splits[split],
-            sampler=self.sampler(split),
+            sampler=sampler,
             batch_size=self.meta_batch_size // world,
             collate_fn=Episode.from_tasks,
             num_workers=self.num_workers,

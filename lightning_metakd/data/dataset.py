@@ -86,7 +86,7 @@ class ClassDataset(Dataset):
 
         r = rotations
         self.class_names = [
-            name if r == 1 else f"{name}@rot{90 * k}" for name in self.base_class_names for k in range(r)
+            name if k == 0 else f"{name}@rot{90 * k}" for name in self.base_class_names for k in range(r)
         ]
         self.labels = (self.base_labels[:, None] * r + np.arange(r)[None, :]).reshape(-1)
         order = np.argsort(self.labels, kind="stable")
