@@ -49,7 +49,9 @@ class EpisodicAccuracy(Metric):
         super().__init__(**kwargs)
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("squares", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "squares", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, accuracies: Tensor) -> None:
         """Add the accuracies of a batch of episodes (shape ``[T]``)."""
@@ -63,5 +65,7 @@ class EpisodicAccuracy(Metric):
         n = self.count
         mean = self.total / n.clamp(min=1)
         variance = ((self.squares - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-        ci95 = torch.where(n > 1, 1.96 * variance.sqrt() / n.clamp(min=1).sqrt(), torch.zeros_like(n))
+        ci95 = torch.where(
+            n > 1, 1.96 * variance.sqrt() / n.clamp(min=1).sqrt(), torch.zeros_like(n)
+        )
         return torch.stack([mean, ci95])

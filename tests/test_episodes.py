@@ -28,7 +28,9 @@ def test_episode_shapes_and_label_remapping(tiny_datamodule):
             c = int(episode.classes[t, j])
             images = episode.support_x[t, episode.support_y[t] == j]
             reference = torch.stack([ds.load_image(i) for i in ds.indices_by_class[c]])
-            assert images.mean().item() == pytest.approx(reference.mean().item(), abs=0.06)
+            assert (
+                images.mean(0) - reference.mean(0)
+            ).abs().mean() < 0.2  # the template shows through
         assert len(set(episode.classes[t].tolist())) == 3
 
 
@@ -57,7 +59,13 @@ def test_episode_to_split_task_and_pickle(tiny_episode):
 
 def test_episode_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"\[tasks, samples, C, H, W\]"):
-        Episode(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3), torch.zeros(2, 3, 8, 8), torch.zeros(2, 3), torch.zeros(2, 3))
+        Episode(
+            torch.zeros(2, 3, 8, 8),
+            torch.zeros(2, 3),
+            torch.zeros(2, 3, 8, 8),
+            torch.zeros(2, 3),
+            torch.zeros(2, 3),
+        )
 
 
 def test_eval_episodes_are_fixed_and_reproducible():
@@ -106,7 +114,9 @@ def test_ddp_shards_cover_every_task_exactly_once(world, fixed):
         num_tasks = world * 4
 
     def sampler(rank: int, replicas: int) -> EpisodeSampler:
-        s = EpisodeSampler(ds, 3, 1, 2, num_tasks, fixed=fixed, seed=3, num_replicas=replicas, rank=rank)
+        s = EpisodeSampler(
+            ds, 3, 1, 2, num_tasks, fixed=fixed, seed=3, num_replicas=replicas, rank=rank
+        )
         s.set_epoch(2)
         return s
 
@@ -153,7 +163,9 @@ def test_splits_must_be_disjoint():
 
 
 def test_different_test_shape():
-    dm = TinyDataModule(ways=3, shots=2, queries=2, test_ways=5, test_shots=1, test_queries=3, meta_batch_size=2)
+    dm = TinyDataModule(
+        ways=3, shots=2, queries=2, test_ways=5, test_shots=1, test_queries=3, meta_batch_size=2
+    )
     dm.setup()
     train = next(iter(dm.train_dataloader()))
     test = next(iter(dm.test_dataloader()))
@@ -189,7 +201,10 @@ def test_too_many_ways_is_a_clear_error():
 
 
 def test_too_few_images_names_the_class():
-    with pytest.raises(ValueError, match=r"Class 'train0' has 6 images, but a task needs shots \+ queries = 5 \+ 2 = 7"):
+    with pytest.raises(
+        ValueError,
+        match=r"Class 'train0' has 6 images, but a task needs shots \+ queries = 5 \+ 2 = 7",
+    ):
         TinyDataModule(ways=3, shots=5, queries=2).setup()
 
 
@@ -233,7 +248,9 @@ def test_unreadable_image_file_is_named(tmp_path):
 
 def test_workers_give_the_same_episodes():
     def batches(workers: int):
-        dm = TinyDataModule(ways=3, shots=1, queries=2, test_episodes=8, meta_batch_size=4, num_workers=workers)
+        dm = TinyDataModule(
+            ways=3, shots=1, queries=2, test_episodes=8, meta_batch_size=4, num_workers=workers
+        )
         dm.setup()
         return [e.support_x for e in dm.test_dataloader()]
 

@@ -85,9 +85,7 @@ class EpisodicDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be non-negative, got {num_workers}.")
         if grouping not in ("none", "group", self.group_name):
-            raise ValueError(
-                f"grouping must be 'none' or '{self.group_name}', got {grouping!r}."
-            )
+            raise ValueError(f"grouping must be 'none' or '{self.group_name}', got {grouping!r}.")
         self.ways, self.shots, self.queries = ways, shots, queries
         self.test_ways = test_ways or ways
         self.test_shots = test_shots or shots
@@ -124,7 +122,9 @@ class EpisodicDataModule(L.LightningDataModule):
         splits = self.build_splits()
         missing = [s for s in SPLITS if s not in splits]
         if missing:
-            raise ValueError(f"{type(self).__name__}.build_splits() returned no {missing} split(s).")
+            raise ValueError(
+                f"{type(self).__name__}.build_splits() returned no {missing} split(s)."
+            )
         names = {s: set(splits[s].base_class_names) for s in SPLITS}
         for i, a in enumerate(SPLITS):
             for b in SPLITS[i + 1 :]:

@@ -68,7 +68,9 @@ class ClassDataset(Dataset):
             if images.dim() == 3:
                 images = images.unsqueeze(1)
             if images.dim() != 4:
-                raise ValueError(f"In-memory images must be [M, C, H, W], got {tuple(images.shape)}.")
+                raise ValueError(
+                    f"In-memory images must be [M, C, H, W], got {tuple(images.shape)}."
+                )
         self.images = images
         self.base_labels = np.asarray(labels, dtype=np.int64)
         if len(self.base_labels) != len(images):
@@ -86,14 +88,17 @@ class ClassDataset(Dataset):
 
         r = rotations
         self.class_names = [
-            name if k == 0 else f"{name}@rot{90 * k}" for name in self.base_class_names for k in range(r)
+            name if k == 0 else f"{name}@rot{90 * k}"
+            for name in self.base_class_names
+            for k in range(r)
         ]
         self.labels = (self.base_labels[:, None] * r + np.arange(r)[None, :]).reshape(-1)
         order = np.argsort(self.labels, kind="stable")
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         self.indices_by_class: list[np.ndarray] = np.split(order, np.cumsum(counts)[:-1])
         self.groups: dict[str, list[int]] = {
-            name: [c * r + k for c in members for k in range(r)] for name, members in (groups or {}).items()
+            name: [c * r + k for c in members for k in range(r)]
+            for name, members in (groups or {}).items()
         }
 
     @property
@@ -109,14 +114,21 @@ class ClassDataset(Dataset):
         if isinstance(self.images, Tensor):
             image = self.images[base].float().div_(255.0)
             if image.shape[0] != self.channels:
-                image = image.expand(self.channels, -1, -1) if image.shape[0] == 1 else image.mean(0, True)
+                image = (
+                    image.expand(self.channels, -1, -1)
+                    if image.shape[0] == 1
+                    else image.mean(0, True)
+                )
         else:
             image = self._read_file(Path(self.images[base]))
         if self.invert:
             image = 1.0 - image
         if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
             image = F.interpolate(
-                image[None], size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+                image[None],
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                antialias=True,
             )[0].clamp_(0.0, 1.0)
         if rotation:
             image = torch.rot90(image, rotation, dims=(1, 2))

@@ -41,10 +41,17 @@ class Conv4(nn.Module):
         torch.Size([2, 64])
     """
 
-    def __init__(self, in_channels: int = 1, hidden: int = 64, width: float = 1.0, image_size: int = 28):
+    def __init__(
+        self, in_channels: int = 1, hidden: int = 64, width: float = 1.0, image_size: int = 28
+    ):
         super().__init__()
         channels = max(1, round(hidden * width))
-        self.in_channels, self.hidden, self.width, self.image_size = in_channels, hidden, width, image_size
+        self.in_channels, self.hidden, self.width, self.image_size = (
+            in_channels,
+            hidden,
+            width,
+            image_size,
+        )
         self.features = nn.Sequential(
             conv_block(in_channels, channels),
             conv_block(channels, channels),
