@@ -3,6 +3,19 @@
 from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.episode import Episode, TaskSpec
+from lightning_metakd.data.folder import FolderDataModule
+from lightning_metakd.data.kanji import KanjiDataModule
+from lightning_metakd.data.learn2learn import Learn2LearnDataModule  # imports learn2learn lazily
+from lightning_metakd.data.miniimagenet import MiniImageNetDataModule, NumpyOnlyUnpickler
+from lightning_metakd.data.omniglot import OmniglotDataModule
 from lightning_metakd.data.sampler import EpisodeSampler
 
 __all__ = ["ClassDataset", "Episode", "EpisodeSampler", "EpisodicDataModule", "TaskSpec"]
+__all__ += [
+    "FolderDataModule",
+    "KanjiDataModule",
+    "MiniImageNetDataModule",
+    "NumpyOnlyUnpickler",
+    "OmniglotDataModule",
+]
+__all__ += ["Learn2LearnDataModule"]

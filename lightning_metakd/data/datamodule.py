@@ -135,7 +135,7 @@ class EpisodicDataModule(L.LightningDataModule):
                         f"{sorted(shared)[:3]}; class splits must be disjoint."
                     )
         if self.rotations:
-            splits["train"] = _with_rotations(splits["train"])
+            splits["train"] = splits["train"].with_rotations(4)
         splits["train"].transform = self.train_transform or splits["train"].transform
         for s in ("val", "test"):
             splits[s].transform = self.eval_transform or splits[s].transform
@@ -203,22 +203,3 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
-
-
-def _with_rotations(dataset: ClassDataset) -> ClassDataset:
-    return ClassDataset(
-        dataset.images,
-        dataset.base_labels,
-        dataset.base_class_names,
-        groups=_base_groups(dataset),
-        image_size=dataset.image_size,
-        channels=dataset.channels,
-        invert=dataset.invert,
-        transform=dataset.transform,
-        rotations=4,
-    )
-
-
-def _base_groups(dataset: ClassDataset) -> dict[str, list[int]]:
-    r = dataset.rotations
-    return {name: sorted({c // r for c in members}) for name, members in dataset.groups.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -80,13 +81,15 @@ class ClassDataset(Dataset):
             self.base_labels.min() < 0 or self.base_labels.max() >= len(self.base_class_names)
         ):
             raise ValueError("labels must lie in 0..len(class_names)-1.")
-        self.rotations = rotations
         self.image_size = image_size
         self.channels = channels
         self.invert = invert
         self.transform = transform
+        self._index(rotations, {k: list(v) for k, v in (groups or {}).items()})
 
-        r = rotations
+    def _index(self, rotations: int, base_groups: Mapping[str, Sequence[int]]) -> None:
+        """Derive the (possibly rotated) class index: names, labels, members of each class, groups."""
+        r = self.rotations = rotations
         self.class_names = [
             name if k == 0 else f"{name}@rot{90 * k}"
             for name in self.base_class_names
@@ -96,10 +99,19 @@ class ClassDataset(Dataset):
         order = np.argsort(self.labels, kind="stable")
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         self.indices_by_class: list[np.ndarray] = np.split(order, np.cumsum(counts)[:-1])
+        self.base_groups = {name: list(members) for name, members in base_groups.items()}
         self.groups: dict[str, list[int]] = {
             name: [c * r + k for c in members for k in range(r)]
-            for name, members in (groups or {}).items()
+            for name, members in base_groups.items()
         }
+
+    def with_rotations(self, rotations: int = 4) -> ClassDataset:
+        """A copy whose classes are multiplied by their 90° rotations (subclasses keep their type)."""
+        if rotations not in (1, 4):
+            raise ValueError(f"rotations must be 1 or 4, got {rotations}.")
+        rotated = copy.copy(self)
+        rotated._index(rotations, self.base_groups)
+        return rotated
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,309 @@
+"""KanjiVG parsing, rendering, the on-disk cache and KanjiDataModule (tiny renders only)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_metakd.data import KanjiDataModule
+from lightning_metakd.data import kanji as kanji_module
+from lightning_metakd.data.kanji import default_cache_dir, select_kanji
+from lightning_metakd.data.kanji_render import (
+    RenderConfig,
+    kanjivg_files,
+    load_kanjivg,
+    parse_kanji_svg,
+    parse_path,
+    render_kanji,
+    render_samples,
+    sample_rng,
+)
+
+# 6 radical groups x 6 characters x 6 drawings: 216 images, rendered once per test module.
+SMALL = dict(
+    ways=3,
+    shots=1,
+    queries=2,
+    meta_batch_size=4,
+    steps_per_epoch=3,
+    val_episodes=4,
+    test_episodes=4,
+    max_classes=36,
+    max_classes_per_group=6,
+    samples_per_class=6,
+)
+
+
+def by_codepoint() -> dict[int, object]:
+    return {k.codepoint: k for k in load_kanjivg()}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kanji_cache")
+    KanjiDataModule(cache_dir=str(path), **SMALL).prepare_data()
+    return path
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+
+def test_parse_path_absolute_relative_smooth_and_implicit_repeats() -> None:
+    (chain,) = parse_path("M10,20c1,0,2,0,3,0s2,1,3,1 1,1,2,2")
+    assert chain.shape == (1 + 3 * 3, 2)
+    np.testing.assert_allclose(chain[:4], [[10, 20], [11, 20], [12, 20], [13, 20]])
+    # s reflects the previous second control point (12, 20) about the current point (13, 20).
+    np.testing.assert_allclose(chain[4:7], [[14, 20], [15, 21], [16, 21]])
+    # an implicit second "s" (no letter): relative to (16, 21), reflecting (15, 21).
+    np.testing.assert_allclose(chain[7:10], [[17, 21], [17, 22], [18, 23]])
+    (absolute,) = parse_path("M1,2C3,4,5,6,7,8S9,10,11,12")
+    np.testing.assert_allclose(absolute[4], [9, 10])  # 2 * (7, 8) - (5, 6)
+
+
+def test_parse_path_rejects_unsupported_commands() -> None:
+    with pytest.raises(ValueError, match="Unsupported SVG path command 'L'"):
+        parse_path("M0,0L10,10")
+    with pytest.raises(ValueError, match="multiple of 6"):
+        parse_path("M0,0c1,2,3")
+
+
+def test_parse_real_svgs() -> None:
+    files = kanjivg_files()
+    assert all("-" not in path.stem for path in files.values())
+    go = parse_kanji_svg(files[ord("語")])
+    assert go.character == "語" and go.class_name == "kanji:U+8A9E"
+    assert go.num_strokes == 14 and go.radical == "言"
+    one = parse_kanji_svg(files[0x4E00])
+    assert one.num_strokes == 1 and one.radical == "一"
+    hiragana_a = parse_kanji_svg(files[ord("あ")])
+    assert hiragana_a.num_strokes == 3 and hiragana_a.radical is None
+    for kanji in (go, one, hiragana_a):
+        points = np.concatenate(kanji.chains)
+        assert points.min() >= 0 and points.max() <= 109
+
+
+def test_library_and_group_selection() -> None:
+    library = load_kanjivg()
+    assert 6000 < len(library) < 8000
+    assert all(k.num_strokes >= 1 for k in library)
+    selected = select_kanji(min_group_size=10)
+    radicals = [k.radical for k in selected]
+    sizes = {r: radicals.count(r) for r in dict.fromkeys(radicals)}
+    assert min(sizes.values()) >= 10 and "言" in sizes and len(sizes) > 100
+    assert list(sizes.values()) == sorted(sizes.values(), reverse=True)  # largest groups first
+    capped = select_kanji(min_group_size=10, max_classes_per_group=4, max_classes=10)
+    assert [k.radical for k in capped] == [radicals[0]] * 4 + [list(sizes)[1]] * 4 + [
+        list(sizes)[2]
+    ] * 2
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def test_render_is_deterministic_per_class_and_sample() -> None:
+    go = by_codepoint()[ord("語")]
+    config = RenderConfig()
+    a = render_kanji(go, config, sample_rng(0, go.codepoint, 3))
+    b = render_kanji(go, config, sample_rng(0, go.codepoint, 3))
+    assert a.shape == (28, 28) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, render_kanji(go, config, sample_rng(0, go.codepoint, 4)))
+    assert not np.array_equal(a, render_kanji(go, config, sample_rng(1, go.codepoint, 3)))
+    # white strokes on a black background
+    assert a.max() > 200 and np.median(a) < 10 and a[0, 0] == 0
+    small = render_kanji(go, RenderConfig(image_size=20), sample_rng(0, go.codepoint, 3))
+    assert small.shape == (20, 20)
+
+
+def test_render_samples_do_not_depend_on_batching() -> None:
+    lib = by_codepoint()
+    first, second = lib[ord("語")], lib[ord("話")]
+    both = render_samples([first, second], 3, RenderConfig(), progress=False)
+    alone = render_samples([second], 3, RenderConfig(), progress=False)
+    assert both.shape == (6, 1, 28, 28)
+    np.testing.assert_array_equal(both[3:], alone)
+    assert not np.array_equal(both[0], both[1])
+
+
+# --- the DataModule ------------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint_by_class_and_radical(cache_dir: Path) -> None:
+    dm = KanjiDataModule(cache_dir=str(cache_dir), **SMALL)
+    dm.setup()
+    lib = by_codepoint()
+    seen_classes: set[str] = set()
+    seen_groups: set[str] = set()
+    total = 0
+    for split, ds in dm.splits.items():
+        assert ds.images.shape[1:] == (1, 28, 28), split
+        assert len(ds) == ds.num_classes * 6
+        assert seen_classes.isdisjoint(ds.class_names)
+        assert seen_groups.isdisjoint(ds.groups)
+        seen_classes |= set(ds.class_names)
+        seen_groups |= set(ds.groups)
+        total += ds.num_classes
+        members = sorted(c for group in ds.groups.values() for c in group)
+        assert members == list(range(ds.num_classes))  # every class in exactly one group
+        for radical, classes in ds.groups.items():
+            for c in classes:
+                name = ds.class_names[c]
+                assert name.startswith("kanji:U+")
+                assert lib[int(name.removeprefix("kanji:U+"), 16)].radical == radical
+    assert total == 36 and len(seen_groups) == 6
+    assert [len(dm.splits[s].groups) for s in ("train", "val", "test")] == [4, 1, 1]
+
+
+def test_radical_grouping_draws_each_task_from_one_radical(cache_dir: Path) -> None:
+    dm = KanjiDataModule(cache_dir=str(cache_dir), grouping="radical", **SMALL)
+    dm.setup()
+    groups = dm.splits["train"].groups
+    group_of = {c: g for g, members in groups.items() for c in members}
+    tasks = 0
+    for episode in dm.train_dataloader():
+        assert episode.support_x.shape == (4, 3, 1, 28, 28)
+        for row in episode.classes.tolist():
+            assert len({group_of[c] for c in row}) == 1
+            tasks += 1
+    assert tasks == 12
+    drawn = {group_of[c] for ep in dm.train_dataloader() for c in ep.classes.flatten().tolist()}
+    assert len(drawn) > 1  # tasks come from several radicals, each task from one
+
+
+def test_seed_changes_the_split_but_reuses_the_cache(cache_dir: Path) -> None:
+    a = KanjiDataModule(cache_dir=str(cache_dir), seed=0, **SMALL)
+    b = KanjiDataModule(cache_dir=str(cache_dir), seed=1, **SMALL)
+    assert a.cache_path == b.cache_path
+    a.setup()
+    b.setup()
+    assert set(a.splits["train"].groups) != set(b.splits["train"].groups)
+
+
+def test_cache_is_reused_without_rendering(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = KanjiDataModule(cache_dir=str(cache_dir), **SMALL).cache_path
+    assert path.is_file() and path.name.startswith("kanjivg-v1-28px-6x-")
+    mtime = path.stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a valid cache must not be rendered again")
+
+    monkeypatch.setattr(kanji_module, "render_samples", fail)
+    for _ in range(2):
+        dm = KanjiDataModule(cache_dir=str(cache_dir), **SMALL)
+        dm.prepare_data()
+        dm.setup()
+    assert path.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in cache_dir.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_cache_name_encodes_render_parameters(tmp_path: Path) -> None:
+    base = KanjiDataModule(cache_dir=str(tmp_path), **SMALL).cache_path
+    names = {
+        base,
+        KanjiDataModule(cache_dir=str(tmp_path), **{**SMALL, "samples_per_class": 7}).cache_path,
+        KanjiDataModule(cache_dir=str(tmp_path), **{**SMALL, "max_classes": 30}).cache_path,
+        KanjiDataModule(cache_dir=str(tmp_path), image_size=20, **SMALL).cache_path,
+    }
+    assert len(names) == 4 and all(p.parent == tmp_path for p in names)
+
+
+def test_image_size_is_rendered(tmp_path: Path) -> None:
+    dm = KanjiDataModule(cache_dir=str(tmp_path), image_size=20, **SMALL)
+    dm.setup()
+    assert dm.splits["val"].images.shape[1:] == (1, 20, 20)
+    assert next(iter(dm.val_dataloader())).query_x.shape[-2:] == (20, 20)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "stale_checksum"])
+def test_corrupt_cache_is_detected_and_rendered_again(
+    cache_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    good = KanjiDataModule(cache_dir=str(cache_dir), **SMALL).cache_path
+    dm = KanjiDataModule(cache_dir=str(tmp_path), **SMALL)
+    path = dm.cache_path
+    shutil.copy(good, path)
+    blob = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip_bytes":
+        middle = len(blob) // 2
+        path.write_bytes(blob[:middle] + bytes(b ^ 0xFF for b in blob[middle : middle + 64]))
+    else:  # a readable archive whose images do not match its checksum
+        with np.load(good) as archive:
+            arrays = dict(archive)
+        arrays["images"] = arrays["images"].copy()
+        arrays["images"][0, 0, 0, 0] ^= 1
+        np.savez(path, **arrays)
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        dm.setup()
+    with np.load(path) as fresh, np.load(good) as reference:
+        np.testing.assert_array_equal(fresh["images"], reference["images"])
+    assert dm.splits["train"].num_classes == 24
+
+
+def test_concurrent_renders_render_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = kanji_module.render_samples
+
+    def slow_render(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # widen the race window: the other thread must wait on the lock
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kanji_module, "render_samples", slow_render)
+    results: list[dict] = []
+    params = {**SMALL, "max_classes": 18, "max_classes_per_group": 3}
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                KanjiDataModule(cache_dir=str(tmp_path), **params).load_or_render()
+            )
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 2
+    np.testing.assert_array_equal(results[0]["images"], results[1]["images"])
+    assert [p.suffix for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_too_many_ways_for_a_split_is_a_clear_error(cache_dir: Path) -> None:
+    dm = KanjiDataModule(cache_dir=str(cache_dir), **{**SMALL, "ways": 10})
+    with pytest.raises(ValueError, match="needs 10 ways but this split has only 6 classes"):
+        dm.setup()
+    dm = KanjiDataModule(cache_dir=str(cache_dir), grouping="radical", **{**SMALL, "ways": 7})
+    with pytest.raises(ValueError, match="No group in this split has 7 classes"):
+        dm.setup()
+
+
+def test_bad_arguments_are_rejected(cache_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="split_fractions"):
+        KanjiDataModule(split_fractions=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match="three positive fractions"):
+        KanjiDataModule(split_fractions=(0.8, 0.2, 0.0))
+    with pytest.raises(ValueError, match="samples_per_class must be at least 1"):
+        KanjiDataModule(samples_per_class=0)
+    with pytest.raises(ValueError, match="grouping must be 'none' or 'radical'"):
+        KanjiDataModule(grouping="alphabet")
+    too_few = KanjiDataModule(cache_dir=str(tmp_path), **{**SMALL, "max_classes": 12})
+    with pytest.raises(ValueError, match="2 radical group"):
+        too_few.setup()
+
+
+def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "lightning_metakd"
+    assert KanjiDataModule().cache_path.parent == tmp_path / "lightning_metakd"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "lightning_metakd"
