@@ -1,7 +1,48 @@
-"""lightning-metakd: meta-knowledge distillation for PyTorch Lightning."""
+"""lightning-metakd: meta-knowledge distillation for PyTorch Lightning.
 
-from lightning_metakd.data import ClassDataset, Episode, EpisodeSampler, EpisodicDataModule, TaskSpec
+Meta-train a teacher on few-shot tasks (:class:`MetaLearnerModule`), then distil its
+meta-knowledge into a smaller student that still adapts. Public API only; the pieces live in
+``data/``, ``models/``, ``algorithms/``, ``distill/`` and ``modules/``.
+"""
+
+from lightning_metakd.algorithms import ANIL, MAML, MatchingNet, MetaAlgorithm, MetaSGD, ProtoNet
+from lightning_metakd.data import (
+    ClassDataset,
+    Episode,
+    EpisodeSampler,
+    EpisodicDataModule,
+    FolderDataModule,
+    KanjiDataModule,
+    Learn2LearnDataModule,
+    MiniImageNetDataModule,
+    OmniglotDataModule,
+    TaskSpec,
+)
+from lightning_metakd.models import Conv4, ResNet12, VisionTransformer
+from lightning_metakd.modules import MetaLearnerModule
 
 __version__ = "0.1.0"
 
-__all__ = ["ClassDataset", "Episode", "EpisodeSampler", "EpisodicDataModule", "TaskSpec", "__version__"]
+__all__ = [
+    "ANIL",
+    "MAML",
+    "ClassDataset",
+    "Conv4",
+    "Episode",
+    "EpisodeSampler",
+    "EpisodicDataModule",
+    "FolderDataModule",
+    "KanjiDataModule",
+    "Learn2LearnDataModule",
+    "MatchingNet",
+    "MetaAlgorithm",
+    "MetaLearnerModule",
+    "MetaSGD",
+    "MiniImageNetDataModule",
+    "OmniglotDataModule",
+    "ProtoNet",
+    "ResNet12",
+    "TaskSpec",
+    "VisionTransformer",
+    "__version__",
+]

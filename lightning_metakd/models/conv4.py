@@ -52,17 +52,16 @@ class Conv4(nn.Module):
             width,
             image_size,
         )
-        self.features = nn.Sequential(
-            conv_block(in_channels, channels),
-            conv_block(channels, channels),
-            conv_block(channels, channels),
-            conv_block(channels, channels),
-        )
-        side = image_size
-        for _ in range(4):
-            side //= 2
+        # Each block halves the map; on images too small for four halvings the last blocks skip
+        # the pooling instead of failing (a 16x16 input ends at 1x1 like 28x28 does).
+        blocks, side = [], image_size
+        for i in range(4):
+            pool = side >= 2
+            blocks.append(conv_block(in_channels if i == 0 else channels, channels, pool=pool))
+            side = side // 2 if pool else side
+        self.features = nn.Sequential(*blocks)
         self.channels = channels
-        self.num_features = channels * max(side, 1) ** 2
+        self.num_features = channels * side**2
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``[B, channels, h, w]``."""

@@ -1,1 +1,5 @@
-"""modules"""
+"""LightningModules: wiring of data, models, algorithms and losses; logging."""
+
+from lightning_metakd.modules.meta_learner import MetaLearnerModule, MetaLoss
+
+__all__ = ["MetaLearnerModule", "MetaLoss"]

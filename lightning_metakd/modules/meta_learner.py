@@ -1,0 +1,252 @@
+"""MetaLearnerModule: meta-train a learner (the teacher) on episodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_metakd.algorithms import MetaAlgorithm, memory_bounded_loss, prepare_model
+from lightning_metakd.data import Episode
+from lightning_metakd.evaluation import EpisodicAccuracy
+from lightning_metakd.models.classifier import Classifier
+from lightning_metakd.modules.spec import build_component, component_spec
+
+
+class MetaLoss(NamedTuple):
+    """What :meth:`MetaLearnerModule.meta_loss` returns."""
+
+    loss: Tensor  #: mean query cross-entropy over the batch's tasks (scalar)
+    accuracy: Tensor  #: query accuracy of each task, ``[T]``
+    logits: Tensor  #: query logits, ``[T, N*Q, N]``
+
+
+class MetaLearnerModule(L.LightningModule):
+    """Meta-trains ``backbone`` with ``algorithm`` (MAML, ANIL, Meta-SGD, ProtoNet, MatchingNet).
+
+    The training step is the outer loop of meta-learning: for each task of the episode the algorithm
+    adapts on the support set (the inner loop, in :mod:`lightning_metakd.algorithms`), predicts the
+    query set, and the mean query loss updates the initial parameters θ — after training, θ* — that
+    the distillation stage later transfers to a student.
+
+    Validation and test adapt too, so they need gradients: this module turns inference mode off
+    around its evaluation steps itself and keeps no graph, so it works with any ``Trainer`` and
+    memory does not grow across evaluations.
+
+    Args:
+        backbone: a feature extractor with a ``num_features`` attribute (``Conv4``, ``ResNet12``, ...).
+        algorithm: a :class:`~lightning_metakd.algorithms.MetaAlgorithm`.
+        ways: classes per task; sizes the linear head of MAML-family algorithms.
+        vmap_tasks: process a meta-batch's tasks with ``torch.func.vmap`` (``True``) or a loop
+            (``False``); ``None`` picks per device (loop on CPU, vmap on GPU).
+        task_chunk_size: tasks whose graphs live together in a training step (and, with vmap, tasks
+            per vectorised chunk). ``None``: one task at a time on the loop path, the whole
+            meta-batch with vmap. Gradients are the same for every value; memory is not.
+        optimizer: the outer optimizer, a callable on parameters (LightningCLI: ``class_path``).
+        lr_scheduler: optional scheduler callable on the optimizer.
+
+    Example — adapt a trained learner to a brand-new task in three lines::
+
+        learner = MetaLearnerModule.load_from_checkpoint("teacher.ckpt")
+        state = learner.adapt(support_x, support_y)        # [N*K, C, H, W], [N*K]
+        predicted = learner.predict(state, query_x).argmax(-1)
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        algorithm: MetaAlgorithm,
+        ways: int = 5,
+        vmap_tasks: bool | None = None,
+        task_chunk_size: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if ways < 2:
+            raise ValueError(f"ways must be at least 2, got {ways}.")
+        self.save_hyperparameters(ignore=["backbone", "algorithm", "optimizer", "lr_scheduler"])
+        # Kept outside the hyper-parameters (LightningCLI re-parses those when resuming).
+        self.components = {
+            "backbone": component_spec(backbone),
+            "algorithm": component_spec(algorithm),
+        }
+        self.backbone = prepare_model(backbone)
+        self.algorithm = algorithm
+        self.ways = ways
+        self.model: nn.Module = (
+            Classifier(self.backbone, ways) if algorithm.needs_head else self.backbone
+        )
+        self.algorithm.build(self.model)
+        self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.metrics = nn.ModuleDict({"val": EpisodicAccuracy(), "test": EpisodicAccuracy()})
+
+    # -- the method -------------------------------------------------------------------------------
+    def theta_star(self) -> dict[str, Tensor]:
+        """The meta-learned initial parameters θ* of the adapted model (detached copies)."""
+        return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    def meta_loss(self, batch: Episode, training: bool = True) -> MetaLoss:
+        """Mean query loss and per-task accuracy of an episode, after adaptation on its support sets.
+
+        This is the single entry point of training, evaluation and users' own loops:
+        ``L = mean_t L_task(f_{θ'_t}(query_x_t), query_y_t)`` with ``θ'_t`` adapted on task ``t``'s
+        support set (for metric-based algorithms, ``θ'_t`` is θ and the support set defines the
+        classifier).
+        """
+        self._check_episode(batch)
+        params = dict(self.model.named_parameters())
+        logits = self.algorithm.episode_logits(
+            self.model,
+            params,
+            batch.support_x,
+            batch.support_y,
+            batch.query_x,
+            batch.ways,
+            training,
+            vmap_tasks=self.vmap_tasks,
+            chunk_size=self.task_chunk_size,
+        )
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.query_y.flatten())
+        accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
+        return MetaLoss(loss, accuracy, logits)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Any:
+        """Adapt to one task's support set ``[N*K, C, H, W]``, ``[N*K]``; returns the task state."""
+        ways = int(support_y.max()) + 1
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        with torch.inference_mode(False), torch.no_grad():
+            support_x, support_y = support_x.clone(), support_y.clone()
+            return self.algorithm.adapt(
+                self.model, params, support_x, support_y, ways, training=False
+            )
+
+    def predict(self, state: Any, query_x: Tensor) -> Tensor:
+        """Logits ``[M, N]`` for query images ``[M, C, H, W]`` of the task behind ``state``."""
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        with torch.inference_mode(False), torch.no_grad():
+            return self.algorithm.logits(self.model, params, state, query_x.clone(), self.ways)
+
+    # -- Lightning hooks --------------------------------------------------------------------------
+    def training_chunk_size(self, batch: Episode) -> int:
+        """Tasks whose graphs are alive together in a training step.
+
+        ``task_chunk_size`` if set; otherwise 1 task on the loop path (the default on CPU: peak
+        memory of one task, like learn2learn) and the whole meta-batch with vmap.
+        """
+        if self.task_chunk_size is not None:
+            return self.task_chunk_size
+        vmap = (
+            self.vmap_tasks if self.vmap_tasks is not None else batch.support_x.device.type != "cpu"
+        )
+        return batch.num_tasks if vmap else 1
+
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        chunks = batch.split(self.training_chunk_size(batch))
+        accuracies: list[Tensor] = []
+
+        def chunk_losses():
+            for chunk in chunks:
+                out = self.meta_loss(chunk, training=True)
+                accuracies.append(out.accuracy.detach())
+                yield out.loss * (chunk.num_tasks / batch.num_tasks)
+
+        if len(chunks) == 1:
+            loss = next(chunk_losses())
+        else:
+            loss = memory_bounded_loss(chunk_losses(), list(self.parameters()))
+        n = batch.num_tasks
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
+        self.log(
+            "train/acc", torch.cat(accuracies).mean(), prog_bar=True, batch_size=n, sync_dist=True
+        )
+        return loss
+
+    def _evaluation_step(self, batch: Episode, split: str) -> None:
+        # Adaptation needs gradients even when the Trainer evaluates in inference mode; tensors made
+        # there are cloned so autograd may use them, and no outer graph is kept.
+        with torch.inference_mode(False), torch.no_grad():
+            batch = Episode(*(t.clone() for t in (batch.support_x, batch.support_y, batch.query_x,
+                                                 batch.query_y, batch.classes)))  # fmt: skip
+            out = self.meta_loss(batch, training=False)
+        self.metrics[split].update(out.accuracy)
+        self.log(f"{split}/loss", out.loss, batch_size=batch.num_tasks, sync_dist=True)
+
+    def _log_accuracy(self, split: str) -> None:
+        mean, ci95 = self.metrics[split].compute().tolist()
+        self.metrics[split].reset()
+        self.log(f"{split}/acc", mean, prog_bar=True)
+        self.log(f"{split}/acc_ci95", ci95)
+
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    # -- checks and checkpoints -------------------------------------------------------------------
+    def _check_episode(self, batch: Episode) -> None:
+        if self.algorithm.needs_head and batch.ways != self.ways:
+            raise ValueError(
+                f"This {type(self.algorithm).__name__} learner has a {self.ways}-way head but the "
+                f"episode is {batch.ways}-way; set the data's (test_)ways to {self.ways} or build "
+                f"the learner with ways={batch.ways}."
+            )
+        expected = getattr(self.backbone, "in_channels", None)
+        if expected is not None and batch.support_x.shape[2] != expected:
+            raise ValueError(
+                f"The backbone expects {expected}-channel images but the episode has "
+                f"{batch.support_x.shape[2]}; set the backbone's in_channels to match the data."
+            )
+        size = getattr(self.backbone, "image_size", None)
+        if size is not None and tuple(batch.support_x.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"The backbone was built for {size}x{size} images but the episode has "
+                f"{tuple(batch.support_x.shape[-2:])}; set the backbone's image_size and the data's "
+                "image_size to the same value."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metakd_components"] = self.components
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, map_location: Any = None, **kwargs: Any
+    ) -> MetaLearnerModule:
+        """Rebuild a learner, backbone and algorithm included, from a checkpoint file alone."""
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No checkpoint at {path}.")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        components = checkpoint.get("metakd_components", {})
+        if "backbone" not in components or "algorithm" not in components:
+            raise ValueError(
+                f"{path} is not a {cls.__name__} checkpoint (it names no backbone and algorithm)"
+                "; pass the checkpoint that `metakd fit` wrote for a MetaLearnerModule."
+            )
+        kwargs.setdefault("backbone", build_component(components["backbone"]))
+        kwargs.setdefault("algorithm", build_component(components["algorithm"]))
+        return super().load_from_checkpoint(
+            path, map_location=map_location, weights_only=True, **kwargs
+        )

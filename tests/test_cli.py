@@ -1,0 +1,85 @@
+"""The `metakd` command: every config parses, and fit/test run through the real command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_metakd.cli import run_lightning_cli
+from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.modules import MetaLearnerModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_builds(config, tmp_path):
+    cli = run_lightning_cli(
+        ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False
+    )
+    assert isinstance(cli.model, MetaLearnerModule)
+    assert isinstance(cli.datamodule, EpisodicDataModule)
+    assert cli.trainer.checkpoint_callback.monitor == "val/acc"
+
+
+def test_print_config_round_trips(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", "fit", "--config", str(CONFIGS[0]), "--print_config"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["class_path"] == "lightning_metakd.modules.MetaLearnerModule"
+    assert printed["checkpoint"]["monitor"] == "val/acc"
+
+
+def test_unknown_class_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", "fit", "--config", str(CONFIGS[0]),
+         "--model.init_args.algorithm", "lightning_metakd.algorithms.NoSuchAlgorithm"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "NoSuchAlgorithm" in out.stderr
+
+
+@pytest.mark.slow
+def test_fit_then_test_through_the_command(tmp_path):
+    common = [
+        "--config", str(ROOT / "configs/kanji/protonet.yaml"),
+        "--data.init_args.max_classes", "120", "--data.init_args.max_classes_per_group", "8",
+        "--data.init_args.samples_per_class", "17",
+        "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.num_workers", "0",
+        "--data.init_args.ways", "5", "--data.init_args.val_episodes", "4",
+        "--data.init_args.test_episodes", "6", "--model.init_args.ways", "5",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    fit = subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", "fit", *common,
+         "--trainer.max_epochs", "1", "--data.init_args.steps_per_epoch", "3"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run = tmp_path / "runs" / "kanji-protonet" / "version_0"
+    assert (run / "config.yaml").is_file()
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    test = subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", "test", *common, "--ckpt_path", str(best)],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/acc_ci95" in test.stdout
+    learner = MetaLearnerModule.load_from_checkpoint(best)
+    assert learner.ways == 5
