@@ -19,7 +19,7 @@ from lightning_metakd.data import (
     TaskSpec,
 )
 from lightning_metakd.models import Conv4, ResNet12, VisionTransformer
-from lightning_metakd.modules import MetaLearnerModule
+from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "MAML",
     "ClassDataset",
     "Conv4",
+    "DistillationModule",
     "Episode",
     "EpisodeSampler",
     "EpisodicDataModule",

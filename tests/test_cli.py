@@ -12,7 +12,7 @@ import yaml
 
 from lightning_metakd.cli import run_lightning_cli
 from lightning_metakd.data import EpisodicDataModule
-from lightning_metakd.modules import MetaLearnerModule
+from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -27,14 +27,15 @@ def test_every_config_builds(config, tmp_path):
     cli = run_lightning_cli(
         ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False
     )
-    assert isinstance(cli.model, MetaLearnerModule)
+    assert isinstance(cli.model, MetaLearnerModule | DistillationModule)
     assert isinstance(cli.datamodule, EpisodicDataModule)
     assert cli.trainer.checkpoint_callback.monitor == "val/acc"
 
 
 def test_print_config_round_trips(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_metakd.cli", "fit", "--config", str(CONFIGS[0]), "--print_config"],
+        [sys.executable, "-m", "lightning_metakd.cli", "fit", "--config",
+         str(ROOT / "configs/kanji/protonet.yaml"), "--print_config"],
         capture_output=True, text=True, check=True, cwd=tmp_path,
     )  # fmt: skip
     printed = yaml.safe_load(out.stdout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +25,56 @@ class MetaLoss(NamedTuple):
     loss: Tensor  #: mean query cross-entropy over the batch's tasks (scalar)
     accuracy: Tensor  #: query accuracy of each task, ``[T]``
     logits: Tensor  #: query logits, ``[T, N*Q, N]``
+
+
+def chunked_loss(
+    batch: Episode,
+    chunk_size: int,
+    chunk_loss: Callable[[Episode], Tensor],
+    parameters: Sequence[Tensor],
+) -> Tensor:
+    """``Σ_c (T_c / T) · chunk_loss(c)`` over chunks of at most ``chunk_size`` tasks of ``batch``.
+
+    The meta-batch's mean loss, computed with the graphs of one chunk alive at a time
+    (:func:`~lightning_metakd.algorithms.memory_bounded_loss`); ``backward`` on the result gives
+    the gradients of the whole meta-batch with respect to ``parameters``. A single chunk returns
+    its loss as is. Shared by the training steps of every module here.
+    """
+    chunks = batch.split(chunk_size)
+    losses = (chunk_loss(chunk) * (chunk.num_tasks / batch.num_tasks) for chunk in chunks)
+    if len(chunks) == 1:
+        return next(losses)
+    return memory_bounded_loss(losses, list(parameters))
+
+
+def log_episodic_accuracy(module: L.LightningModule, metric: EpisodicAccuracy, split: str) -> None:
+    """Log ``{split}/acc`` and ``{split}/acc_ci95`` of ``metric`` from ``module`` and reset it."""
+    mean, ci95 = metric.compute().tolist()
+    metric.reset()
+    module.log(f"{split}/acc", mean, prog_bar=True)
+    module.log(f"{split}/acc_ci95", ci95)
+
+
+def read_components(checkpoint_path: str | Path, owner: str, required: Sequence[str]) -> dict:
+    """The ``metakd_components`` of a checkpoint file, with clear errors for anything else.
+
+    ``owner`` names the module class in the messages; ``required`` lists the component names the
+    checkpoint must hold. Loads with ``weights_only=True`` (no pickled code).
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    components = checkpoint.get("metakd_components", {}) if isinstance(checkpoint, dict) else {}
+    if not all(name in components for name in required):
+        raise ValueError(
+            f"{path} is not a {owner} checkpoint (it names no {' and '.join(required)})"
+            f"; pass the checkpoint that `metakd fit` wrote for a {owner}."
+        )
+    return components
 
 
 class MetaLearnerModule(L.LightningModule):
@@ -148,19 +199,14 @@ class MetaLearnerModule(L.LightningModule):
         return batch.num_tasks if vmap else 1
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
-        chunks = batch.split(self.training_chunk_size(batch))
         accuracies: list[Tensor] = []
 
-        def chunk_losses():
-            for chunk in chunks:
-                out = self.meta_loss(chunk, training=True)
-                accuracies.append(out.accuracy.detach())
-                yield out.loss * (chunk.num_tasks / batch.num_tasks)
+        def chunk_loss(chunk: Episode) -> Tensor:
+            out = self.meta_loss(chunk, training=True)
+            accuracies.append(out.accuracy.detach())
+            return out.loss
 
-        if len(chunks) == 1:
-            loss = next(chunk_losses())
-        else:
-            loss = memory_bounded_loss(chunk_losses(), list(self.parameters()))
+        loss = chunked_loss(batch, self.training_chunk_size(batch), chunk_loss, self.parameters())
         n = batch.num_tasks
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
         self.log(
@@ -168,21 +214,24 @@ class MetaLearnerModule(L.LightningModule):
         )
         return loss
 
-    def _evaluation_step(self, batch: Episode, split: str) -> None:
-        # Adaptation needs gradients even when the Trainer evaluates in inference mode; tensors made
-        # there are cloned so autograd may use them, and no outer graph is kept.
+    def evaluate(self, batch: Episode) -> MetaLoss:
+        """:meth:`meta_loss` in evaluation (``inner_steps_test``), usable anywhere, no graph kept.
+
+        Adaptation needs gradients even when the caller runs in inference mode (a ``Trainer``'s
+        evaluation loop); tensors made there are cloned so autograd may use them.
+        """
         with torch.inference_mode(False), torch.no_grad():
             batch = Episode(*(t.clone() for t in (batch.support_x, batch.support_y, batch.query_x,
                                                  batch.query_y, batch.classes)))  # fmt: skip
-            out = self.meta_loss(batch, training=False)
+            return self.meta_loss(batch, training=False)
+
+    def _evaluation_step(self, batch: Episode, split: str) -> None:
+        out = self.evaluate(batch)
         self.metrics[split].update(out.accuracy)
         self.log(f"{split}/loss", out.loss, batch_size=batch.num_tasks, sync_dist=True)
 
     def _log_accuracy(self, split: str) -> None:
-        mean, ci95 = self.metrics[split].compute().tolist()
-        self.metrics[split].reset()
-        self.log(f"{split}/acc", mean, prog_bar=True)
-        self.log(f"{split}/acc_ci95", ci95)
+        log_episodic_accuracy(self, self.metrics[split], split)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -233,18 +282,7 @@ class MetaLearnerModule(L.LightningModule):
     ) -> MetaLearnerModule:
         """Rebuild a learner, backbone and algorithm included, from a checkpoint file alone."""
         path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No checkpoint at {path}.")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-        components = checkpoint.get("metakd_components", {})
-        if "backbone" not in components or "algorithm" not in components:
-            raise ValueError(
-                f"{path} is not a {cls.__name__} checkpoint (it names no backbone and algorithm)"
-                "; pass the checkpoint that `metakd fit` wrote for a MetaLearnerModule."
-            )
+        components = read_components(path, cls.__name__, ("backbone", "algorithm"))
         kwargs.setdefault("backbone", build_component(components["backbone"]))
         kwargs.setdefault("algorithm", build_component(components["algorithm"]))
         return super().load_from_checkpoint(

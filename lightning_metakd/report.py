@@ -1,0 +1,216 @@
+"""The comparison report: accuracy, size, FLOPs and latency of learners on the same test episodes.
+
+:func:`compare` answers the question distillation is for — how much accuracy does a smaller
+student keep for how much less compute — with every learner measured on the same fixed test
+episodes; :func:`ablation` formats a table of distillation runs (each loss term alone, all
+together) from their results.
+
+Example::
+
+    rows = compare({"teacher": teacher, "student": distiller.student_learner()}, datamodule, "out")
+    print(open("out/report.md").read())
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.evaluation import mean_ci95
+from lightning_metakd.modules.meta_learner import MetaLearnerModule
+
+COLUMNS = ("name", "accuracy", "ci95", "parameters", "flops", "latency_ms")
+
+
+def _episode_cost(learner: MetaLearnerModule, support_x, support_y, query_x) -> None:
+    """One adapted episode: adaptation on the support set, then prediction of the queries."""
+    state = learner.adapt(support_x, support_y)
+    learner.predict(state, query_x)
+
+
+def measure(
+    learner: MetaLearnerModule,
+    datamodule: EpisodicDataModule,
+    warmup: int = 2,
+    repeats: int = 10,
+) -> dict[str, float]:
+    """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
+
+    - ``accuracy``, ``ci95``: :meth:`MetaLearnerModule.evaluate` on every fixed test episode of
+      ``datamodule`` (the same numbers as ``Trainer.test``), through
+      :func:`~lightning_metakd.evaluation.mean_ci95`.
+    - ``parameters``: elements of the adapted network's parameters (``learner.model``; the
+      algorithm's own meta-parameters, e.g. Meta-SGD's learning rates, are not counted).
+    - ``flops``: :class:`torch.utils.flop_counter.FlopCounterMode` total over one adapted episode
+      (the first test task: adaptation, inner-loop gradients included, and query prediction).
+    - ``latency_ms``: median wall-clock time of that episode over ``repeats`` runs after
+      ``warmup`` runs, on the CPU (the learner is moved there).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}.")
+    learner = learner.to("cpu").eval()
+    datamodule.setup("test")
+    accuracies, first = [], None
+    for batch in datamodule.test_dataloader():
+        accuracies.append(learner.evaluate(batch).accuracy)
+        first = batch if first is None else first
+    mean, ci95 = mean_ci95(torch.cat(accuracies))
+    task = (first.support_x[0], first.support_y[0], first.query_x[0])
+    with FlopCounterMode(display=False) as counter:
+        _episode_cost(learner, *task)
+    for _ in range(warmup):
+        _episode_cost(learner, *task)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _episode_cost(learner, *task)
+        times.append(time.perf_counter() - start)
+    return {
+        "accuracy": mean,
+        "ci95": ci95,
+        "parameters": sum(p.numel() for p in learner.model.parameters()),
+        "flops": counter.get_total_flops(),
+        "latency_ms": 1000 * statistics.median(times),
+    }
+
+
+def compare(
+    learners: Mapping[str, MetaLearnerModule],
+    datamodule: EpisodicDataModule,
+    out_dir: str | Path,
+    warmup: int = 2,
+    repeats: int = 10,
+    plot: bool = True,
+) -> list[dict[str, Any]]:
+    """Measure every learner (:func:`measure`) and write ``report.json``, ``report.md``, ``report.png``.
+
+    Args:
+        learners: ``{name: learner}``, e.g. the teacher, the distilled student
+            (``DistillationModule.student_learner()``) and an undistilled student of the same size.
+        datamodule: the episodes; every learner sees the same fixed test episodes.
+        out_dir: folder for the three files (created).
+        warmup, repeats: latency runs (see :func:`measure`).
+        plot: write ``report.png`` (accuracy with its 95% CI against parameters, log scale); needs
+            matplotlib (the ``dev`` extra).
+
+    Returns:
+        One row per learner: ``{"name", "accuracy", "ci95", "parameters", "flops",
+        "latency_ms"}``, in the order of ``learners``.
+    """
+    if not learners:
+        raise ValueError("compare needs at least one learner: {name: MetaLearnerModule}.")
+    wrong = [n for n, m in learners.items() if not isinstance(m, MetaLearnerModule)]
+    if wrong:
+        raise TypeError(
+            f"compare takes MetaLearnerModules; {wrong} are not (for a DistillationModule pass "
+            "its student_learner())."
+        )
+    if plot:
+        pyplot = _pyplot()
+    rows = [
+        {"name": name, **measure(m, datamodule, warmup, repeats)} for name, m in learners.items()
+    ]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "report.md").write_text(markdown_table(rows))
+    if plot:
+        _plot(pyplot, rows, out / "report.png")
+    return rows
+
+
+def markdown_table(rows: list[Mapping[str, Any]]) -> str:
+    """The Markdown table of :func:`compare`'s rows (accuracy in %, FLOPs in millions)."""
+    lines = [
+        "| learner | accuracy (%) | parameters | MFLOPs / episode | CPU latency (ms) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | "
+            f"{r['parameters']:,} | {r['flops'] / 1e6:.2f} | {r['latency_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def ablation(
+    runs: Mapping[str, Mapping[str, float]],
+    baseline: str | None = None,
+    metric: str = "test/acc",
+    ci: str = "test/acc_ci95",
+) -> str:
+    """A Markdown table of distillation runs: accuracy ± CI and the change against ``baseline``.
+
+    Args:
+        runs: ``{run name: result dict}``, e.g. ``{"task only": {...}, "+ soft": {...},
+            "all terms": {...}}`` where each dict is what ``Trainer.test`` returned.
+        baseline: the run the others are compared with (default: the first).
+        metric, ci: the keys of the accuracy and its 95% CI half-width in the result dicts.
+
+    Example:
+        >>> print(ablation({"task": {"test/acc": 0.5, "test/acc_ci95": 0.01},
+        ...                 "soft": {"test/acc": 0.55, "test/acc_ci95": 0.01}}))
+        | run | accuracy (%) | Δ vs task (points) |
+        |---|---:|---:|
+        | task | 50.00 ± 1.00 | +0.00 |
+        | soft | 55.00 ± 1.00 | +5.00 |
+        <BLANKLINE>
+    """
+    if not runs:
+        raise ValueError("ablation needs at least one run: {name: result dict}.")
+    missing = [n for n, r in runs.items() if metric not in r or ci not in r]
+    if missing:
+        raise KeyError(f"runs {missing} have no {metric!r} and {ci!r}; pass Trainer.test results.")
+    baseline = next(iter(runs)) if baseline is None else baseline
+    if baseline not in runs:
+        raise KeyError(f"baseline {baseline!r} is not one of the runs {list(runs)}.")
+    reference = runs[baseline][metric]
+    lines = [f"| run | accuracy (%) | Δ vs {baseline} (points) |", "|---|---:|---:|"]
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | {100 * r[metric]:.2f} ± {100 * r[ci]:.2f} | "
+            f"{100 * (r[metric] - reference):+.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "report.png needs matplotlib: `pip install lightning-metakd[dev]` (or matplotlib), "
+            "or call compare(..., plot=False)."
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def _plot(pyplot, rows: list[Mapping[str, Any]], path: Path) -> None:
+    figure, axes = pyplot.subplots(figsize=(5, 4))
+    for r in rows:
+        axes.errorbar(
+            r["parameters"], 100 * r["accuracy"], yerr=100 * r["ci95"], fmt="o", capsize=3
+        )
+        axes.annotate(r["name"], (r["parameters"], 100 * r["accuracy"]), xytext=(4, 4),
+                      textcoords="offset points")  # fmt: skip
+    axes.set_xscale("log")
+    axes.set_xlabel("parameters")
+    axes.set_ylabel("test accuracy (%)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+
+
+__all__ = ["COLUMNS", "ablation", "compare", "markdown_table", "measure"]
