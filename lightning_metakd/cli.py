@@ -4,6 +4,8 @@
 (any ``LightningModule``, users' subclasses included) and the data (any
 :class:`~lightning_metakd.data.EpisodicDataModule`) are named with ``class_path``/``init_args``.
 ``metakd episodes`` draws episodes from the embedded KanjiVG data and prints their shapes and speed.
+``metakd pipeline --config configs/kanji/pipeline.yaml`` chains teacher, baseline student,
+distillation and the comparison report (:mod:`lightning_metakd.pipeline`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "log_every_n_steps": 10,
 }
 
+#: The default ``trainer.callbacks``: the TensorBoard extras of :mod:`lightning_metakd.callbacks`.
+#: A config's ``trainer.callbacks`` replaces the list; ``trainer.callbacks+:`` appends to it.
+DEFAULT_CALLBACKS: list[dict[str, Any]] = [
+    {"class_path": "lightning_metakd.callbacks.EpisodeImages"},
+    {"class_path": "lightning_metakd.callbacks.AttentionMaps"},
+    {"class_path": "lightning_metakd.callbacks.HyperparameterMetrics"},
+]
+
 
 class MetaKDCLI(LightningCLI):
     """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on."""
@@ -42,6 +52,7 @@ class MetaKDCLI(LightningCLI):
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best",
+                "trainer.callbacks": DEFAULT_CALLBACKS,
             }
         )
 
@@ -118,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "episodes":
         return episodes_main(argv[1:])
+    if argv and argv[0] == "pipeline":
+        from lightning_metakd.pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
     run_lightning_cli(argv)
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
@@ -92,7 +93,11 @@ def inner_loop(
     frozen = {n: t for n, t in params.items() if n not in fast}
 
     def support_loss(fast_params: Params) -> Tensor:
-        logits = functional_call(model, {**frozen, **fast_params}, (support_x,))
+        # The inner loop runs in float32 even under autocast: fp16 inner gradients underflow and
+        # bf16 ones lose most meta-gradient precision, while the support set is a small share of
+        # the work (measurements in docs/scaling.md). Without autocast this changes nothing.
+        with torch.autocast(support_x.device.type, enabled=False):
+            logits = functional_call(model, {**frozen, **fast_params}, (support_x,))
         return F.cross_entropy(logits, support_y)
 
     support_grad = grad(support_loss)

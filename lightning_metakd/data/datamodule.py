@@ -149,7 +149,7 @@ class EpisodicDataModule(L.LightningDataModule):
             raise RuntimeError(f"Call {type(self).__name__}.setup() before asking for data.")
 
     def _world(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = self.trainer
         if trainer is None:
             return 1, 0
         return trainer.world_size, trainer.global_rank

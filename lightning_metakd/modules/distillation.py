@@ -28,14 +28,15 @@ from lightning_metakd.distill import (
     soft_label_loss,
     tapped_call,
 )
-from lightning_metakd.evaluation import EpisodicAccuracy
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.models.vit import Attention
 from lightning_metakd.modules.meta_learner import (
     MetaLearnerModule,
     chunked_loss,
-    log_episodic_accuracy,
+    evaluation_metrics,
+    log_evaluation,
     read_components,
+    update_evaluation,
 )
 from lightning_metakd.modules.spec import build_component
 
@@ -251,7 +252,7 @@ class DistillationModule(L.LightningModule):
             student_backbone, student_algorithm, ways, vmap_tasks, task_chunk_size
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.metrics = nn.ModuleDict({"val": EpisodicAccuracy(), "test": EpisodicAccuracy()})
+        self.metrics = evaluation_metrics()
         self.teacher: MetaLearnerModule | None = None
         self._paths: dict[str, tuple[list[str], list[str]]] = {}
         if isinstance(teacher, MetaLearnerModule):
@@ -476,9 +477,7 @@ class DistillationModule(L.LightningModule):
         return loss
 
     def _evaluation_step(self, batch: Episode, split: str) -> None:
-        out = self.student.evaluate(batch)
-        self.metrics[split].update(out.accuracy)
-        self.log(f"{split}/loss", out.loss, batch_size=batch.num_tasks, sync_dist=True)
+        update_evaluation(self.metrics, split, self.student.evaluate(batch), batch.num_tasks)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -487,10 +486,10 @@ class DistillationModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        log_episodic_accuracy(self, self.metrics["val"], "val")
+        log_evaluation(self, self.metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        log_episodic_accuracy(self, self.metrics["test"], "test")
+        log_evaluation(self, self.metrics, "test")
 
     def configure_optimizers(self) -> Any:
         self._require_teacher()  # a projector sized from the teacher must exist before this

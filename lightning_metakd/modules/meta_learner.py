@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from lightning_metakd.algorithms import MetaAlgorithm, memory_bounded_loss, prepare_model
 from lightning_metakd.data import Episode
@@ -47,12 +48,37 @@ def chunked_loss(
     return memory_bounded_loss(losses, list(parameters))
 
 
-def log_episodic_accuracy(module: L.LightningModule, metric: EpisodicAccuracy, split: str) -> None:
-    """Log ``{split}/acc`` and ``{split}/acc_ci95`` of ``metric`` from ``module`` and reset it."""
-    mean, ci95 = metric.compute().tolist()
-    metric.reset()
-    module.log(f"{split}/acc", mean, prog_bar=True)
-    module.log(f"{split}/acc_ci95", ci95)
+def evaluation_metrics() -> nn.ModuleDict:
+    """Per-split accumulators of evaluation accuracy (with CI) and loss, exact under DDP.
+
+    The loss is a weighted ``MeanMetric`` rather than ``self.log(batch_size=n, sync_dist=True)``,
+    whose mean averages the ranks' integer episode counts with truncation and is wrong when
+    evaluation shards are uneven (5 episodes over 2 ranks count as 4).
+    """
+    return nn.ModuleDict(
+        {
+            split: nn.ModuleDict({"acc": EpisodicAccuracy(), "loss": MeanMetric()})
+            for split in ("val", "test")
+        }
+    )
+
+
+def update_evaluation(metrics: nn.ModuleDict, split: str, out: MetaLoss, num_tasks: int) -> None:
+    """Add one evaluation batch's per-task accuracies and mean loss to ``metrics[split]``."""
+    metrics[split]["acc"].update(out.accuracy)
+    metrics[split]["loss"].update(out.loss.detach(), weight=num_tasks)
+
+
+def log_evaluation(module: L.LightningModule, metrics: nn.ModuleDict, split: str) -> None:
+    """Log ``{split}/acc``, ``{split}/acc_ci95`` and ``{split}/loss`` from ``module``; reset them."""
+    mean, ci95 = metrics[split]["acc"].compute().tolist()
+    loss = metrics[split]["loss"].compute()
+    metrics[split]["acc"].reset()
+    metrics[split]["loss"].reset()
+    # Already reduced over all DDP ranks; sync_dist averages identical values (and no warning).
+    module.log(f"{split}/acc", mean, prog_bar=True, sync_dist=True)
+    module.log(f"{split}/acc_ci95", ci95, sync_dist=True)
+    module.log(f"{split}/loss", loss, sync_dist=True)
 
 
 def read_components(checkpoint_path: str | Path, owner: str, required: Sequence[str]) -> dict:
@@ -136,7 +162,7 @@ class MetaLearnerModule(L.LightningModule):
         self.algorithm.build(self.model)
         self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.metrics = nn.ModuleDict({"val": EpisodicAccuracy(), "test": EpisodicAccuracy()})
+        self.metrics = evaluation_metrics()
 
     # -- the method -------------------------------------------------------------------------------
     def theta_star(self) -> dict[str, Tensor]:
@@ -164,7 +190,9 @@ class MetaLearnerModule(L.LightningModule):
             vmap_tasks=self.vmap_tasks,
             chunk_size=self.task_chunk_size,
         )
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.query_y.flatten())
+        # Half-precision logits are scored in float32; float64 stays float64.
+        scored = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss = F.cross_entropy(scored.flatten(0, 1), batch.query_y.flatten())
         accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
         return MetaLoss(loss, accuracy, logits)
 
@@ -226,12 +254,7 @@ class MetaLearnerModule(L.LightningModule):
             return self.meta_loss(batch, training=False)
 
     def _evaluation_step(self, batch: Episode, split: str) -> None:
-        out = self.evaluate(batch)
-        self.metrics[split].update(out.accuracy)
-        self.log(f"{split}/loss", out.loss, batch_size=batch.num_tasks, sync_dist=True)
-
-    def _log_accuracy(self, split: str) -> None:
-        log_episodic_accuracy(self, self.metrics[split], split)
+        update_evaluation(self.metrics, split, self.evaluate(batch), batch.num_tasks)
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
@@ -240,10 +263,10 @@ class MetaLearnerModule(L.LightningModule):
         self._evaluation_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accuracy("val")
+        log_evaluation(self, self.metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_accuracy("test")
+        log_evaluation(self, self.metrics, "test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
