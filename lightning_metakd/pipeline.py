@@ -3,6 +3,7 @@
 A pipeline YAML names three LightningCLI stage configs and the overrides to apply to them::
 
     name: kanji-quickstart                  # run folder: runs/pipeline/<name> (or run_dir: ...)
+    threads: 1                              # torch.set_num_threads for every stage (optional)
     overrides:                              # applied to every training stage (dotted or nested)
       data.init_args.num_workers: 0
     teacher:          {config: quickstart/teacher.yaml}           # a MetaLearnerModule config
@@ -35,7 +36,7 @@ a stage and the stages that depend on it.
 
 Example::
 
-    metakd pipeline --config configs/kanji/pipeline.yaml            # ~10 min on a 2-core CPU
+    metakd pipeline --config configs/kanji/pipeline.yaml            # ~2-3 min on a 2-core CPU
     metakd pipeline --config configs/kanji/pipeline.yaml --force    # rerun every stage
     tensorboard --logdir runs/pipeline
 """
@@ -79,7 +80,7 @@ REPORT_NAMES: dict[str, str] = {
     "student_baseline": "baseline student",
 }
 MARKER = "done.json"
-_TOP_KEYS = ("name", "run_dir", "overrides", *STAGES)
+_TOP_KEYS = ("name", "run_dir", "threads", "overrides", *STAGES)
 _STAGE_KEYS = ("config", "overrides")
 _REPORT_KEYS = ("warmup", "repeats", "data")
 
@@ -105,6 +106,7 @@ class PipelineSpec:
     stages: dict[str, StageSpec]
     overrides: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
     source: Path | None = None
 
 
@@ -199,6 +201,14 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
     if not isinstance(name, str) or not name or any(c in name for c in "/\\"):
         raise PipelineConfigError(f"{path}: name must be a non-empty folder name, got {name!r}.")
     overrides = expand_dotted(data.get("overrides") or {}, "overrides")
+    threads = data.get("threads")
+    if threads is not None and (
+        not isinstance(threads, int) or isinstance(threads, bool) or threads < 1
+    ):
+        raise PipelineConfigError(
+            f"{path}: threads must be a positive integer (torch.set_num_threads), got {threads!r}; "
+            "leave it out for torch's default."
+        )
     stages = {}
     for stage in TRAINING_STAGES:
         entry = data.get(stage)
@@ -241,6 +251,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
         stages=stages,
         overrides=overrides,
         report=report,
+        threads=threads,
         source=path.resolve(),
     )
 
@@ -458,6 +469,10 @@ def run_pipeline(
         echo: where progress lines go (default: print to stdout, flushed).
     """
     say = echo or (lambda line: print(line, flush=True))
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     say(f"[pipeline] {spec.name}: run folder {spec.run_dir}")
     start = time.perf_counter()

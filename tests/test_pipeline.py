@@ -1,0 +1,337 @@
+"""`metakd pipeline`: config checks, which stages rerun, and the real command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_metakd import pipeline
+from lightning_metakd.cli import run_lightning_cli
+from lightning_metakd.modules import DistillationModule, MetaLearnerModule
+from lightning_metakd.pipeline import (
+    STAGES,
+    PipelineConfigError,
+    expand_dotted,
+    load_pipeline_config,
+    merge_config,
+    read_marker,
+    run_pipeline,
+    stage_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((ROOT / "configs").rglob("pipeline.yaml"))
+QUICKSTART = ROOT / "configs" / "kanji" / "quickstart"
+
+#: A user's MetaLearnerModule subclass, written into a folder on PYTHONPATH by the tests.
+USER_MODULE = '''
+from lightning_metakd.modules import MetaLearnerModule
+
+
+class CountingLearner(MetaLearnerModule):
+    """A user's learner: reports how many optimisation steps it took."""
+
+    def on_fit_end(self):
+        print(f"CountingLearner trained {self.global_step} steps", flush=True)
+'''
+
+
+def test_there_is_a_pipeline_config():
+    assert ROOT / "configs" / "kanji" / "pipeline.yaml" in PIPELINES
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_pipeline_configs_build_every_stage(path, tmp_path):
+    spec = load_pipeline_config(path, run_dir=tmp_path / "run")
+    assert spec.run_dir == (tmp_path / "run").resolve()
+    built = {}
+    for stage in ("teacher", "student_baseline", "distill"):
+        config = stage_config(spec, stage, teacher_checkpoint=str(tmp_path / "teacher.ckpt"))
+        config_path = tmp_path / f"{stage}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        cli = run_lightning_cli(["--config", str(config_path)], run=False)
+        built[stage] = cli
+        assert cli.trainer.logger.log_dir.rstrip("/") == str(spec.run_dir / stage)
+        assert cli.trainer.checkpoint_callback.dirpath == str(spec.run_dir / stage / "checkpoints")
+        assert cli.trainer.checkpoint_callback.monitor == "val/acc"
+    teacher, baseline, distill = (
+        built[s].model for s in ("teacher", "student_baseline", "distill")
+    )
+    assert type(teacher) is MetaLearnerModule and type(baseline) is MetaLearnerModule
+    assert isinstance(distill, DistillationModule)
+    assert distill.hparams["teacher"] == str(tmp_path / "teacher.ckpt")
+    # The baseline is the distilled student's architecture and algorithm, trained without a teacher.
+    assert baseline.components == distill.student.components
+    params = lambda m: sum(p.numel() for p in m.model.parameters())  # noqa: E731
+    assert params(distill.student) < params(teacher)
+    # Every learner is tested on the same fixed episodes.
+    test_keys = ("test_ways", "test_shots", "test_queries", "test_episodes", "seed", "grouping")
+    episodes = [{k: built[s].datamodule.hparams[k] for k in test_keys} for s in built]
+    assert episodes[0] == episodes[1] == episodes[2]
+
+
+def test_quickstart_settings():
+    """Small teacher, Conv4-8 student, within-radical 5-way 1-shot tests: the brief's quickstart."""
+    teacher = yaml.safe_load((QUICKSTART / "teacher.yaml").read_text())
+    distill = yaml.safe_load((QUICKSTART / "distill.yaml").read_text())
+    assert teacher["model"]["init_args"]["backbone"]["init_args"]["hidden"] == 32
+    assert distill["model"]["init_args"]["student_backbone"]["init_args"]["hidden"] == 8
+    data = distill["data"]["init_args"]
+    assert (data["test_ways"], data["test_shots"], data["grouping"]) == (5, 1, "radical")
+
+
+def test_expand_dotted_and_merge():
+    assert expand_dotted({"a.b": 1, "a": {"c.d": 2}}) == {"a": {"b": 1, "c": {"d": 2}}}
+    base = {"model": {"class_path": "A", "init_args": {"x": 1, "y": [1, 2]}}, "k": 1}
+    merged = merge_config(base, {"model": {"init_args": {"y": [3]}}})
+    assert merged == {"model": {"class_path": "A", "init_args": {"x": 1, "y": [3]}}, "k": 1}
+    assert base["model"]["init_args"]["y"] == [1, 2]  # the inputs are not modified
+    swapped = merge_config(base, {"model": {"class_path": "B", "init_args": {"z": 0}}})
+    assert swapped["model"] == {"class_path": "B", "init_args": {"z": 0}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nme: x\n", "unknown key"),
+        ("name: x\n", "the 'teacher' stage needs a config file"),
+        ("name: x\nteacher: {config: nope.yaml}\nstudent_baseline: s.yaml\ndistill: d.yaml\n",
+         "does not exist"),
+        ("name: x\noverrides: [1]\n", "must be a mapping"),
+        ("name: a/b\n", "folder name"),
+        ("name: x\nthreads: 0\n", "threads must be a positive integer"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_configs_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineConfigError, match=message):
+        load_pipeline_config(path)
+
+
+def test_bad_config_exits_with_a_message(tmp_path, capsys):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("nme: x\n")
+    assert pipeline.pipeline_main(["--config", str(path)]) == 2
+    assert "unknown key(s) ['nme']" in capsys.readouterr().err
+
+
+# -- which stages run: the stage runners replaced by fakes that record their calls ------------------
+@pytest.fixture
+def fake_stages(monkeypatch, tmp_path):
+    calls: list[str] = []
+
+    def train(stage, config, stage_dir):
+        calls.append(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "partial.txt").write_text("written before done.json")
+        return {"checkpoint": str(stage_dir / "best.ckpt"), "test": {"test/acc": 0.5}}
+
+    def report(spec, markers):
+        calls.append("report")
+        (spec.run_dir / "report.md").write_text("| learner |\n")
+        return {"teacher_run": markers["teacher"]["run_id"]}
+
+    monkeypatch.setattr(pipeline, "run_training_stage", train)
+    monkeypatch.setattr(pipeline, "run_report_stage", report)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        f"name: fake\nteacher: {QUICKSTART / 'teacher.yaml'}\n"
+        f"student_baseline: {QUICKSTART / 'student_baseline.yaml'}\n"
+        f"distill: {QUICKSTART / 'distill.yaml'}\n"
+    )
+    return calls, path, tmp_path / "run"
+
+
+def _run(path, run_dir, **kwargs):
+    lines: list[str] = []
+    markers = run_pipeline(load_pipeline_config(path, run_dir), echo=lines.append, **kwargs)
+    return markers, "\n".join(lines)
+
+
+def test_finished_stages_are_skipped_and_dependants_rerun(fake_stages):
+    calls, path, run_dir = fake_stages
+    markers, out = _run(path, run_dir)
+    assert calls == list(STAGES)
+    assert "[pipeline] stage 3/4: distill (not finished)" in out
+    distill = read_marker(run_dir, "distill")
+    assert distill["depends_on"] == {"teacher": markers["teacher"]["run_id"]}
+    assert distill["test"] == {"test/acc": 0.5}
+
+    calls.clear()
+    _, out = _run(path, run_dir)
+    assert calls == []
+    assert out.count("skipped") == 4 and "| learner |" in out
+
+    (run_dir / "teacher" / "done.json").unlink()  # the teacher was interrupted: no marker
+    calls.clear()
+    _, out = _run(path, run_dir)
+    assert calls == ["teacher", "distill", "report"]
+    assert "distill (teacher ran again)" in out
+    assert "student_baseline skipped" in out
+
+    (run_dir / "student_baseline" / "done.json").unlink()
+    calls.clear()
+    _run(path, run_dir)
+    assert calls == ["student_baseline", "report"]
+
+    calls.clear()
+    _, out = _run(path, run_dir, force=True)
+    assert calls == list(STAGES) and out.count("(--force)") == 4
+
+
+def test_a_rerun_stage_starts_from_a_clean_folder(fake_stages):
+    calls, path, run_dir = fake_stages
+    _run(path, run_dir)
+    stale = run_dir / "distill" / "stale.ckpt"
+    stale.write_text("from a killed run")
+    (run_dir / "distill" / "done.json").unlink()
+    _run(path, run_dir)
+    assert not stale.exists() and (run_dir / "distill" / "done.json").is_file()
+
+
+def test_a_changed_stage_config_reruns_that_stage(fake_stages):
+    calls, path, run_dir = fake_stages
+    _run(path, run_dir)
+    text = path.read_text().replace(
+        "distill.yaml", "distill.yaml\n  overrides: {trainer.max_epochs: 9}"
+    )
+    path.write_text(text.replace("distill: ", "distill:\n  config: "))
+    calls.clear()
+    _, out = _run(path, run_dir)
+    assert calls == ["distill", "report"]
+    assert "distill (its config changed)" in out and "report (distill ran again)" in out
+
+
+# -- the real command ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def kanji_cache(tmp_path_factory) -> Path:
+    """One tiny KanjiVG render per test session (never the user's cache)."""
+    return tmp_path_factory.getbasetemp() / "kanji-tiny-cache"
+
+
+def tiny_data(cache: Path) -> dict:
+    return {
+        "max_classes": 120, "max_classes_per_group": 8, "samples_per_class": 17,
+        "cache_dir": str(cache), "num_workers": 0, "ways": 5, "queries": 3,
+        "steps_per_epoch": 3, "val_episodes": 4, "test_episodes": 6,
+    }  # fmt: skip
+
+
+def _metakd(args, cwd, pythonpath):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(pythonpath)}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", *args],
+        capture_output=True, text=True, cwd=cwd, env=env,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys):
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "my_learners.py").write_text(USER_MODULE)
+    baseline = yaml.safe_load((QUICKSTART / "student_baseline.yaml").read_text())
+    baseline["model"]["class_path"] = "my_learners.CountingLearner"  # a user's subclass
+    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(baseline))
+    config = {
+        "name": "tiny",
+        "overrides": {
+            "data.init_args": tiny_data(kanji_cache),
+            "model.init_args.ways": 5,
+            "trainer": {
+                "max_epochs": 1,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            },
+        },  # fmt: skip
+        "teacher": {"config": str(QUICKSTART / "teacher.yaml")},
+        "student_baseline": {"config": "baseline.yaml"},
+        "distill": {"config": str(QUICKSTART / "distill.yaml")},
+        "report": {"warmup": 0, "repeats": 1},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = ["pipeline", "--config", str(path)]
+    run_dir = tmp_path / "runs" / "pipeline" / "tiny"
+
+    first = _metakd(command, tmp_path, tmp_path / "user")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for i, stage in enumerate(STAGES, start=1):
+        assert f"[pipeline] stage {i}/4: {stage} (not finished)" in first.stdout
+        assert (run_dir / stage / "done.json").is_file()
+    assert "CountingLearner trained 3 steps" in first.stdout
+    for stage in ("teacher", "student_baseline", "distill"):
+        saved = yaml.safe_load((run_dir / stage / "config.yaml").read_text())
+        assert saved["data"]["init_args"]["cache_dir"] == str(kanji_cache)
+        assert list((run_dir / stage).glob("events.out.tfevents.*"))
+        marker = read_marker(run_dir, stage)
+        assert Path(marker["checkpoint"]).parent == run_dir / stage / "checkpoints"
+        assert 0.0 <= marker["test"]["test/acc"] <= 1.0
+    distill = yaml.safe_load((run_dir / "distill" / "config.yaml").read_text())
+    teacher = read_marker(run_dir, "teacher")
+    assert distill["model"]["init_args"]["teacher"] == teacher["checkpoint"]
+    assert read_marker(run_dir, "student_baseline")["model_class"] == "my_learners.CountingLearner"
+    rows = json.loads((run_dir / "report.json").read_text())
+    assert [r["name"] for r in rows] == ["teacher", "distilled student", "baseline student"]
+    assert rows[0]["parameters"] > rows[1]["parameters"] == rows[2]["parameters"]
+    # The report measures each learner on the same test episodes as its own stage's test.
+    assert rows[0]["accuracy"] == pytest.approx(teacher["test"]["test/acc"], abs=1e-6)
+    table = (run_dir / "report.md").read_text()
+    assert len(table.strip().splitlines()) == 2 + 3 and table in first.stdout
+    assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run_dir / "report").glob("events.out.tfevents.*"))
+
+    # Later runs in this process (the same entry point as the command, without its start-up).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "user"))
+    assert pipeline.pipeline_main(command[1:]) == 0
+    again = capsys.readouterr().out
+    assert again.count("skipped (finished; done.json)") == 4
+    assert "CountingLearner" not in again and table in again
+
+    (run_dir / "distill" / "done.json").unlink()  # as if distillation had been killed
+    assert pipeline.pipeline_main(command[1:]) == 0
+    third = capsys.readouterr().out
+    assert "teacher skipped" in third and "student_baseline skipped" in third
+    assert "distill (not finished)" in third and "report (distill ran again)" in third
+    assert read_marker(run_dir, "teacher")["run_id"] == teacher["run_id"]
+    assert read_marker(run_dir, "distill")["depends_on"] == {"teacher": teacher["run_id"]}
+    same = ("name", "accuracy", "ci95", "parameters", "flops")  # the teacher was not retrained
+    new_rows = json.loads((run_dir / "report.json").read_text())
+    assert {k: new_rows[0][k] for k in same} == {k: rows[0][k] for k in same}
+    sys.modules.pop("my_learners", None)
+
+
+@pytest.mark.slow
+def test_fit_picks_up_a_user_subclass(tmp_path, kanji_cache):
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "my_learners.py").write_text(USER_MODULE)
+    config = yaml.safe_load((QUICKSTART / "student_baseline.yaml").read_text())
+    config["model"]["class_path"] = "my_learners.CountingLearner"
+    config["model"]["init_args"]["ways"] = 5
+    config["data"]["init_args"].update(tiny_data(kanji_cache))
+    config["trainer"].update(max_epochs=1, enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "subclass.yaml"
+    path.write_text(yaml.safe_dump(config))
+    fit = _metakd(["fit", "--config", str(path)], tmp_path, tmp_path / "user")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "CountingLearner trained 3 steps" in fit.stdout
+    run = tmp_path / "runs" / "kanji-quickstart-student-baseline" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == "my_learners.CountingLearner"
+    sys.path.insert(0, str(tmp_path / "user"))
+    try:
+        from my_learners import CountingLearner
+
+        learner = CountingLearner.load_from_checkpoint(run / "checkpoints" / "best.ckpt")
+    finally:
+        sys.path.remove(str(tmp_path / "user"))
+        sys.modules.pop("my_learners", None)
+    assert type(learner).__name__ == "CountingLearner" and learner.ways == 5
