@@ -11,26 +11,28 @@ threads or caches never leak into the next):
   ``--repeats`` runs. Every process uses 1 torch thread (``torch.set_num_threads`` and
   ``OMP_NUM_THREADS``), so 2 processes use the 2 cores of a 2-core machine; a last row gives 1
   process 2 threads.
-- ``--memory``: one second-order MAML step outside Lightning (``episode_logits`` + backward + SGD)
-  for 1/3/5/10 inner steps, meta-batch 16, as a per-task loop, as vmap in chunks of
-  ``--chunk-size`` tasks, and — where :func:`~lightning_metakd.algorithms.inner_loop` accepts
-  ``checkpoint=True`` — the loop with each inner step checkpointed. Peak memory is the rise of
-  ``ru_maxrss`` over the value after setup (the one-off import cost of ``torch.func`` excluded).
+- ``--memory``: the module's real training step — ``MetaLearnerModule.training_step(batch, 0)``,
+  ``.backward()`` and an SGD step, outside a ``Trainer`` — of second-order MAML (Conv4-32, 5-way
+  1-shot, 15 queries, 28x28) for 1/3/5/10 inner steps and a meta-batch of 16 tasks, in three
+  configurations: the loop with one task graph alive at a time (``vmap_tasks=False``, the CPU
+  default: :func:`~lightning_metakd.algorithms.memory_bounded_loss`), the loop with every task
+  graph alive until the backward (``task_chunk_size`` = meta-batch: the cost without it), and vmap
+  in chunks of ``--chunk-size`` tasks. Peak memory is the rise of ``ru_maxrss`` over the value
+  after setup (the one-off import cost of ``torch.func`` excluded); 1 torch thread.
 
 Results: Markdown tables on stdout, JSON in ``--out``.
 
 Usage::
 
-    python benchmarks/scale.py                        # throughput, writes benchmarks/results/scale.json
-    python benchmarks/scale.py --memory               # memory table, writes .../scale_memory.json
-    python benchmarks/scale.py --quick                # smoke run of the throughput part
+    python benchmarks/scale.py             # throughput, writes benchmarks/results/scale.json
+    python benchmarks/scale.py --memory    # memory table, writes .../scale_memory.json
+    python benchmarks/scale.py --quick     # smoke run of the throughput part
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -49,7 +51,6 @@ THROUGHPUT = (  # (processes, threads per process, precision); the first row is 
     (2, 1, "bf16-mixed"),
     (1, 2, "32-true"),
 )
-MEMORY_IMPLS = ("loop", "vmap-chunked", "loop+checkpoint")
 
 
 # -- throughput (Lightning, optionally DDP) -------------------------------------------------------
@@ -184,46 +185,60 @@ def throughput_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# -- memory (no Lightning) ------------------------------------------------------------------------
+# -- memory (the module's real training step, no Trainer) -----------------------------------------
+
+
+def memory_configs(args: argparse.Namespace) -> list[tuple[str, bool, int | None]]:
+    """``(name, vmap_tasks, task_chunk_size)`` of each row; ``None`` is the module's default."""
+    return [
+        ("loop, 1 task graph at a time (CPU default)", False, None),
+        ("loop, all task graphs at once", False, args.memory_meta_batch_size),
+        (f"vmap, chunks of {args.chunk_size}", True, args.chunk_size),
+    ]
+
+
 def memory_worker(config: dict) -> dict:
-    """One configuration of the memory table, measured in this process."""
+    """One configuration of the memory table, measured in this process.
+
+    The step is ``MetaLearnerModule.training_step(batch, 0).backward()`` and an SGD step — the
+    code a ``Trainer`` runs, without the ``Trainer``.
+    """
+    import functools
+    import warnings
+
     import torch
-    import torch.nn.functional as F
 
-    from lightning_metakd.algorithms import MAML, inner_loop
+    from lightning_metakd.algorithms import MAML
+    from lightning_metakd.data import Episode
     from lightning_metakd.models import Conv4
-    from lightning_metakd.models.classifier import Classifier
+    from lightning_metakd.modules.meta_learner import MetaLearnerModule
 
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is a no-op
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
     ways, shots, queries, tasks = 5, 1, 15, config["tasks"]
-    model = Classifier(Conv4(1, config["hidden"], image_size=28), ways=ways)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    support_x = torch.randn(tasks, ways * shots, 1, 28, 28)
-    query_x = torch.randn(tasks, ways * queries, 1, 28, 28)
-    support_y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1)
-    query_y = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1)
-
-    class CheckpointedMAML(MAML):
-        def adapt(self, model, params, support_x, support_y, ways, training):
-            return inner_loop(
-                model, params, support_x, support_y, inner_lr=self.inner_lr,
-                inner_steps=self.steps(training), checkpoint=True,
-            )  # fmt: skip
-
-    impl = config["impl"]
-    algorithm = (CheckpointedMAML if impl == "loop+checkpoint" else MAML)(
-        inner_lr=0.4, inner_steps=config["inner_steps"]
+    module = MetaLearnerModule(
+        Conv4(1, config["hidden"], image_size=28),
+        MAML(inner_lr=0.4, inner_steps=config["inner_steps"]),
+        ways=ways,
+        vmap_tasks=config["vmap_tasks"],
+        task_chunk_size=config["task_chunk_size"],
+        optimizer=functools.partial(torch.optim.SGD, lr=1e-3),
     )
-    vmap_tasks = impl == "vmap-chunked"
+    optimizer = module.configure_optimizers()
+    batch = Episode(
+        torch.randn(tasks, ways * shots, 1, 28, 28),
+        torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
+        torch.randn(tasks, ways * queries, 1, 28, 28),
+        torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
+        torch.arange(ways).expand(tasks, -1),
+    )
+    graphs = module.training_chunk_size(batch)  # task graphs alive together
+    assert graphs == (config["task_chunk_size"] or 1)
 
     def meta_step() -> None:
         optimizer.zero_grad()
-        logits = algorithm.episode_logits(
-            model, dict(model.named_parameters()), support_x, support_y, query_x, ways,
-            training=True, vmap_tasks=vmap_tasks, chunk_size=config["chunk_size"],
-        )  # fmt: skip
-        F.cross_entropy(logits.flatten(0, 1), query_y.flatten()).backward()
+        module.training_step(batch, 0).backward()
         optimizer.step()
 
     # torch.func's first call imports many modules once per process; keep it out of the peak.
@@ -240,35 +255,36 @@ def memory_worker(config: dict) -> dict:
         meta_step()
         times.append(time.perf_counter() - start)
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024
-    return {**config, "steps_per_s": 1 / statistics.median(times), "peak_mb": peak_mb}
+    return {
+        **config,
+        "task_graphs_alive": graphs,
+        "steps_per_s": 1 / statistics.median(times),
+        "peak_mb": peak_mb,
+    }
 
 
 def memory(args: argparse.Namespace) -> list[dict]:
-    from lightning_metakd.algorithms import inner_loop
-
-    impls = list(MEMORY_IMPLS)
-    if "checkpoint" not in inspect.signature(inner_loop).parameters:
-        impls.remove("loop+checkpoint")
-        print("inner_loop has no `checkpoint` argument: skipping loop+checkpoint", file=sys.stderr)
     results = []
     for inner_steps in args.inner_steps:
-        for impl in impls:
+        for name, vmap_tasks, chunk in memory_configs(args):
             config = {
-                "impl": impl, "inner_steps": inner_steps, "tasks": args.memory_meta_batch_size,
-                "chunk_size": args.chunk_size if impl == "vmap-chunked" else None,
+                "impl": name, "vmap_tasks": vmap_tasks, "task_chunk_size": chunk,
+                "inner_steps": inner_steps, "tasks": args.memory_meta_batch_size,
                 "hidden": 32, "threads": args.threads, "repeats": args.repeats,
             }  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             proc = subprocess.run(
                 [sys.executable, __file__, "--memory-worker", json.dumps(config)],
                 capture_output=True,
                 text=True,
+                env=env,
             )
             if proc.returncode != 0:
-                print(f"{impl} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                print(f"{name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             print(
-                f"{impl:16s} inner_steps={inner_steps:2d}: {result['steps_per_s']:.3f} steps/s, "
+                f"{name:34s} inner_steps={inner_steps:2d}: {result['steps_per_s']:.3f} steps/s, "
                 f"peak {result['peak_mb']:.0f} MB",
                 file=sys.stderr,
             )
@@ -278,13 +294,14 @@ def memory(args: argparse.Namespace) -> list[dict]:
 
 def memory_table(results: list[dict]) -> str:
     lines = [
-        "| inner steps | implementation | peak RSS rise (MB) | steps/s |",
-        "|---|---|---|---|",
+        "| inner steps | training step | vmap_tasks | task_chunk_size | task graphs alive | "
+        "peak RSS rise (MB) | steps/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        name = r["impl"] + (f" (chunk {r['chunk_size']})" if r["chunk_size"] else "")
         lines.append(
-            f"| {r['inner_steps']} | {name} | {r['peak_mb']:.0f} | {r['steps_per_s']:.3f} |"
+            f"| {r['inner_steps']} | {r['impl']} | {r['vmap_tasks']} | {r['task_chunk_size']} | "
+            f"{r['task_graphs_alive']} | {r['peak_mb']:.0f} | {r['steps_per_s']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -126,13 +126,14 @@ def episodes_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metakd`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "episodes":
-        return episodes_main(argv[1:])
-    if argv and argv[0] == "pipeline":
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "episodes":
+        return episodes_main(args[1:])
+    if args and args[0] == "pipeline":
         from lightning_metakd.pipeline import pipeline_main
 
-        return pipeline_main(argv[1:])
+        return pipeline_main(args[1:])
+    # From the console, LightningCLI reads sys.argv itself (passing it too only earns a warning).
     run_lightning_cli(argv)
     return 0
 

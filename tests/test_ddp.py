@@ -4,9 +4,11 @@ A meta-batch of ``meta_batch_size`` tasks is split over the ranks (rank ``r`` ta
 DDP averages the ranks' gradients, so one optimisation step must move the parameters exactly as one
 process over the whole meta-batch does — for second-order MAML (whose outer gradient flows through
 ``torch.func.grad`` inside the forward), Meta-SGD (its learned inner learning rates too) and
-ProtoNet. Evaluation lists shard unevenly (an odd number of episodes); ``test/acc`` and
-``test/acc_ci95`` must still equal the single-process values, and no episode may be dropped or seen
-twice.
+ProtoNet — and for a distillation step (a frozen Conv4-8 ProtoNet teacher, a Conv4-4 ProtoNet
+student started from the teacher's sliced θ*, soft labels and a feature term with its learned
+projector), where the teacher must stay bit-identical on every rank. Evaluation lists shard
+unevenly (an odd number of episodes); ``test/acc`` and ``test/acc_ci95`` must still equal the
+single-process values, and no episode may be dropped or seen twice.
 
 Lightning's ``strategy="ddp"`` launches the extra rank by re-running the current script, so the
 training runs in a subprocess that executes this file as a script (``--worker``); each rank writes
@@ -31,22 +33,23 @@ from conftest import TinyDataModule
 
 from lightning_metakd.algorithms import MAML, MetaSGD, ProtoNet
 from lightning_metakd.models import Conv4
-from lightning_metakd.modules.meta_learner import MetaLearnerModule
+from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
 ALGORITHMS = {
     "maml": lambda: MAML(inner_lr=0.3, inner_steps=2, inner_steps_test=3),  # second order
     "metasgd": lambda: MetaSGD(inner_lr=0.3, inner_steps=1),
     "protonet": lambda: ProtoNet(),
 }
+DISTILL = "distill"  # the DistillationModule run, after the meta-learners in the same worker
+RUNS = [*ALGORITHMS, DISTILL]
 STEPS = 3  # optimisation steps per run: the first is "one step", all of them "a few steps"
 EVAL_EPISODES = 5  # odd: with 2 ranks and 2 tasks per rank batch, rank 0 runs 2 batches, rank 1 one
 TOLERANCE = 1e-5
 
-# Until the fix below lands, the logged `{split}/loss` is wrong on uneven evaluation shards:
-# Lightning's batch-size-weighted mean for `self.log(..., batch_size=n, sync_dist=True)` averages the
-# ranks' integer episode counts with truncation (5 episodes over 2 ranks count as 4, so the loss is
-# 25% too high). Patch (in the report of the scale-and-precision work): modules/meta_learner.py
-# accumulates `{split}/loss` in a torchmetrics MeanMetric (weight = tasks) and logs it at epoch end.
+# `{split}/loss` is checked on uneven shards too: Lightning's batch-size-weighted mean for
+# `self.log(..., batch_size=n, sync_dist=True)` averages the ranks' integer episode counts with
+# truncation (5 episodes over 2 ranks count as 4: a loss 25% too high), so the modules accumulate it
+# in a MeanMetric weighted by tasks (`modules/meta_learner.py::evaluation_metrics`).
 
 
 def data(meta_batch_size: int = 4, **kwargs) -> TinyDataModule:
@@ -97,16 +100,29 @@ class EpisodeRecorder(L.Callback):
         self._record("test", batch, batch_idx)
 
 
-def worker(out: Path, devices: int) -> None:
-    """Fit one epoch and test each algorithm; every rank saves ``<algorithm>-rank<r>.pt``."""
-    for name, make_algorithm in ALGORITHMS.items():
-        torch.manual_seed(0)
-        model = MetaLearnerModule(
-            Conv4(hidden=4, image_size=16),
-            make_algorithm(),
-            ways=3,
-            optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+def make_module(name: str) -> L.LightningModule:
+    """The meta-learner of ``name`` in ``ALGORITHMS``, or the distiller of a tiny teacher."""
+    sgd = functools.partial(torch.optim.SGD, lr=0.5)
+    torch.manual_seed(0)
+    if name in ALGORITHMS:
+        return MetaLearnerModule(
+            Conv4(hidden=4, image_size=16), ALGORITHMS[name](), 3, optimizer=sgd
         )
+    teacher = MetaLearnerModule(Conv4(hidden=8, image_size=16), ProtoNet(), ways=3)
+    torch.manual_seed(1)
+    return DistillationModule(
+        teacher, Conv4(hidden=4, image_size=16), ProtoNet(), ways=3, soft_label_weight=1.0,
+        feature_weight=0.5, init_from_teacher=True, optimizer=sgd,
+    )  # fmt: skip
+
+
+def worker(out: Path, devices: int) -> None:
+    """Fit one epoch and test each module of ``RUNS``; every rank saves ``<name>-rank<r>.pt``."""
+    for name in RUNS:
+        model = make_module(name)
+        teacher = getattr(model, "teacher", None)
+        if teacher is not None:
+            teacher_before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
         recorder = EpisodeRecorder()
         trainer = L.Trainer(
             accelerator="cpu",
@@ -125,14 +141,15 @@ def worker(out: Path, devices: int) -> None:
         trainer.fit(model, data())
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test = trainer.test(model, data(), verbose=False)[0]
-        torch.save(
-            {"params": recorder.params, "seen": recorder.seen, "val": val, "test": test},
-            out / f"{name}-rank{trainer.global_rank}.pt",
-        )
+        result = {"params": recorder.params, "seen": recorder.seen, "val": val, "test": test}
+        if teacher is not None:
+            result["teacher_before"] = teacher_before
+            result["teacher_after"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        torch.save(result, out / f"{name}-rank{trainer.global_rank}.pt")
 
 
 def launch(out: Path, devices: int) -> dict[str, list[dict]]:
-    """Run :func:`worker` in a fresh interpreter; returns ``{algorithm: [rank 0, rank 1, ...]}``."""
+    """Run :func:`worker` in a fresh interpreter; returns ``{name: [rank 0, rank 1, ...]}``."""
     out.mkdir()
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", str(out), "--devices", str(devices)],
@@ -143,7 +160,7 @@ def launch(out: Path, devices: int) -> dict[str, list[dict]]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {
         name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(devices)]
-        for name in ALGORITHMS
+        for name in RUNS
     }
 
 
@@ -155,13 +172,15 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", RUNS)
 def test_ddp_steps_match_one_process(runs, algorithm):
     single, ddp = runs[0][algorithm][0], runs[1][algorithm]
     assert len(single["params"]) == len(ddp[0]["params"]) == STEPS
     names = set(single["params"][0])
     if algorithm == "metasgd":
         assert any(n.startswith("algorithm.inner_lrs.") for n in names)
+    if algorithm == DISTILL:  # the student, its feature projector, and the frozen teacher
+        assert {n.split(".")[0] for n in names} == {"student", "feature_distillation", "teacher"}
     for step in range(STEPS):
         for rank in (0, 1):
             assert set(ddp[rank]["params"][step]) == names
@@ -175,14 +194,37 @@ def test_ddp_steps_match_one_process(runs, algorithm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_ddp_distillation_moves_student_and_projector_never_the_teacher(runs):
+    """Both trained parts move on every rank; the teacher is bit-identical to its initial state."""
+    single, ddp = runs[0][DISTILL][0], runs[1][DISTILL]
+    for run in (single, *ddp):
+        first, last = run["params"][0], run["params"][-1]
+        for part in ("student.", "feature_distillation."):
+            moved = [(last[n] - first[n]).abs().max().item() for n in first if n.startswith(part)]
+            assert moved and max(moved) > 1e-4, part
+        before, after = run["teacher_before"], run["teacher_after"]
+        assert set(before) == set(after) and len(before) > 0
+        for name, value in before.items():
+            # float32 before the Trainer's 64-true conversion, exact in float64
+            assert torch.equal(after[name], value.double() if value.is_floating_point() else value)
+        for step in run["params"]:
+            for name, value in step.items():
+                if name.startswith("teacher."):
+                    assert torch.equal(value, after[name.removeprefix("teacher.")]), name
+    for name, value in single["teacher_after"].items():  # the same teacher on every rank
+        for rank in (0, 1):
+            assert torch.equal(ddp[rank]["teacher_after"][name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", RUNS)
 def test_ddp_evaluation_matches_one_process_on_uneven_shards(runs, algorithm):
     single, ddp = runs[0][algorithm][0], runs[1][algorithm]
     for rank in (0, 1):
         for split in ("val", "test"):
             for key in (f"{split}/acc", f"{split}/acc_ci95"):
                 assert ddp[rank][split][key] == pytest.approx(single[split][key], abs=1e-9), key
-            # The query loss is computed in float32 (meta_loss casts the logits), hence rel=1e-6.
+            # Logged values pass through float32 (Lightning's logged-metric state), hence rel=1e-6.
             key = f"{split}/loss"
             assert ddp[rank][split][key] == pytest.approx(single[split][key], rel=1e-6), key
     assert single["test"]["test/acc_ci95"] > 0  # a real spread, not a degenerate constant
@@ -191,7 +233,7 @@ def test_ddp_evaluation_matches_one_process_on_uneven_shards(runs, algorithm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+@pytest.mark.parametrize("algorithm", RUNS)
 def test_ddp_sees_every_episode_exactly_once(runs, algorithm):
     single, ddp = runs[0][algorithm][0], runs[1][algorithm]
     for stage in ("train", "val", "test"):

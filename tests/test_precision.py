@@ -3,14 +3,13 @@
 Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` convolutions and linear layers run in
 bfloat16 (8-bit mantissa) while parameters, the inner-loop update θ − α∇ and the query loss stay in
 float32. bf16 has float32's exponent range, so nothing in the inner loop underflows; the price is
-precision. Measured on this test's setting (Conv4-32, 28x28, 5-way 1-shot, 3 queries, 4 tasks,
-seeds 0-9): the relative L2 error of the whole meta-gradient against fp32 is 0.19-0.36 for
-second-order MAML (one inner step) and 0.14-0.24 for ProtoNet, with cosine similarity ≥ 0.94 and
-≥ 0.97. A plain supervised gradient of the same network has errors of the same size (~0.13), so this
-is bf16's mantissa through BatchNorm-normalised conv stacks, not something the inner loop adds;
-narrower networks and more inner steps make it larger (Conv4-16: up to 0.70; three inner steps:
-cosine down to ~0.74). The tolerances below leave about 1.4x margin: the meta-gradient keeps its
-direction (what an optimiser step needs) but is not elementwise exact. See docs/scaling.md for the policy.
+precision. The support-set forward of the inner loop runs in float32 even under autocast (see
+``inner_loop``), which is what keeps MAML's meta-gradient close: measured on this test's setting
+(Conv4-32, 28x28, 5-way 1-shot, 3 queries, 4 tasks, seeds 0-9) the relative L2 error against fp32
+is 0.021-0.042 for second-order MAML (0.19-0.36 before the inner loop was kept in float32) and
+0.14-0.24 for ProtoNet, whose whole forward runs in bf16 — the size of a plain supervised
+gradient's bf16 error on this network (~0.13). The tolerances leave about 2x margin; the MAML one
+fails if the inner loop drops back to bf16. See docs/scaling.md for the policy.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from lightning_metakd.models import Conv4
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.modules.meta_learner import MetaLearnerModule
 
-MAX_RELATIVE_ERROR = 0.5  # measured max 0.36 (MAML) and 0.24 (ProtoNet) over seeds 0-9
-MIN_COSINE = 0.9  # measured min 0.942 (MAML) and 0.971 (ProtoNet)
+MAX_RELATIVE_ERROR = {"maml": 0.1, "protonet": 0.5}  # measured max 0.042 and 0.24, seeds 0-9
+MIN_COSINE = {"maml": 0.99, "protonet": 0.9}  # measured min 0.999 (MAML) and 0.971 (ProtoNet)
 HIDDEN = 32  # the width of benchmarks/scale.py; narrower nets have larger bf16 errors
 
 
@@ -75,8 +74,8 @@ def test_bf16_meta_gradient_is_close_to_fp32(algorithm, seed):
     assert torch.isfinite(low).all()
     relative = ((low - reference).norm() / reference.norm()).item()
     cosine = F.cosine_similarity(low, reference, dim=0).item()
-    assert relative < MAX_RELATIVE_ERROR, relative
-    assert cosine > MIN_COSINE, cosine
+    assert relative < MAX_RELATIVE_ERROR[algorithm], relative
+    assert cosine > MIN_COSINE[algorithm], cosine
     # bf16 really differs (the comparison is not of two fp32 runs).
     assert relative > 1e-3
 
