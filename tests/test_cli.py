@@ -85,3 +85,8 @@ def test_fit_then_test_through_the_command(tmp_path):
     assert "test/acc_ci95" in test.stdout
     learner = MetaLearnerModule.load_from_checkpoint(best)
     assert learner.ways == 5
+    predict = subprocess.run(
+        [sys.executable, "-m", "lightning_metakd.cli", "predict", *common, "--ckpt_path", str(best)],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stderr[-3000:]

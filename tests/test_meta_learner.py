@@ -184,3 +184,14 @@ def test_chunked_training_step_gives_the_same_gradients(episode16, make_algorith
     for chunk in (1, 3):
         for a, b in zip(grads[chunk], grads[4], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_labels_the_queries_of_the_test_episodes(tmp_path):
+    model, dm = learner(ProtoNet()), tiny_data()
+    batches = trainer(tmp_path).predict(model, dm)
+    assert sum(b["predictions"].shape[0] for b in batches) == 12  # every fixed test episode
+    dm.setup()
+    for batch, episode in zip(batches, dm.test_dataloader(), strict=True):
+        logits = model.meta_loss(episode, training=False).logits
+        assert torch.equal(batch["predictions"], logits.argmax(-1))
+        assert torch.equal(batch["classes"], episode.classes.gather(1, batch["predictions"]))

@@ -203,3 +203,7 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The fixed test episodes: ``metakd predict`` labels their query sets."""
+        return self.dataloader("test")

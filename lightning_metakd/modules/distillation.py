@@ -479,6 +479,10 @@ class DistillationModule(L.LightningModule):
     def _evaluation_step(self, batch: Episode, split: str) -> None:
         update_evaluation(self.metrics, split, self.student.evaluate(batch), batch.num_tasks)
 
+    def predict_step(self, batch: Episode, batch_idx: int) -> dict[str, Tensor]:
+        """The student's predictions on the query sets after adapting (``metakd predict``)."""
+        return self.student.predict_step(batch, batch_idx)
+
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 

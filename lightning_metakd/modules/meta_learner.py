@@ -256,6 +256,15 @@ class MetaLearnerModule(L.LightningModule):
     def _evaluation_step(self, batch: Episode, split: str) -> None:
         update_evaluation(self.metrics, split, self.evaluate(batch), batch.num_tasks)
 
+    def predict_step(self, batch: Episode, batch_idx: int) -> dict[str, Tensor]:
+        """Adapt on each task's support set and label its queries (``metakd predict``).
+
+        Returns ``predictions`` (task labels ``[T, N*Q]`` in ``0..N-1``) and ``classes`` (the
+        split's class index behind each prediction, ``[T, N*Q]``).
+        """
+        predictions = self.evaluate(batch).logits.argmax(-1)
+        return {"predictions": predictions, "classes": batch.classes.gather(1, predictions)}
+
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 
