@@ -187,8 +187,8 @@ def _pyplot():
         import matplotlib
     except ImportError as err:
         raise ImportError(
-            "report.png needs matplotlib: `pip install lightning-metakd[dev]` (or matplotlib), "
-            "or call compare(..., plot=False)."
+            "report.png needs matplotlib (a dependency of lightning-metakd: reinstall it, or "
+            "`pip install matplotlib`), or call compare(..., plot=False)."
         ) from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as pyplot
@@ -205,6 +205,8 @@ def _plot(pyplot, rows: list[Mapping[str, Any]], path: Path) -> None:
         axes.annotate(r["name"], (r["parameters"], 100 * r["accuracy"]), xytext=(4, 4),
                       textcoords="offset points")  # fmt: skip
     axes.set_xscale("log")
+    # Minor log ticks get labels like 3x10^3 that overlap; label decades only.
+    axes.xaxis.set_minor_formatter(pyplot.NullFormatter())
     axes.set_xlabel("parameters")
     axes.set_ylabel("test accuracy (%)")
     axes.grid(alpha=0.3)
