@@ -6,7 +6,7 @@ from abc import abstractmethod
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_metakd.data.dataset import ClassDataset, Transform
 from lightning_metakd.data.episode import Episode
@@ -154,16 +154,24 @@ class EpisodicDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def num_tasks(self, split: Split) -> int:
+        """Tasks per training epoch, or in the fixed validation/test list, over all processes."""
+        return {
+            "train": self.steps_per_epoch * self.meta_batch_size,
+            "val": self.val_episodes,
+            "test": self.test_episodes,
+        }[split]
+
+    def task_dataset(self, split: Split) -> Dataset:
+        """What the DataLoader indexes with the sampler's items: here the split's ClassDataset."""
+        return self.splits[split]
+
     def sampler(self, split: Split) -> EpisodeSampler:
         """The episode sampler of ``split`` for this process."""
         self._require_setup()
         world, rank = self._world()
         train = split == "train"
-        num_tasks = {
-            "train": self.steps_per_epoch * self.meta_batch_size,
-            "val": self.val_episodes,
-            "test": self.test_episodes,
-        }[split]
+        num_tasks = self.num_tasks(split)
         return EpisodeSampler(
             self.splits[split],
             ways=self.ways if train else self.test_ways,
@@ -187,7 +195,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"meta_batch_size={self.meta_batch_size} is not divisible by the {world} processes."
             )
         return DataLoader(
-            self.splits[split],
+            self.task_dataset(split),
             sampler=sampler,
             batch_size=self.meta_batch_size // world,
             collate_fn=Episode.from_tasks,

@@ -120,19 +120,23 @@ class ClassDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def read_image(self, base: int) -> Tensor:
+        """Stored image ``base`` as a float ``[C, H, W]`` tensor in ``[0, 1]``, as it is stored.
+
+        Subclasses that keep images elsewhere override this; :meth:`load_image` does the rest.
+        """
+        if isinstance(self.images, Tensor):
+            return self.images[base].float().div_(255.0)
+        return self._read_file(Path(self.images[base]))
+
     def load_image(self, index: int) -> Tensor:
         """Sample ``index`` as a float ``[C, H, W]`` image in ``[0, 1]``, resized, before ``transform``."""
         base, rotation = divmod(int(index), self.rotations)
-        if isinstance(self.images, Tensor):
-            image = self.images[base].float().div_(255.0)
-            if image.shape[0] != self.channels:
-                image = (
-                    image.expand(self.channels, -1, -1)
-                    if image.shape[0] == 1
-                    else image.mean(0, True)
-                )
-        else:
-            image = self._read_file(Path(self.images[base]))
+        image = self.read_image(base)
+        if image.shape[0] != self.channels:
+            image = (
+                image.expand(self.channels, -1, -1) if image.shape[0] == 1 else image.mean(0, True)
+            )
         if self.invert:
             image = 1.0 - image
         if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):

@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_metakd.data.datamodule import SPLITS, EpisodicDataModule, Split
 from lightning_metakd.data.dataset import ClassDataset
-from lightning_metakd.data.episode import Episode
 from lightning_metakd.data.sampler import EpisodeSampler
 
 _INSTALL_HINT = (
@@ -229,13 +228,8 @@ class Learn2LearnDataModule(EpisodicDataModule):
         self._require_setup()
         world, rank = self._world()
         train = split == "train"
-        num_tasks = {
-            "train": self.steps_per_epoch * self.meta_batch_size,
-            "val": self.val_episodes,
-            "test": self.test_episodes,
-        }[split]
         return TaskKeySampler(
-            num_tasks,
+            self.num_tasks(split),
             fixed=not train,
             seed=self.seed,
             stream=_STREAMS[split],
@@ -243,22 +237,11 @@ class Learn2LearnDataModule(EpisodicDataModule):
             rank=rank,
         )
 
-    def dataloader(self, split: Split) -> DataLoader:
+    def task_dataset(self, split: Split) -> Any:
+        """Our ClassDataset, or for a Taskset split the tasks its sampler's keys select."""
         if split not in self.tasksets:
-            return super().dataloader(split)
-        world, _ = self._world()
-        if self.meta_batch_size % world:
-            raise ValueError(
-                f"meta_batch_size={self.meta_batch_size} is not divisible by the {world} processes."
-            )
-        return DataLoader(
-            self._taskset_tasks(split),
-            sampler=self.sampler(split),
-            batch_size=self.meta_batch_size // world,
-            collate_fn=Episode.from_tasks,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+            return super().task_dataset(split)
+        return self._taskset_tasks(split)
 
     def _taskset_tasks(self, split: str) -> TasksetTasks:
         self._require_setup()
@@ -451,9 +434,9 @@ class TasksetTasks(Dataset):
 class MetaClassDataset(ClassDataset):
     """A :class:`ClassDataset` that reads images from a dataset only when a task needs them.
 
-    The ``storage="lazy"`` form of a MetaDataset split: nothing is copied, ``load_image(i)`` reads
-    item ``i`` of ``dataset``, converts it to a float ``[C, H, W]`` image in ``[0, 1]`` and applies
-    the usual inversion and resizing (``rotations`` is not supported: it must be 1).
+    The ``storage="lazy"`` form of a MetaDataset split: nothing is copied, ``read_image(i)`` reads
+    item ``i`` of ``dataset`` as a float ``[C, H, W]`` image in ``[0, 1]``; ``load_image`` applies
+    the usual channel matching, inversion and resizing (``rotations`` is not supported: it must be 1).
     """
 
     def __init__(
@@ -467,27 +450,11 @@ class MetaClassDataset(ClassDataset):
         super().__init__(_Indices(len(labels)), labels, class_names, **kwargs)
         self.dataset, self.pixel_range = dataset, pixel_range
 
-    def load_image(self, index: int) -> Tensor:
-        image = _as_image(self.dataset[int(index)][0], "lazy")
-        image = (
-            image.float().div_(255.0)
-            if image.dtype == torch.uint8
-            else image.float() / self.pixel_range
-        )
-        if image.shape[0] != self.channels:
-            image = (
-                image.expand(self.channels, -1, -1) if image.shape[0] == 1 else image.mean(0, True)
-            )
-        if self.invert:
-            image = 1.0 - image
-        if self.image_size is not None and image.shape[-2:] != (self.image_size, self.image_size):
-            image = F.interpolate(
-                image[None],
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                antialias=True,
-            )[0].clamp_(0.0, 1.0)
-        return image
+    def read_image(self, base: int) -> Tensor:
+        image = _as_image(self.dataset[int(base)][0], "lazy")
+        if image.dtype == torch.uint8:
+            return image.float().div_(255.0)
+        return image.float() / self.pixel_range
 
 
 class _Indices(Sequence):
