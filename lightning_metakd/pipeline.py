@@ -44,15 +44,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -62,6 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from lightning_metakd.atomic import atomic_write
 
 #: The stages, in the order they run.
 STAGES: tuple[str, ...] = ("teacher", "student_baseline", "distill", "report")
@@ -293,20 +292,9 @@ def _digest(obj: Any) -> str:
 
 # -- markers ----------------------------------------------------------------------------------------
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    """Write JSON to ``path`` atomically (see :func:`lightning_metakd.atomic.atomic_write`)."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def read_marker(run_dir: Path, stage: str) -> dict[str, Any] | None:

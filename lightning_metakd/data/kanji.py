@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lightning_metakd.atomic import atomic_write
 from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset, Transform
 from lightning_metakd.data.kanji_render import (
@@ -317,32 +317,11 @@ def _checksum(data: dict[str, np.ndarray]) -> str:
 
 
 def _write_cache(path: Path, data: dict[str, np.ndarray], params: dict) -> None:
-    """Write ``data`` atomically: temp file in the same folder, fsync, then ``os.replace``."""
+    """Write ``data`` with a header holding ``params`` and a checksum, atomically."""
     header = json.dumps({"params": params, "checksum": _checksum(data)}, sort_keys=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, header=np.asarray(header), **data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(
+        path, lambda handle: np.savez_compressed(handle, header=np.asarray(header), **data)
+    )
 
 
 _CACHE_KEYS = ("images", "labels", "codepoints", "characters", "class_names", "radicals")
