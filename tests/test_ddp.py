@@ -259,6 +259,39 @@ def test_ddp_meta_batch_not_divisible_by_devices_is_a_clear_error():
         dm.train_dataloader()
 
 
+EXIT_PROBE = """
+import atexit, sys, tempfile
+import torch.distributed as dist
+from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.models import Conv4
+from lightning_metakd.modules import MetaLearnerModule
+
+# Registered first, so it runs last (atexit is last in, first out): after the module's clean-up.
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+store = dist.FileStore(tempfile.mkstemp()[1], 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+module = MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3)
+if sys.argv[1] == "setup":
+    module.setup("fit")
+"""
+
+
+@pytest.mark.parametrize("call_setup", [True, False])
+def test_module_setup_destroys_a_gloo_group_at_exit(call_setup):
+    """A gloo group alive at interpreter finalization can abort a finished run with SIGABRT.
+
+    The control (no ``setup``) shows the probe sees a live group when nobody destroys it.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, "setup" if call_setup else "none"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 or not call_setup, proc.stderr[-2000:]
+    assert f"group alive at exit: {not call_setup}" in proc.stdout, proc.stderr[-2000:]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="DDP test worker (run by tests/test_ddp.py)")
     parser.add_argument("--worker", type=Path, required=True)

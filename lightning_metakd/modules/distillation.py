@@ -38,6 +38,7 @@ from lightning_metakd.modules.meta_learner import (
     read_components,
     update_evaluation,
 )
+from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.spec import build_component
 
 #: Loss terms in the order they are logged (``train/loss_<term>``) and their weight arguments.
@@ -339,6 +340,7 @@ class DistillationModule(L.LightningModule):
         return self.teacher
 
     def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
         self._require_teacher()
 
     def train(self, mode: bool = True) -> DistillationModule:

@@ -17,6 +17,7 @@ from lightning_metakd.algorithms import MetaAlgorithm, memory_bounded_loss, prep
 from lightning_metakd.data import Episode
 from lightning_metakd.evaluation import EpisodicAccuracy
 from lightning_metakd.models.classifier import Classifier
+from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.spec import build_component, component_spec
 
 
@@ -225,6 +226,9 @@ class MetaLearnerModule(L.LightningModule):
             self.vmap_tasks if self.vmap_tasks is not None else batch.support_x.device.type != "cpu"
         )
         return batch.num_tasks if vmap else 1
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         accuracies: list[Tensor] = []
