@@ -30,6 +30,7 @@ from lightning_metakd.distill import (
 )
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.models.vit import Attention
+from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.meta_learner import (
     MetaLearnerModule,
     chunked_loss,
@@ -38,7 +39,6 @@ from lightning_metakd.modules.meta_learner import (
     read_components,
     update_evaluation,
 )
-from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.spec import build_component
 
 #: Loss terms in the order they are logged (``train/loss_<term>``) and their weight arguments.
