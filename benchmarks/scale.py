@@ -12,13 +12,16 @@ threads or caches never leak into the next):
   ``OMP_NUM_THREADS``), so 2 processes use the 2 cores of a 2-core machine; a last row gives 1
   process 2 threads.
 - ``--memory``: the module's real training step — ``MetaLearnerModule.training_step(batch, 0)``,
-  ``.backward()`` and an SGD step, outside a ``Trainer`` — of second-order MAML (Conv4-32, 5-way
-  1-shot, 15 queries, 28x28) for 1/3/5/10 inner steps and a meta-batch of 16 tasks, in three
+  ``.backward()`` and an SGD step, outside a ``Trainer`` — of second-order MAML (Conv4-32, 5-way,
+  ``--shots`` support and ``--queries`` query images per class of ``--image-size`` pixels) for
+  ``--inner-steps`` inner steps and a meta-batch of ``--memory-meta-batch-size`` tasks, in five
   configurations: the loop with one task graph alive at a time (``vmap_tasks=False``, the CPU
-  default: :func:`~lightning_metakd.algorithms.memory_bounded_loss`), the loop with every task
-  graph alive until the backward (``task_chunk_size`` = meta-batch: the cost without it), and vmap
-  in chunks of ``--chunk-size`` tasks. Peak memory is the rise of ``ru_maxrss`` over the value
-  after setup (the one-off import cost of ``torch.func`` excluded); 1 torch thread.
+  default: :func:`~lightning_metakd.algorithms.memory_bounded_loss`) and the loop with every task
+  graph alive until the backward (``task_chunk_size`` = meta-batch: the cost without it), each
+  without and with gradient checkpointing of the inner loop (``MAML(checkpoint_steps=True)``),
+  and vmap in chunks of ``--chunk-size`` tasks (which cannot checkpoint). Peak memory is the rise
+  of ``ru_maxrss`` over the value after setup (the one-off import cost of ``torch.func``
+  excluded); steps/s the median of ``--repeats`` steps after one warm-up step; 1 torch thread.
 
 Results: Markdown tables on stdout, JSON in ``--out``.
 
@@ -26,6 +29,7 @@ Usage::
 
     python benchmarks/scale.py             # throughput, writes benchmarks/results/scale.json
     python benchmarks/scale.py --memory    # memory table, writes .../scale_memory.json
+    python benchmarks/scale.py --memory --quick   # smoke run of the memory part
     python benchmarks/scale.py --quick     # smoke run of the throughput part
 """
 
@@ -188,12 +192,18 @@ def throughput_table(results: list[dict]) -> str:
 # -- memory (the module's real training step, no Trainer) -----------------------------------------
 
 
-def memory_configs(args: argparse.Namespace) -> list[tuple[str, bool, int | None]]:
-    """``(name, vmap_tasks, task_chunk_size)`` of each row; ``None`` is the module's default."""
+def memory_configs(args: argparse.Namespace) -> list[tuple[str, bool, int | None, bool]]:
+    """``(name, vmap_tasks, task_chunk_size, checkpoint_steps)`` of each row.
+
+    ``task_chunk_size=None`` is the module's default. vmap has no checkpointed row:
+    ``MAML(checkpoint_steps=True)`` refuses vmap.
+    """
     return [
-        ("loop, 1 task graph at a time (CPU default)", False, None),
-        ("loop, all task graphs at once", False, args.memory_meta_batch_size),
-        (f"vmap, chunks of {args.chunk_size}", True, args.chunk_size),
+        ("loop, 1 task graph at a time (CPU default)", False, None, False),
+        ("loop, 1 task graph at a time, checkpointed", False, None, True),
+        ("loop, all task graphs at once", False, args.memory_meta_batch_size, False),
+        ("loop, all task graphs at once, checkpointed", False, args.memory_meta_batch_size, True),
+        (f"vmap, chunks of {args.chunk_size}", True, args.chunk_size, False),
     ]
 
 
@@ -216,10 +226,15 @@ def memory_worker(config: dict) -> dict:
     warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is a no-op
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
-    ways, shots, queries, tasks = 5, 1, 15, config["tasks"]
+    ways, shots, queries, tasks = 5, config["shots"], config["queries"], config["tasks"]
+    size = config["image_size"]
     module = MetaLearnerModule(
-        Conv4(1, config["hidden"], image_size=28),
-        MAML(inner_lr=0.4, inner_steps=config["inner_steps"]),
+        Conv4(1, config["hidden"], image_size=size),
+        MAML(
+            inner_lr=0.4,
+            inner_steps=config["inner_steps"],
+            checkpoint_steps=config["checkpoint_steps"],
+        ),
         ways=ways,
         vmap_tasks=config["vmap_tasks"],
         task_chunk_size=config["task_chunk_size"],
@@ -227,9 +242,9 @@ def memory_worker(config: dict) -> dict:
     )
     optimizer = module.configure_optimizers()
     batch = Episode(
-        torch.randn(tasks, ways * shots, 1, 28, 28),
+        torch.randn(tasks, ways * shots, 1, size, size),
         torch.arange(ways).repeat_interleave(shots).expand(tasks, -1),
-        torch.randn(tasks, ways * queries, 1, 28, 28),
+        torch.randn(tasks, ways * queries, 1, size, size),
         torch.arange(ways).repeat_interleave(queries).expand(tasks, -1),
         torch.arange(ways).expand(tasks, -1),
     )
@@ -266,10 +281,12 @@ def memory_worker(config: dict) -> dict:
 def memory(args: argparse.Namespace) -> list[dict]:
     results = []
     for inner_steps in args.inner_steps:
-        for name, vmap_tasks, chunk in memory_configs(args):
+        for name, vmap_tasks, chunk, checkpoint_steps in memory_configs(args):
             config = {
                 "impl": name, "vmap_tasks": vmap_tasks, "task_chunk_size": chunk,
-                "inner_steps": inner_steps, "tasks": args.memory_meta_batch_size,
+                "checkpoint_steps": checkpoint_steps, "inner_steps": inner_steps,
+                "tasks": args.memory_meta_batch_size, "shots": args.shots,
+                "queries": args.queries, "image_size": args.image_size,
                 "hidden": 32, "threads": args.threads, "repeats": args.repeats,
             }  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -284,7 +301,7 @@ def memory(args: argparse.Namespace) -> list[dict]:
                 continue
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             print(
-                f"{name:34s} inner_steps={inner_steps:2d}: {result['steps_per_s']:.3f} steps/s, "
+                f"{name:44s} inner_steps={inner_steps:2d}: {result['steps_per_s']:.3f} steps/s, "
                 f"peak {result['peak_mb']:.0f} MB",
                 file=sys.stderr,
             )
@@ -294,14 +311,39 @@ def memory(args: argparse.Namespace) -> list[dict]:
 
 def memory_table(results: list[dict]) -> str:
     lines = [
-        "| inner steps | training step | vmap_tasks | task_chunk_size | task graphs alive | "
-        "peak RSS rise (MB) | steps/s |",
-        "|---|---|---|---|---|---|---|",
+        "| inner steps | training step | vmap_tasks | task_chunk_size | checkpoint_steps | "
+        "task graphs alive | peak RSS rise (MB) | steps/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['inner_steps']} | {r['impl']} | {r['vmap_tasks']} | {r['task_chunk_size']} | "
-            f"{r['task_graphs_alive']} | {r['peak_mb']:.0f} | {r['steps_per_s']:.3f} |"
+            f"{r['checkpoint_steps']} | {r['task_graphs_alive']} | {r['peak_mb']:.0f} | "
+            f"{r['steps_per_s']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def checkpoint_table(results: list[dict]) -> str:
+    """Peak memory and steps/s against inner steps, without → with ``checkpoint_steps``."""
+    rows: dict[tuple[int, int], dict[bool, dict]] = {}
+    for r in results:
+        if not r["vmap_tasks"]:
+            rows.setdefault((r["inner_steps"], r["task_graphs_alive"]), {})[
+                r["checkpoint_steps"]
+            ] = r
+    lines = [
+        "| inner steps | task graphs alive | peak RSS rise (MB), plain → checkpointed | "
+        "steps/s, plain → checkpointed |",
+        "|---|---|---|---|",
+    ]
+    for (steps, graphs), pair in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if len(pair) < 2:
+            continue
+        plain, ckpt = pair[False], pair[True]
+        lines.append(
+            f"| {steps} | {graphs} | {plain['peak_mb']:.0f} → {ckpt['peak_mb']:.0f} | "
+            f"{plain['steps_per_s']:.3f} → {ckpt['steps_per_s']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -314,7 +356,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run")
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 3, 5, 10])
-    parser.add_argument("--memory-meta-batch-size", type=int, default=16)
+    parser.add_argument("--memory-meta-batch-size", type=int, default=8)
+    parser.add_argument("--shots", type=int, default=5, help="support images per class (memory)")
+    parser.add_argument("--queries", type=int, default=5, help="query images per class (memory)")
+    parser.add_argument("--image-size", type=int, default=28, help="image side (memory)")
     parser.add_argument("--chunk-size", type=int, default=4, help="vmap tasks per chunk")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (memory part)")
     parser.add_argument("--out", type=Path)
@@ -330,6 +375,7 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.steps, args.warmup, args.inner_steps = 1, 3, 1, [1, 3]
+        args.memory_meta_batch_size, args.shots, args.queries = 2, 1, 2
 
     import torch
 
@@ -347,7 +393,10 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(memory_table(results) if args.memory else throughput_table(results))
+    if args.memory:
+        print(memory_table(results) + "\n\n" + checkpoint_table(results))
+    else:
+        print(throughput_table(results))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ class ANIL(MAML):
     ``backbone.*`` and ``head.*``); the names that start with ``head_prefix`` are adapted.
 
     Args:
-        inner_lr, inner_steps, inner_steps_test, first_order: as for :class:`MAML` (same
-            defaults; Raghu et al. keep MAML's hyperparameters).
+        inner_lr, inner_steps, inner_steps_test, first_order, checkpoint_steps: as for
+            :class:`MAML` (same defaults; Raghu et al. keep MAML's hyperparameters). With
+            ``checkpoint_steps`` each recomputed step also takes the backbone's parameters as
+            inputs (not copied), so they still receive their second-order meta-gradient.
         head_prefix: prefix of the adapted parameter names.
 
     Example:
@@ -37,8 +39,9 @@ class ANIL(MAML):
         inner_steps_test: int | None = None,
         first_order: bool = False,
         head_prefix: str = "head.",
+        checkpoint_steps: bool = False,
     ) -> None:
-        super().__init__(inner_lr, inner_steps, inner_steps_test, first_order)
+        super().__init__(inner_lr, inner_steps, inner_steps_test, first_order, checkpoint_steps)
         self.head_prefix = head_prefix
 
     def adapted_names(self, params: Params) -> Collection[str]:

@@ -62,6 +62,14 @@ class MetaAlgorithm(nn.Module):
         before the optimiser is configured and before a checkpoint's ``state_dict`` is loaded.
         """
 
+    def check_vmap(self) -> None:
+        """Raise ``ValueError``, naming the fix, if this algorithm cannot run under vmap.
+
+        Called wherever vmapped adaptation is chosen (:meth:`episode_logits`, and
+        ``MetaLearnerModule`` at construction and setup, so a bad combination fails before the
+        first step). Every algorithm here can, except the MAML family with ``checkpoint_steps``.
+        """
+
     def steps(self, training: bool) -> int:
         """Inner steps for training (``inner_steps``) or evaluation (``inner_steps_test``)."""
         return self.inner_steps if training else self.inner_steps_test
@@ -144,6 +152,7 @@ class MetaAlgorithm(nn.Module):
             return self.task_logits(model, p, sx, sy, qx, ways, training)
 
         if vmap_tasks:
+            self.check_vmap()
             batched = vmap(
                 one_task, in_dims=(None, 0, 0, 0), randomness="different", chunk_size=chunk_size
             )

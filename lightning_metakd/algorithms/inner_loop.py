@@ -6,11 +6,13 @@ whether the outer gradient flows through the inner gradients; they all call :fun
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, grad
 
 Params = dict[str, Tensor]
@@ -26,6 +28,7 @@ def inner_loop(
     inner_steps: int,
     first_order: bool = False,
     adapt: Collection[str] | None = None,
+    checkpoint_steps: bool = False,
 ) -> Params:
     """Adapt ``params`` to one task by gradient descent on its support set.
 
@@ -38,6 +41,21 @@ def inner_loop(
     meta-gradient of MAML). With ``first_order=True`` the inner gradients are treated as constants
     (first-order MAML, Finn et al. 2017 §5.2): the outer gradient then flows only through the
     ``θ`` term and, for Meta-SGD, into the learning rates.
+
+    Gradient checkpointing (``checkpoint_steps=True``, second order only): a second-order step
+    keeps the activations of its support forward *and* of its inner backward until the outer
+    backward, so a task's graph grows by that much per step. Checkpointed, each step runs once
+    without a graph and keeps only its inputs — the parameter-sized tensors θ_k (plus the
+    Meta-SGD learning rates and the shared support set, which are not copied); the outer backward
+    recomputes one step at a time, with its second-order graph, and differentiates it at once
+    (:class:`_RecomputedStep`). Memory per task then grows by one parameter set per step instead
+    of one step's activations; the cost is one extra support forward and inner gradient per step.
+    The meta-gradients are the same (random ops such as dropout replay the forward's random
+    numbers). It works with ``loss.backward()`` and with :func:`torch.autograd.grad` (the
+    one-task-at-a-time training step), but not inside :func:`torch.func` transforms
+    (``vmap``, ``grad``): there it raises ``ValueError``. With ``first_order`` there is nothing
+    to save (the inner gradients are constants; the graph holds only parameter-sized tensors),
+    so it is ignored.
 
     Args:
         model: the network; only its structure is used, its own parameters are ignored in favour
@@ -53,6 +71,8 @@ def inner_loop(
         first_order: detach the inner gradients (FOMAML); saves the second-order graph.
         adapt: names of the parameters that change (ANIL: the ``head.*`` names); ``None`` adapts
             every entry of ``params``.
+        checkpoint_steps: recompute each inner step in the outer backward instead of storing its
+            activations (see above): less memory, one extra forward and inner gradient per step.
 
     Returns:
         A new ``{name: tensor}`` with the same keys as ``params``: adapted tensors for the names in
@@ -91,6 +111,44 @@ def inner_loop(
 
     fast = {n: params[n] for n in names}
     frozen = {n: t for n, t in params.items() if n not in fast}
+    recompute = checkpoint_steps and not first_order
+    if recompute:
+        if torch._C._are_functorch_transforms_active():
+            raise ValueError(
+                "inner_loop(checkpoint_steps=True) cannot run inside torch.func.vmap or another "
+                "torch.func transform: its recomputed steps are a custom autograd.Function "
+                "without a vmap rule. Adapt tasks in a Python loop (MetaLearnerModule("
+                "vmap_tasks=False); task_chunk_size then sets how many task graphs are alive), "
+                "or keep vmap with checkpoint_steps=False and bound memory with task_chunk_size."
+            )
+        # The module's own parameters that params leaves out must be explicit inputs of each
+        # recomputed step, or their share of the meta-gradient would be lost.
+        frozen = {
+            **{n: p for n, p in model.named_parameters() if n not in params},
+            **frozen,
+        }
+    for _ in range(inner_steps):
+        if recompute:
+            fast = _recomputed_step(model, fast, frozen, support_x, support_y, inner_lr)
+        else:
+            fast = inner_step(model, fast, frozen, support_x, support_y, inner_lr, first_order)
+    return {n: fast.get(n, t) for n, t in params.items()}
+
+
+def inner_step(
+    model: nn.Module,
+    fast: Params,
+    frozen: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    inner_lr: float | Mapping[str, Tensor],
+    first_order: bool = False,
+) -> Params:
+    """One step θ_{k+1} = θ_k − α ∇θ L_task(f_θ_k(support_x), support_y) of :func:`inner_loop`.
+
+    ``fast`` holds the adapted parameters θ_k, ``frozen`` the rest of the model's parameters;
+    returns θ_{k+1} with the keys of ``fast``.
+    """
 
     def support_loss(fast_params: Params) -> Tensor:
         # The inner loop runs in float32 even under autocast: fp16 inner gradients underflow and
@@ -100,16 +158,95 @@ def inner_loop(
             logits = functional_call(model, {**frozen, **fast_params}, (support_x,))
         return F.cross_entropy(logits, support_y)
 
-    support_grad = grad(support_loss)
-    for _ in range(inner_steps):
-        grads = support_grad(fast)
-        if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        if isinstance(inner_lr, Mapping):
-            fast = {n: p - inner_lr[n] * grads[n] for n, p in fast.items()}
-        else:
-            fast = {n: p - inner_lr * grads[n] for n, p in fast.items()}
-    return {n: fast.get(n, t) for n, t in params.items()}
+    grads = grad(support_loss)(fast)
+    if first_order:
+        grads = {n: g.detach() for n, g in grads.items()}
+    if isinstance(inner_lr, Mapping):
+        return {n: p - inner_lr[n] * grads[n] for n, p in fast.items()}
+    return {n: p - inner_lr * grads[n] for n, p in fast.items()}
+
+
+def _recomputed_step(
+    model: nn.Module,
+    fast: Params,
+    frozen: Params,
+    support_x: Tensor,
+    support_y: Tensor,
+    inner_lr: float | Mapping[str, Tensor],
+) -> Params:
+    """:func:`inner_step` (second order) through :class:`_RecomputedStep`: stores inputs only."""
+    fast_names, frozen_names = list(fast), list(frozen)
+    lr_names = fast_names if isinstance(inner_lr, Mapping) else []
+    inputs = (
+        *fast.values(),
+        *frozen.values(),
+        *(inner_lr[n] for n in lr_names),  # type: ignore[index]
+        support_x,
+    )
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
+        return inner_step(model, fast, frozen, support_x, support_y, inner_lr)
+    a, b, c = len(fast_names), len(frozen_names), len(lr_names)
+
+    def run(*tensors: Tensor) -> tuple[Tensor, ...]:
+        lrs = dict(zip(lr_names, tensors[a + b : a + b + c], strict=True)) if c else inner_lr
+        out = inner_step(
+            model,
+            dict(zip(fast_names, tensors[:a], strict=True)),
+            dict(zip(frozen_names, tensors[a : a + b], strict=True)),
+            tensors[-1],
+            support_y,
+            lrs,  # type: ignore[arg-type]
+        )
+        return tuple(out[n] for n in fast_names)
+
+    return dict(zip(fast_names, _RecomputedStep.apply(run, *inputs), strict=True))
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One inner step that stores its inputs, not its activations, and recomputes in backward.
+
+    ``forward(ctx, run, *inputs)`` evaluates ``run(*inputs)`` (a tuple of tensors) without a
+    graph and saves only ``inputs`` and the random-number state. ``backward`` replays ``run`` on
+    detached copies of the inputs with grad enabled — building that step's second-order graph,
+    as :func:`torch.func.grad` does whenever its inputs require grad — and returns
+    ``torch.autograd.grad(outputs, inputs, grad_outputs)``. Gradients go back through the
+    autograd engine's return values rather than into ``.grad``, so unlike reentrant
+    ``torch.utils.checkpoint`` this works under :func:`torch.autograd.grad`, and unlike the
+    non-reentrant one it installs no saved-tensor hooks, which :func:`torch.func.grad` rejects.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Any:
+        ctx.run = run
+        ctx.device = inputs[-1].device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return run(*inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        cuda = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if cuda:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            outputs = ctx.run(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [inputs[i] for i in wanted],
+            [g for _, g in pairs],
+            allow_unused=True,
+        )
+        result: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(wanted, grads, strict=True):
+            result[i] = g
+        return (None, *result)
 
 
 def check_logits(logits: Tensor, ways: int, model: nn.Module) -> Tensor:
@@ -123,4 +260,4 @@ def check_logits(logits: Tensor, ways: int, model: nn.Module) -> Tensor:
     return logits
 
 
-__all__ = ["Params", "inner_loop"]
+__all__ = ["Params", "inner_loop", "inner_step"]

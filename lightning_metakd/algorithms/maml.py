@@ -30,6 +30,12 @@ class MAML(MetaAlgorithm):
         inner_steps: inner steps in training.
         inner_steps_test: inner steps in validation and test; ``None`` means ``inner_steps``.
         first_order: first-order approximation (FOMAML).
+        checkpoint_steps: gradient checkpointing of the inner loop (second order, training
+            only): each inner step keeps only its parameter-sized inputs and is recomputed in the
+            outer backward, so a task's graph no longer grows by one step's activations per step;
+            costs one extra support forward and inner gradient per step, gives the same
+            meta-gradients (see :func:`inner_loop`). Needs the loop over tasks: it cannot run
+            under ``torch.func.vmap`` (``MetaLearnerModule(vmap_tasks=True)`` raises).
 
     Example:
         >>> import torch
@@ -51,12 +57,24 @@ class MAML(MetaAlgorithm):
         inner_steps: int = 1,
         inner_steps_test: int | None = None,
         first_order: bool = False,
+        checkpoint_steps: bool = False,
     ) -> None:
         super().__init__(inner_steps=inner_steps, inner_steps_test=inner_steps_test)
         if inner_lr <= 0:
             raise ValueError(f"inner_lr must be positive, got {inner_lr}.")
         self.inner_lr = inner_lr
         self.first_order = first_order
+        self.checkpoint_steps = checkpoint_steps
+
+    def check_vmap(self) -> None:
+        if self.checkpoint_steps:
+            raise ValueError(
+                f"{type(self).__name__}(checkpoint_steps=True) cannot adapt tasks under "
+                "torch.func.vmap: its recomputed inner steps are a custom autograd.Function "
+                "without a vmap rule. Either set vmap_tasks=False on the MetaLearnerModule (the "
+                "loop over tasks; task_chunk_size then sets how many task graphs are alive), or "
+                "keep vmap with checkpoint_steps=False and bound memory with task_chunk_size."
+            )
 
     def adapted_names(self, params: Params) -> Collection[str] | None:
         """Names of the parameters that the inner loop changes (``None``: all of them)."""
@@ -85,6 +103,7 @@ class MAML(MetaAlgorithm):
             inner_steps=self.steps(training),
             first_order=self.first_order or not training,
             adapt=self.adapted_names(params),
+            checkpoint_steps=self.checkpoint_steps,
         )
 
     def logits(
@@ -96,7 +115,8 @@ class MAML(MetaAlgorithm):
     def extra_repr(self) -> str:
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, "
-            f"inner_steps_test={self.inner_steps_test}, first_order={self.first_order}"
+            f"inner_steps_test={self.inner_steps_test}, first_order={self.first_order}, "
+            f"checkpoint_steps={self.checkpoint_steps}"
         )
 
 

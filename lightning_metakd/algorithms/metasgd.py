@@ -30,6 +30,8 @@ class MetaSGD(MAML):
             [0.005, 0.1]; a constant start makes step 0 equal to MAML with that ``inner_lr``).
         inner_steps, inner_steps_test, first_order: as for :class:`MAML` (the paper uses one
             step; with ``first_order`` the learning rates still receive gradients).
+        checkpoint_steps: as for :class:`MAML`; each recomputed step also stores its learning
+            rates (parameter-sized) and returns their meta-gradient.
 
     Example:
         >>> from lightning_metakd.models import Conv4
@@ -46,8 +48,9 @@ class MetaSGD(MAML):
         inner_steps: int = 1,
         inner_steps_test: int | None = None,
         first_order: bool = False,
+        checkpoint_steps: bool = False,
     ) -> None:
-        super().__init__(inner_lr, inner_steps, inner_steps_test, first_order)
+        super().__init__(inner_lr, inner_steps, inner_steps_test, first_order, checkpoint_steps)
         self.inner_lrs = nn.ParameterDict()
         self._names: dict[str, str] = {}
 
