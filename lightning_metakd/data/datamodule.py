@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_metakd.data.dataset import ClassDataset, Transform
 from lightning_metakd.data.episode import Episode
+from lightning_metakd.data.loader import EpisodeLoader, random_states
 from lightning_metakd.data.sampler import EpisodeSampler
 
 Split = Literal["train", "val", "test"]
@@ -28,6 +32,13 @@ class EpisodicDataModule(L.LightningDataModule):
     Every batch is an :class:`Episode` of ``meta_batch_size`` tasks (divided over DDP processes).
     Training draws ``steps_per_epoch`` fresh meta-batches per epoch; validation and test use fixed,
     seeded lists of ``val_episodes`` and ``test_episodes`` tasks, the same at every evaluation.
+
+    Resuming: a run resumed from any checkpoint, mid-epoch included, trains on the episodes the
+    uninterrupted run would have, in the same order, with the same random states: the training
+    :class:`~lightning_metakd.data.loader.EpisodeLoader` is saved and restored by Lightning, and
+    :meth:`state_dict` holds the process's random states, put back before the first batch trained
+    after the resume. Loaders draw their worker seeds from their own generator, never from the
+    global one, so evaluating never shifts the random numbers that training uses.
 
     Args:
         ways, shots, queries: training task shape (N-way K-shot with Q queries per class).
@@ -100,6 +111,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.splits: dict[str, ClassDataset] = {}
+        self._resumed_random_states: Mapping[str, Any] | None = None
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
 
     @abstractmethod
@@ -117,6 +129,9 @@ class EpisodicDataModule(L.LightningDataModule):
         return self.splits["train"].channels
 
     def setup(self, stage: str | None = None) -> None:
+        # Lightning calls setup before it restores a checkpoint: random states of an older restore
+        # (e.g. a `test` with ckpt_path) must not leak into this run.
+        self._resumed_random_states = None
         if self.splits:
             return
         splits = self.build_splits()
@@ -187,21 +202,38 @@ class EpisodicDataModule(L.LightningDataModule):
         )
 
     def dataloader(self, split: Split) -> DataLoader:
-        """A DataLoader of :class:`Episode` s for ``split`` (what the ``*_dataloader`` hooks return)."""
+        """A DataLoader of :class:`Episode` s for ``split`` (what the ``*_dataloader`` hooks return).
+
+        An :class:`~lightning_metakd.data.loader.EpisodeLoader`: Lightning resumes it mid-epoch.
+        """
         sampler = self.sampler(split)
         world, _ = self._world()
         if self.meta_batch_size % world:
             raise ValueError(
                 f"meta_batch_size={self.meta_batch_size} is not divisible by the {world} processes."
             )
-        return DataLoader(
+        seed = int(np.random.SeedSequence([self.seed, _STREAMS[split]]).generate_state(1)[0])
+        loader = EpisodeLoader(
             self.task_dataset(split),
             sampler=sampler,
             batch_size=self.meta_batch_size // world,
             collate_fn=Episode.from_tasks,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
         )
+        if split == "train" and self._resumed_random_states is not None:
+            loader.resume_random_states(self._resumed_random_states)
+            self._resumed_random_states = None
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the process's random states when it was written."""
+        return {"random_states": random_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's random states for the next training loader (see the class docs)."""
+        self._resumed_random_states = state_dict.get("random_states")
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")

@@ -27,6 +27,11 @@ class EpisodeSampler(DistributedSampler):
     ``b`` when the per-rank batch size is ``meta_batch_size / W``. For training ``num_tasks`` must be
     divisible by ``W``; evaluation shards may differ in length by one.
 
+    Resuming mid-epoch: :meth:`skip_next` makes the next iteration start after the tasks a killed
+    run had already trained on, without drawing their images; ``len`` stays the whole epoch
+    (:class:`~lightning_metakd.data.loader.EpisodeLoader` calls it when Lightning restores a
+    mid-epoch checkpoint).
+
     It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning recognises it
     as already sharded and does not wrap it again.
 
@@ -84,6 +89,7 @@ class EpisodeSampler(DistributedSampler):
         self.epoch = 0
         self.pools = self._pools()
         self._fixed_tasks: list[TaskSpec] | None = None
+        self._skip = 0
 
     def _pools(self) -> list[np.ndarray]:
         """Class pools a task may be drawn from, checked so that every task can be drawn."""
@@ -139,7 +145,18 @@ class EpisodeSampler(DistributedSampler):
         return [self.draw(rng) for _ in range(self.num_tasks)]
 
     def __iter__(self) -> Iterator[TaskSpec]:
-        return iter(self.global_tasks()[self.rank :: self.num_replicas])
+        skip, self._skip = self._skip, 0
+        return iter(self.global_tasks()[self.rank :: self.num_replicas][skip:])
+
+    def skip_next(self, tasks: int) -> None:
+        """Start the next iteration at task ``tasks`` of this process's list (then every one again).
+
+        The list is still drawn from ``(seed, epoch)`` as a whole, so the tasks that follow are the
+        ones an uninterrupted iteration would yield after its first ``tasks``.
+        """
+        if tasks < 0:
+            raise ValueError(f"tasks to skip must be non-negative, got {tasks}.")
+        self._skip = tasks
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_tasks, self.num_replicas))
