@@ -19,7 +19,7 @@ from lightning_metakd.data import (
     TaskSpec,
 )
 from lightning_metakd.models import Conv4, ResNet12, VisionTransformer
-from lightning_metakd.modules import DistillationModule, MetaLearnerModule
+from lightning_metakd.modules import DistillationModule, MetaLearnerModule, NonFiniteLossError
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "MetaLearnerModule",
     "MetaSGD",
     "MiniImageNetDataModule",
+    "NonFiniteLossError",
     "OmniglotDataModule",
     "ProtoNet",
     "ResNet12",

@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny episodic data built in memory, no files, no network."""
+"""Shared fixtures (tiny episodic data built in memory, no files, no network), and a session check
+that the suite leaves no new files behind in the repository, the working directory or the cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import leftovers
 import pytest
 import torch
 
 from lightning_metakd.data import ClassDataset, Episode, EpisodicDataModule
+from lightning_metakd.data.kanji import default_cache_dir
 
 
 def make_class_dataset(
@@ -77,3 +82,13 @@ def tiny_datamodule() -> TinyDataModule:
 @pytest.fixture
 def tiny_episode(tiny_datamodule: TinyDataModule) -> Episode:
     return next(iter(tiny_datamodule.train_dataloader()))
+
+
+# -- the suite leaves nothing behind (tests/leftovers.py) -----------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[leftovers.EXTRA_PLACES] = [
+        default_cache_dir(),
+        Path.home() / ".cache" / "lightning_metakd",
+    ]
+    if not config.pluginmanager.is_registered(leftovers):
+        config.pluginmanager.register(leftovers, "leftovers")  # `-p no:leftovers` blocks it

@@ -1,6 +1,13 @@
 """LightningModules: wiring of data, models, algorithms and losses; logging."""
 
 from lightning_metakd.modules.distillation import DistillationLoss, DistillationModule
+from lightning_metakd.modules.finite import NonFiniteLossError
 from lightning_metakd.modules.meta_learner import MetaLearnerModule, MetaLoss
 
-__all__ = ["DistillationLoss", "DistillationModule", "MetaLearnerModule", "MetaLoss"]
+__all__ = [
+    "DistillationLoss",
+    "DistillationModule",
+    "MetaLearnerModule",
+    "MetaLoss",
+    "NonFiniteLossError",
+]

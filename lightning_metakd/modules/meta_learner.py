@@ -18,6 +18,7 @@ from lightning_metakd.data import Episode
 from lightning_metakd.evaluation import EpisodicAccuracy
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.modules.distributed import destroy_process_group_at_exit
+from lightning_metakd.modules.finite import check_finite_loss
 from lightning_metakd.modules.spec import build_component, component_spec
 
 
@@ -161,6 +162,8 @@ class MetaLearnerModule(L.LightningModule):
             Classifier(self.backbone, ways) if algorithm.needs_head else self.backbone
         )
         self.algorithm.build(self.model)
+        if vmap_tasks:
+            algorithm.check_vmap()  # e.g. MAML(checkpoint_steps=True) needs the loop
         self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.metrics = evaluation_metrics()
@@ -229,6 +232,10 @@ class MetaLearnerModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
+        trainer = self._trainer
+        if self.vmap_tasks is None and trainer and trainer.strategy.root_device.type != "cpu":
+            self.algorithm.check_vmap()  # vmap is the default off CPU
+        self.check_data(self._trainer, stage)
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         accuracies: list[Tensor] = []
@@ -244,6 +251,7 @@ class MetaLearnerModule(L.LightningModule):
         self.log(
             "train/acc", torch.cat(accuracies).mean(), prog_bar=True, batch_size=n, sync_dist=True
         )
+        check_finite_loss(self, batch_idx, loss)
         return loss
 
     def evaluate(self, batch: Episode) -> MetaLoss:
@@ -288,6 +296,57 @@ class MetaLearnerModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # -- checks and checkpoints -------------------------------------------------------------------
+    def check_data(
+        self,
+        trainer: L.Trainer | None,
+        stage: str,
+        who: str = "learner",
+        training_only: bool = False,
+    ) -> None:
+        """Fail at ``setup``, before any step, when ``trainer``'s data module cannot fit this learner.
+
+        Compares a MAML-family head with the data's ``ways`` (training) and ``test_ways``
+        (validation, test, predict), and the backbone's ``image_size`` and ``in_channels`` with the
+        data's — the checks every episode gets later, made once with the data's setting names.
+        ``who`` names the learner in messages; ``training_only`` checks ``fit`` alone, and not
+        ``test_ways`` (a distillation teacher sees training episodes only). Data modules without
+        these attributes (and calls without a trainer) pass.
+        """
+        data = getattr(trainer, "datamodule", None)
+        if data is None or (training_only and stage != "fit"):
+            return
+        settings = ["ways"] if stage == "fit" else []
+        if not training_only and (stage != "fit" or trainer.limit_val_batches != 0):
+            settings.append("test_ways")
+        for setting in settings:
+            ways = getattr(data, setting, None)
+            if self.algorithm.needs_head and isinstance(ways, int) and ways != self.ways:
+                raise ValueError(
+                    f"The {who}'s {type(self.algorithm).__name__} head is {self.ways}-way but the "
+                    f"data module has {setting}={ways}; set the data's {setting} to {self.ways}, or "
+                    f"use a {who} built with ways={ways}."
+                )
+        size = getattr(self.backbone, "image_size", None)
+        data_size = getattr(data, "image_size", None)
+        if isinstance(size, int) and isinstance(data_size, int) and size != data_size:
+            raise ValueError(
+                f"The {who}'s backbone was built for {size}x{size} images but the data module has "
+                f"image_size={data_size}; set the data's image_size to {size}, or use a {who} "
+                f"built with image_size={data_size}."
+            )
+        channels = getattr(self.backbone, "in_channels", None)
+        data_channels = data.channels if getattr(data, "splits", None) else None
+        if (
+            isinstance(channels, int)
+            and isinstance(data_channels, int)
+            and channels != data_channels
+        ):
+            raise ValueError(
+                f"The {who}'s backbone expects {channels}-channel images but the data has "
+                f"{data_channels}; set the backbone's in_channels to {data_channels}, or use a "
+                f"{who} built for {data_channels}-channel images."
+            )
+
     def _check_episode(self, batch: Episode) -> None:
         if self.algorithm.needs_head and batch.ways != self.ways:
             raise ValueError(
