@@ -3,16 +3,20 @@
 :func:`compare` answers the question distillation is for — how much accuracy does a smaller
 student keep for how much less compute — with every learner measured on the same fixed test
 episodes; :func:`ablation` formats a table of distillation runs (each loss term alone, all
-together) from their results.
+together) from their results. :func:`distillation_learners` names the rows of a distillation run:
+the teacher and the distilled student or, with several teachers, each teacher, their ensemble
+(:class:`~lightning_metakd.modules.distillation.TeacherEnsemble`) and the student.
 
 Example::
 
     rows = compare({"teacher": teacher, "student": distiller.student_learner()}, datamodule, "out")
+    rows = compare(distillation_learners(distiller, baseline), datamodule, "out")
     print(open("out/report.md").read())
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -25,19 +29,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_metakd.data import EpisodicDataModule
 from lightning_metakd.evaluation import mean_ci95
+from lightning_metakd.modules.distillation import DistillationModule, TeacherEnsemble
 from lightning_metakd.modules.meta_learner import MetaLearnerModule
+
+#: What :func:`compare` measures: a meta-learner, or several that vote.
+Learner = MetaLearnerModule | TeacherEnsemble
 
 COLUMNS = ("name", "accuracy", "ci95", "parameters", "flops", "latency_ms")
 
 
-def _episode_cost(learner: MetaLearnerModule, support_x, support_y, query_x) -> None:
+def _episode_cost(learner: Learner, support_x, support_y, query_x) -> None:
     """One adapted episode: adaptation on the support set, then prediction of the queries."""
     state = learner.adapt(support_x, support_y)
     learner.predict(state, query_x)
 
 
 def measure(
-    learner: MetaLearnerModule,
+    learner: Learner,
     datamodule: EpisodicDataModule,
     warmup: int = 2,
     repeats: int = 10,
@@ -48,9 +56,11 @@ def measure(
       ``datamodule`` (the same numbers as ``Trainer.test``), through
       :func:`~lightning_metakd.evaluation.mean_ci95`.
     - ``parameters``: elements of the adapted network's parameters (``learner.model``; the
-      algorithm's own meta-parameters, e.g. Meta-SGD's learning rates, are not counted).
+      algorithm's own meta-parameters, e.g. Meta-SGD's learning rates, are not counted); for a
+      :class:`~lightning_metakd.modules.distillation.TeacherEnsemble`, of every member's network.
     - ``flops``: :class:`torch.utils.flop_counter.FlopCounterMode` total over one adapted episode
-      (the first test task: adaptation, inner-loop gradients included, and query prediction).
+      (the first test task: adaptation, inner-loop gradients included, and query prediction; an
+      ensemble's members all adapt and predict).
     - ``latency_ms``: median wall-clock time of that episode over ``repeats`` runs after
       ``warmup`` runs, on the CPU (the learner is moved there).
     """
@@ -76,14 +86,18 @@ def measure(
     return {
         "accuracy": mean,
         "ci95": ci95,
-        "parameters": sum(p.numel() for p in learner.model.parameters()),
+        "parameters": sum(p.numel() for m in _models(learner) for p in m.parameters()),
         "flops": counter.get_total_flops(),
         "latency_ms": 1000 * statistics.median(times),
     }
 
 
+def _models(learner: Learner) -> list[torch.nn.Module]:
+    return learner.models if isinstance(learner, TeacherEnsemble) else [learner.model]
+
+
 def compare(
-    learners: Mapping[str, MetaLearnerModule],
+    learners: Mapping[str, Learner],
     datamodule: EpisodicDataModule,
     out_dir: str | Path,
     warmup: int = 2,
@@ -94,7 +108,9 @@ def compare(
 
     Args:
         learners: ``{name: learner}``, e.g. the teacher, the distilled student
-            (``DistillationModule.student_learner()``) and an undistilled student of the same size.
+            (``DistillationModule.student_learner()``) and an undistilled student of the same size
+            (:func:`distillation_learners`); a
+            :class:`~lightning_metakd.modules.distillation.TeacherEnsemble` counts as one learner.
         datamodule: the episodes; every learner sees the same fixed test episodes.
         out_dir: folder for the three files (created).
         warmup, repeats: latency runs (see :func:`measure`).
@@ -107,11 +123,13 @@ def compare(
     """
     if not learners:
         raise ValueError("compare needs at least one learner: {name: MetaLearnerModule}.")
-    wrong = [n for n, m in learners.items() if not isinstance(m, MetaLearnerModule)]
+    wrong = [
+        n for n, m in learners.items() if not isinstance(m, MetaLearnerModule | TeacherEnsemble)
+    ]
     if wrong:
         raise TypeError(
-            f"compare takes MetaLearnerModules; {wrong} are not (for a DistillationModule pass "
-            "its student_learner())."
+            f"compare takes MetaLearnerModules (or TeacherEnsembles); {wrong} are not (for a "
+            "DistillationModule pass its student_learner(), or distillation_learners(it))."
         )
     if plot:
         pyplot = _pyplot()
@@ -125,6 +143,39 @@ def compare(
     if plot:
         _plot(pyplot, rows, out / "report.png")
     return rows
+
+
+def distillation_learners(
+    distiller: DistillationModule, baseline: MetaLearnerModule | None = None
+) -> dict[str, Learner]:
+    """The rows of a distillation report, for :func:`compare`, in order.
+
+    One teacher: ``teacher``, ``distilled student`` (and ``baseline student``), the names of the
+    pipeline's report. Several teachers: ``teacher <k> (<algorithm> <backbone>)`` for each, then
+    ``ensemble of teachers`` — the teachers adapting on the same support set with their query
+    probabilities averaged by ``teacher_weights``
+    (:class:`~lightning_metakd.modules.distillation.TeacherEnsemble`) — then the students. The
+    teachers are copies, so measuring (which moves learners to the CPU) leaves ``distiller`` as
+    it is.
+
+    Args:
+        distiller: a :class:`~lightning_metakd.modules.DistillationModule` (its teachers loaded or
+            loadable).
+        baseline: the same student trained without distillation, if any.
+    """
+    teachers = [copy.deepcopy(t) for t in distiller.teacher_ensemble().learners]
+    if len(teachers) == 1:
+        learners: dict[str, Learner] = {"teacher": teachers[0]}
+    else:
+        learners = {
+            f"teacher {k} ({type(t.algorithm).__name__} {type(t.backbone).__name__})": t
+            for k, t in enumerate(teachers)
+        }
+        learners["ensemble of teachers"] = TeacherEnsemble(teachers, distiller.teacher_weights)
+    learners["distilled student"] = distiller.student_learner()
+    if baseline is not None:
+        learners["baseline student"] = baseline
+    return learners
 
 
 def markdown_table(rows: list[Mapping[str, Any]]) -> str:
@@ -215,4 +266,12 @@ def _plot(pyplot, rows: list[Mapping[str, Any]], path: Path) -> None:
     pyplot.close(figure)
 
 
-__all__ = ["COLUMNS", "ablation", "compare", "markdown_table", "measure"]
+__all__ = [
+    "COLUMNS",
+    "Learner",
+    "ablation",
+    "compare",
+    "distillation_learners",
+    "markdown_table",
+    "measure",
+]

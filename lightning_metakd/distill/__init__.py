@@ -11,7 +11,8 @@ The two objectives at the heart of meta-knowledge distillation:
   the distance between the student's (target) attention maps and the meta-trained teacher's
   (:func:`attention_map_loss`, :class:`AttentionDistillation`).
 
-Classical terms to combine with them: soft labels (:func:`soft_label_loss`, Hinton et al. 2015),
+Classical terms to combine with them: soft labels (:func:`soft_label_loss`, Hinton et al. 2015;
+of several teachers via :func:`ensemble_probabilities`),
 FitNets feature hints with a learned projector (:func:`feature_loss`,
 :class:`FeatureDistillation`) and activation-based attention transfer
 (:func:`attention_transfer_loss`, Zagoruyko & Komodakis 2017). Intermediate outputs come from
@@ -41,6 +42,8 @@ from lightning_metakd.distill.losses import (
     attention_map_loss,
     attention_transfer_loss,
     default_layer_map,
+    ensemble_probabilities,
+    ensemble_weights,
     feature_loss,
     maml_anchored_distillation_loss,
     parameter_anchor_loss,
@@ -60,6 +63,8 @@ __all__ = [
     "attention_transfer_loss",
     "default_layer_map",
     "default_tap",
+    "ensemble_probabilities",
+    "ensemble_weights",
     "feature_loss",
     "maml_anchored_distillation_loss",
     "module_paths",

@@ -8,7 +8,8 @@ under ``torch.no_grad()``) when the teacher is fixed; gradients then reach only 
 The modules hold hyper-parameters (the weight λ, the temperature, a learned projector, the anchor
 θ*) and validate them once, in the constructor, so that a bad configuration fails at start-up.
 
-- :func:`soft_label_loss` / :class:`SoftLabelDistillation`: Hinton et al. (2015).
+- :func:`soft_label_loss` / :class:`SoftLabelDistillation`: Hinton et al. (2015); several
+  teachers through :func:`ensemble_probabilities` (and :func:`ensemble_weights`).
 - :func:`feature_loss` / :class:`FeatureDistillation`: FitNets hints (Romero et al. 2015).
 - :func:`attention_transfer_loss` / :class:`AttentionTransfer`: Zagoruyko & Komodakis (2017).
 - :func:`attention_map_loss` / :class:`AttentionDistillation`: attention distillation,
@@ -111,6 +112,84 @@ def soft_label_loss(
     else:
         kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_student).sum(-1)
     return temperature**2 * kl.mean()
+
+
+def ensemble_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    """The weights of ``count`` teachers, checked and normalised to sum to 1 (``None``: uniform).
+
+    Example:
+        >>> ensemble_weights([3, 1], 2), ensemble_weights(None, 4)
+        ([0.75, 0.25], [0.25, 0.25, 0.25, 0.25])
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"an ensemble needs at least one teacher, got count={count!r}.")
+    if weights is None:
+        return [1.0 / count] * count
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"teacher_weights must be a list of numbers, one per teacher, got {weights!r}."
+        )
+    values = list(weights)
+    if len(values) != count:
+        raise ValueError(
+            f"teacher_weights has {len(values)} entries for {count} teachers; give one weight per "
+            "teacher, in the order of the teachers (or leave teacher_weights out for equal weights)."
+        )
+    bad = [
+        w
+        for w in values
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w < 0
+    ]
+    if bad:
+        raise ValueError(
+            f"teacher_weights must be non-negative finite numbers, got {values!r}; a weight of 0 "
+            "leaves a teacher out."
+        )
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError(
+            f"teacher_weights are all 0 ({values!r}); give at least one teacher a positive weight."
+        )
+    return [w / total for w in values]
+
+
+def ensemble_probabilities(
+    teacher_logits: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``Σ_k w_k · softmax(z_k / T)``: the tempered class probabilities of a teacher ensemble.
+
+    Averaging probabilities (not logits) is the ensemble of Hinton et al. (2015), §1, and keeps
+    each teacher's scale: a MAML head and a ProtoNet's negative distances need not agree on the
+    size of their logits. Pass the result as ``teacher_probs`` of :func:`soft_label_loss` with the
+    same ``T``. ``weights`` are checked and normalised by :func:`ensemble_weights` (``None``:
+    the plain mean). Uses only tensor operations, so it runs per task under ``vmap``.
+
+    Shapes: every ``teacher_logits[k]`` ``[..., C]`` (the same shape). Returns ``[..., C]``, rows
+    summing to 1.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -1e9]])
+        >>> ensemble_probabilities([a, b]).tolist()
+        [[0.75, 0.25]]
+    """
+    _check_temperature(temperature)
+    if isinstance(teacher_logits, Tensor) or not teacher_logits:
+        raise TypeError("teacher_logits must be a non-empty list of tensors, one per teacher.")
+    shapes = {tuple(z.shape) for z in teacher_logits}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"the teachers' logits differ in shape: {sorted(shapes)}; every teacher must predict "
+            "the same queries and classes (the same ways)."
+        )
+    w = ensemble_weights(weights, len(teacher_logits))
+    probs = [F.softmax(z / temperature, dim=-1) for z in teacher_logits]
+    total = w[0] * probs[0]
+    for weight, p in zip(w[1:], probs[1:], strict=True):
+        total = total + weight * p
+    return total
 
 
 class SoftLabelDistillation(nn.Module):
@@ -694,6 +773,8 @@ __all__ = [
     "attention_map_loss",
     "attention_transfer_loss",
     "default_layer_map",
+    "ensemble_probabilities",
+    "ensemble_weights",
     "feature_loss",
     "maml_anchored_distillation_loss",
     "parameter_anchor_loss",

@@ -1,4 +1,4 @@
-"""DistillationModule: distil a meta-trained teacher into a small student that still adapts."""
+"""DistillationModule: distil meta-trained teachers into a small student that still adapts."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from lightning_metakd.distill import (
     attention_transfer_loss,
     default_layer_map,
     default_tap,
+    ensemble_probabilities,
+    ensemble_weights,
     slice_state,
     soft_label_loss,
     tapped_call,
@@ -31,8 +33,10 @@ from lightning_metakd.distill import (
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.models.vit import Attention
 from lightning_metakd.modules.distributed import destroy_process_group_at_exit
+from lightning_metakd.modules.finite import check_finite_loss
 from lightning_metakd.modules.meta_learner import (
     MetaLearnerModule,
+    MetaLoss,
     chunked_loss,
     evaluation_metrics,
     log_evaluation,
@@ -124,8 +128,82 @@ def _probe_input(backbone: nn.Module, who: str) -> Tensor:
             "which the feature and attention terms need to size their projectors; store them as "
             "attributes of the backbone."
         )
-    device = next(backbone.parameters()).device
-    return torch.zeros(2, channels, size, size, device=device)
+    weight = next(backbone.parameters())
+    return torch.zeros(2, channels, size, size, device=weight.device, dtype=weight.dtype)
+
+
+def _scored(logits: Tensor) -> Tensor:
+    """Half-precision logits are scored in float32; float32 and float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _mix(values: list[Tensor], weights: list[float]) -> Tensor:
+    """``Σ_k w_k · values[k]``; one teacher's value as is, so one teacher computes what it always did."""
+    if len(values) == 1:
+        return values[0]
+    total = weights[0] * values[0]
+    for weight, value in zip(weights[1:], values[1:], strict=True):
+        total = total + weight * value
+    return total
+
+
+class TeacherEnsemble(nn.Module):
+    """Several meta-learners as one: each adapts on the same support set, their probabilities average.
+
+    The prediction for a query is ``Σ_k w_k · softmax(z_k)`` (the ensemble of Hinton et al. 2015,
+    :func:`~lightning_metakd.distill.ensemble_probabilities` at ``T = 1``), so teachers of different
+    algorithms and backbones (a MAML Conv4 and a ProtoNet ResNet12) combine whatever the scale of
+    their logits. It is what :class:`DistillationModule` distils with several teachers (at its
+    temperature), and a row of the comparison report (:func:`lightning_metakd.report.compare`
+    accepts it like a :class:`MetaLearnerModule`). It is not trained.
+
+    Args:
+        learners: the meta-learners, in order.
+        weights: one non-negative weight per learner, normalised to sum to 1 (``None``: equal).
+
+    Example::
+
+        ensemble = TeacherEnsemble([maml_teacher, protonet_teacher])
+        accuracy = ensemble.evaluate(episode).accuracy        # [T], like MetaLearnerModule.evaluate
+        states = ensemble.adapt(support_x, support_y)         # one state per learner
+        predicted = ensemble.predict(states, query_x).argmax(-1)
+    """
+
+    def __init__(
+        self, learners: Sequence[MetaLearnerModule], weights: Sequence[float] | None = None
+    ) -> None:
+        super().__init__()
+        if not learners or not all(isinstance(m, MetaLearnerModule) for m in learners):
+            raise TypeError("TeacherEnsemble takes a non-empty list of MetaLearnerModules.")
+        self.learners = nn.ModuleList(learners)
+        self.weights = ensemble_weights(weights, len(learners))
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The adapted network of every learner (``learner.model``)."""
+        return [learner.model for learner in self.learners]
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> list[Any]:
+        """Every learner adapts to the support set ``[N*K, C, H, W]``, ``[N*K]``; their states."""
+        return [learner.adapt(support_x, support_y) for learner in self.learners]
+
+    def predict(self, states: Sequence[Any], query_x: Tensor) -> Tensor:
+        """Log-probabilities ``[M, N]`` of the ensemble for query images ``[M, C, H, W]``."""
+        logits = [m.predict(s, query_x) for m, s in zip(self.learners, states, strict=True)]
+        return _log(ensemble_probabilities(logits, self.weights))
+
+    def evaluate(self, batch: Episode) -> MetaLoss:
+        """Every learner's :meth:`MetaLearnerModule.evaluate`, combined: the ensemble's mean query
+        negative log-likelihood, per-task accuracy ``[T]`` and log-probabilities ``[T, N*Q, N]``."""
+        logits = [learner.evaluate(batch).logits for learner in self.learners]
+        log_probs = _log(ensemble_probabilities([_scored(z) for z in logits], self.weights))
+        loss = F.nll_loss(log_probs.flatten(0, 1), batch.query_y.flatten())
+        accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean(1)
+        return MetaLoss(loss, accuracy, log_probs)
+
+
+def _log(probs: Tensor) -> Tensor:
+    return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
 
 
 class DistillationModule(L.LightningModule):
@@ -161,10 +239,24 @@ class DistillationModule(L.LightningModule):
     :meth:`load_from_checkpoint` even when the teacher's checkpoint is gone. The hyper-parameters
     record the teacher's path, never the object.
 
+    **Several teachers** (``teacher=[...]``, e.g. a MAML Conv4 and a ProtoNet ResNet12) all adapt
+    on each task's support set. The soft-label target is their weighted mean of tempered
+    probabilities, ``Σ_k w_k softmax(z_k/T)`` (:func:`~lightning_metakd.distill.
+    ensemble_probabilities`; ``teacher_weights``, equal by default); the feature, attention
+    transfer and attention terms are each the ``w_k``-weighted sum of one term per teacher, and the
+    feature term has one projector per teacher. θ* — the student's start with
+    ``init_from_teacher`` and the anchor of ``anchor_weight`` — comes from the one teacher
+    ``anchor_teacher`` picks (an average of θ* over different backbones has no meaning). Teacher
+    ``k`` is the submodule ``teacher`` for ``k = 0`` and ``teacher_<k>`` otherwise, its projector
+    ``feature_distillation``/``feature_distillation_<k>``: a one-teacher module keeps the state
+    names it always had. :attr:`teachers` lists them; :meth:`teacher_ensemble` evaluates them as
+    one learner. With one teacher (a module, a path, or a list of one) nothing changes.
+
     Args:
-        teacher: a :class:`MetaLearnerModule` or the path of its checkpoint. A path is read
-            lazily — in :meth:`setup`, when a ``Trainer`` starts, or at first use — so a config can
-            name a teacher that is not trained yet; a missing or wrong file fails there, clearly.
+        teacher: a :class:`MetaLearnerModule` or the path of its checkpoint, or a list of them
+            (several teachers). A path is read lazily — in :meth:`setup`, when a ``Trainer``
+            starts, or at first use — so a config can name a teacher that is not trained yet; a
+            missing or wrong file fails there, clearly.
         student_backbone: the student's feature extractor (``Conv4(hidden=16)``, a smaller ViT, ...).
         student_algorithm: the student's :class:`~lightning_metakd.algorithms.MetaAlgorithm`.
         ways: classes per training task (sizes a MAML-family head; must equal the teacher's for a
@@ -173,15 +265,19 @@ class DistillationModule(L.LightningModule):
         attention_weight, anchor_weight: the weights (≥ 0; 0 switches a term off).
         temperature: soft-label temperature ``T > 0``.
         feature_taps: ``[student path, teacher path]`` of the hinted layers (module paths of the
-            adapted models, see :func:`~lightning_metakd.distill.module_paths`); default
-            :func:`~lightning_metakd.distill.default_tap` of each.
+            adapted models, see :func:`~lightning_metakd.distill.module_paths`), the teacher path
+            used for every teacher; or ``[student path, teacher 0 path, teacher 1 path, ...]``;
+            default :func:`~lightning_metakd.distill.default_tap` of each.
         attention_kind: ``"frobenius"`` or ``"kl"`` for the attention-map term.
-        layer_map: teacher attention layer for each student layer (default
-            :func:`~lightning_metakd.distill.default_layer_map`).
+        layer_map: teacher attention layer for each student layer, for every teacher (default
+            :func:`~lightning_metakd.distill.default_layer_map` of each teacher's depth).
         init_from_teacher: start the student from the teacher's θ* — copied when the
             architectures are equal, else sliced to the student's widths by
             :func:`~lightning_metakd.distill.slice_state` (largest-L1 filters) — and anchor to it.
             Without it the anchor is the teacher's θ* as is, which needs the same architecture.
+        teacher_weights: with several teachers, one weight ≥ 0 per teacher (normalised to sum to
+            1; 0 leaves a teacher out); ``None``: equal weights.
+        anchor_teacher: the index of the teacher whose θ* ``init_from_teacher`` and the anchor use.
         vmap_tasks, task_chunk_size: as for :class:`MetaLearnerModule` (the same per-task
             function runs in a loop or under ``torch.func.vmap``; chunks bound memory).
         optimizer, lr_scheduler: the outer optimiser (on the student and the projectors only) and
@@ -197,7 +293,7 @@ class DistillationModule(L.LightningModule):
 
     def __init__(
         self,
-        teacher: str | MetaLearnerModule,
+        teacher: str | MetaLearnerModule | list[str | MetaLearnerModule],
         student_backbone: nn.Module,
         student_algorithm: MetaAlgorithm,
         ways: int = 5,
@@ -212,6 +308,8 @@ class DistillationModule(L.LightningModule):
         layer_map: list[int] | None = None,
         anchor_weight: float = 0.0,
         init_from_teacher: bool = False,
+        teacher_weights: list[float] | None = None,
+        anchor_teacher: int = 0,
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -232,19 +330,37 @@ class DistillationModule(L.LightningModule):
         self.temperature = _check_number("temperature", temperature, positive=True)
         if attention_kind not in ("frobenius", "kl"):
             raise ValueError(f"attention_kind must be 'frobenius' or 'kl', got {attention_kind!r}.")
-        if feature_taps is not None and len(feature_taps) != 2:
-            raise ValueError(
-                f"feature_taps must be [student path, teacher path], got {feature_taps!r}."
-            )
-        if not isinstance(teacher, str | Path | MetaLearnerModule):
+        several = isinstance(teacher, list | tuple)
+        sources = list(teacher) if several else [teacher]
+        if not sources or not all(isinstance(t, str | Path | MetaLearnerModule) for t in sources):
+            got = [type(t).__name__ for t in sources] if several else type(teacher).__name__
             raise TypeError(
-                f"teacher must be a MetaLearnerModule or the path of its checkpoint, got "
-                f"{type(teacher).__name__}."
+                f"teacher must be a MetaLearnerModule or the path of its checkpoint, or a non-empty "
+                f"list of them (several teachers), got {got}."
+            )
+        count = len(sources)
+        if feature_taps is not None and len(feature_taps) not in (2, 1 + count):
+            more = "" if count == 1 else ", or [student path, teacher 0 path, teacher 1 path, ...]"
+            raise ValueError(
+                f"feature_taps must be [student path, teacher path]{more}, got {feature_taps!r}."
+            )
+        self.teacher_weights = ensemble_weights(teacher_weights, count)
+        if (
+            not isinstance(anchor_teacher, int)
+            or isinstance(anchor_teacher, bool)
+            or not 0 <= anchor_teacher < count
+        ):
+            raise ValueError(
+                f"anchor_teacher must be the index of a teacher, 0 to {count - 1}, got "
+                f"{anchor_teacher!r}; it picks the teacher whose θ* init_from_teacher and the "
+                "anchor use."
             )
         self.save_hyperparameters(
             ignore=["teacher", "student_backbone", "student_algorithm", "optimizer", "lr_scheduler"]
         )
-        self.hparams["teacher"] = None if isinstance(teacher, MetaLearnerModule) else str(teacher)
+        paths = [None if isinstance(t, MetaLearnerModule) else str(t) for t in sources]
+        self.hparams["teacher"] = paths if several else paths[0]
+        self.num_teachers, self.anchor_teacher = count, anchor_teacher
         self.ways = ways
         self.feature_taps, self.attention_kind = feature_taps, attention_kind
         self.layer_map = None if layer_map is None else list(layer_map)
@@ -255,55 +371,107 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.metrics = evaluation_metrics()
         self.teacher: MetaLearnerModule | None = None
-        self._paths: dict[str, tuple[list[str], list[str]]] = {}
-        if isinstance(teacher, MetaLearnerModule):
-            self._attach_teacher(teacher)
+        self._sources: list[str | Path | MetaLearnerModule] = sources
+        # term -> (student paths, [paths of teacher k for k in teachers])
+        self._paths: dict[str, tuple[list[str], list[list[str]]]] = {}
+        self._layer_maps: list[list[int]] = []
+        if all(isinstance(t, MetaLearnerModule) for t in sources):
+            self._attach_teachers(sources)
 
-    # -- the teacher ------------------------------------------------------------------------------
-    def _attach_teacher(self, teacher: MetaLearnerModule) -> None:
-        """Freeze ``teacher`` and build everything that depends on it (θ*, projector, taps)."""
-        if teacher.algorithm.needs_head and teacher.ways != self.ways:
-            raise ValueError(
-                f"the teacher's {type(teacher.algorithm).__name__} head is {teacher.ways}-way but "
-                f"this module trains {self.ways}-way tasks (ways={self.ways}); set ways="
-                f"{teacher.ways} and the data's ways to match, or use a teacher trained for "
-                f"{self.ways}-way tasks."
-            )
-        teacher.freeze()
-        self.teacher = teacher.to(self.device)
-        student, weights = self.student.model, self.weights
-        if self.init_from_teacher:
-            theta_star = self._theta_star(teacher.model, student)
-            student.load_state_dict(theta_star)
-        else:
-            theta_star = {k: v.detach() for k, v in teacher.model.state_dict().items()}
-        if weights["anchor"]:
-            params = dict(student.named_parameters())
-            self.anchor = ParameterAnchor({n: t for n, t in theta_star.items() if n in params})
-            with torch.no_grad():
-                self.anchor(params)  # shape or name mismatches fail now, with the anchor's message
-        if weights["feature"]:
-            s_path, t_path = self.feature_taps or [default_tap(student), default_tap(teacher.model)]
-            s_out, t_out = self._probe(s_path, t_path)
-            kind = "map" if s_out.dim() == 4 and t_out.dim() == 4 else "vector"
-            dims = (s_out.shape[1], t_out.shape[1]) if kind == "map" else (s_out.shape[-1], t_out.shape[-1])  # fmt: skip
-            self.feature_distillation = FeatureDistillation(*dims, kind=kind)
-            self._paths["feature"] = ([s_path], [t_path])
-        if weights["attention_transfer"]:
-            paths = (_block_paths(student, "student"), _block_paths(teacher.model, "teacher"))
-            if len(paths[0]) != len(paths[1]):
+    # -- the teachers -----------------------------------------------------------------------------
+    @property
+    def teachers(self) -> list[MetaLearnerModule]:
+        """Every teacher, in the order given (empty while a teacher path is not loaded yet)."""
+        if self.teacher is None:
+            return []
+        return [self.teacher, *(getattr(self, f"teacher_{k}") for k in range(1, self.num_teachers))]
+
+    def _who(self, k: int) -> str:
+        """Teacher ``k`` in messages: "teacher" when it is the only one."""
+        return "teacher" if self.num_teachers == 1 else f"teacher {k}"
+
+    def feature_projector(self, k: int = 0) -> FeatureDistillation:
+        """The feature term's projector of teacher ``k`` (``feature_weight > 0``)."""
+        return getattr(self, "feature_distillation" if k == 0 else f"feature_distillation_{k}")
+
+    def _attach_teachers(self, teachers: list[MetaLearnerModule]) -> None:
+        """Freeze the teachers and build everything that depends on them (θ*, projectors, taps)."""
+        for k, teacher in enumerate(teachers):
+            if teacher.algorithm.needs_head and teacher.ways != self.ways:
                 raise ValueError(
-                    f"attention transfer pairs conv blocks one to one, but the student has "
-                    f"{len(paths[0])} and the teacher {len(paths[1])}; use backbones of equal depth."
+                    f"the {self._who(k)}'s {type(teacher.algorithm).__name__} head is "
+                    f"{teacher.ways}-way but this module trains {self.ways}-way tasks (ways="
+                    f"{self.ways}); set ways={teacher.ways} and the data's ways to match, or use a "
+                    f"teacher trained for {self.ways}-way tasks."
                 )
-            self._paths["attention_transfer"] = paths
+        for k, teacher in enumerate(teachers):
+            teacher.freeze()
+            setattr(self, "teacher" if k == 0 else f"teacher_{k}", teacher.to(self.device))
+        self._sources = []
+        self._attach_theta_star(teachers[self.anchor_teacher])
+        student, weights = self.student.model, self.weights
+        if weights["feature"]:
+            s_path = self.feature_taps[0] if self.feature_taps else default_tap(student)
+            t_paths = []
+            for k, teacher in enumerate(teachers):
+                t_path = default_tap(teacher.model)
+                if self.feature_taps:
+                    t_path = self.feature_taps[1 if len(self.feature_taps) == 2 else 1 + k]
+                s_out, t_out = self._probe(teacher, s_path, t_path, self._who(k))
+                kind = "map" if s_out.dim() == 4 and t_out.dim() == 4 else "vector"
+                dims = (s_out.shape[1], t_out.shape[1]) if kind == "map" else (s_out.shape[-1], t_out.shape[-1])  # fmt: skip
+                name = "feature_distillation" if k == 0 else f"feature_distillation_{k}"
+                setattr(self, name, FeatureDistillation(*dims, kind=kind))
+                t_paths.append([t_path])
+            self._paths["feature"] = ([s_path], t_paths)
+        if weights["attention_transfer"]:
+            s_paths, t_paths = _block_paths(student, "student"), []
+            for k, teacher in enumerate(teachers):
+                t_paths.append(_block_paths(teacher.model, self._who(k)))
+                if len(s_paths) != len(t_paths[k]):
+                    raise ValueError(
+                        f"attention transfer pairs conv blocks one to one, but the student has "
+                        f"{len(s_paths)} and the {self._who(k)} {len(t_paths[k])}; use backbones "
+                        "of equal depth."
+                    )
+            self._paths["attention_transfer"] = (s_paths, t_paths)
         if weights["attention"]:
-            paths = (_attention_paths(student, "student"), _attention_paths(teacher.model, "teacher"))  # fmt: skip
-            s_maps, t_maps = self._probe(*paths)
-            attention_map_loss(s_maps, t_maps, self.layer_map, self.attention_kind)  # validates
-            self._paths["attention"] = paths
-        if self.layer_map is None and "attention" in self._paths:
-            self.layer_map = default_layer_map(*map(len, self._paths["attention"]))
+            s_paths, t_paths = _attention_paths(student, "student"), []
+            for k, teacher in enumerate(teachers):
+                t_paths.append(_attention_paths(teacher.model, self._who(k)))
+                s_maps, t_maps = self._probe(teacher, s_paths, t_paths[k], self._who(k))
+                attention_map_loss(s_maps, t_maps, self.layer_map, self.attention_kind)  # validates
+                given = self.layer_map
+                self._layer_maps.append(
+                    default_layer_map(len(s_paths), len(t_paths[k])) if given is None else given
+                )
+            self._paths["attention"] = (s_paths, t_paths)
+            self.layer_map = self._layer_maps[0]
+
+    def _attach_theta_star(self, teacher: MetaLearnerModule) -> None:
+        """θ* of ``teacher`` (``anchor_teacher``): the student's start and the anchor, if on."""
+        student = self.student.model
+        try:
+            if self.init_from_teacher:
+                theta_star = self._theta_star(teacher.model, student)
+                student.load_state_dict(theta_star)
+            else:
+                theta_star = {k: v.detach() for k, v in teacher.model.state_dict().items()}
+            if self.weights["anchor"]:
+                params = dict(student.named_parameters())
+                self.anchor = ParameterAnchor({n: t for n, t in theta_star.items() if n in params})
+                with torch.no_grad():  # shape or name mismatches fail now, with its message
+                    self.anchor(params)
+        except ValueError as err:
+            if self.num_teachers == 1:
+                raise
+            k = self.anchor_teacher
+            raise ValueError(
+                f"θ* comes from teacher {k} (anchor_teacher={k}), a {type(teacher.algorithm).__name__} "
+                f"{type(teacher.backbone).__name__}, which does not fit the student: {err} Set "
+                "anchor_teacher to a teacher of the student's family, or turn init_from_teacher "
+                "and anchor_weight off."
+            ) from None
 
     @staticmethod
     def _theta_star(teacher: nn.Module, student: nn.Module) -> dict[str, Tensor]:
@@ -315,45 +483,68 @@ class DistillationModule(L.LightningModule):
             return {k: v.detach().clone() for k, v in t_state.items()}
         return slice_state(teacher, student)
 
-    def _probe(self, s_paths: str | list[str], t_paths: str | list[str]) -> tuple[Any, Any]:
+    def _probe(
+        self,
+        teacher: MetaLearnerModule,
+        s_paths: str | list[str],
+        t_paths: str | list[str],
+        who: str = "teacher",
+    ) -> tuple[Any, Any]:
         """What the taps give on two blank images (validates paths, sizes the projector)."""
         outputs = []
-        for model, backbone, paths, who in (
+        for model, backbone, paths, name in (
             (self.student.model, self.student.backbone, s_paths, "student"),
-            (self.teacher.model, self.teacher.backbone, t_paths, "teacher"),
+            (teacher.model, teacher.backbone, t_paths, who),
         ):
             with torch.no_grad():
-                _, taps = tapped_call(model, None, _probe_input(backbone, who), paths)
+                _, taps = tapped_call(model, None, _probe_input(backbone, name), paths)
             values = [_tapped_tensor(v) for v in taps.values()]
             outputs.append(values[0] if isinstance(paths, str) else values)
         return outputs[0], outputs[1]
 
     def _require_teacher(self) -> MetaLearnerModule:
+        """The (first) teacher, once every teacher given as a path is loaded and attached."""
         if self.teacher is None:
-            path = self.hparams["teacher"]
-            if not Path(path).exists():
-                raise FileNotFoundError(
-                    f"No teacher checkpoint at {path}; train the teacher first (e.g. `metakd fit "
-                    "--config configs/kanji/protonet.yaml`) or pass model.teacher=<checkpoint>."
-                )
-            self._attach_teacher(MetaLearnerModule.load_from_checkpoint(path))
+            teachers = []
+            for source in self._sources:
+                if not isinstance(source, MetaLearnerModule):
+                    if not Path(source).exists():
+                        raise FileNotFoundError(
+                            f"No teacher checkpoint at {source}; train the teacher first (e.g. "
+                            "`metakd fit --config configs/kanji/protonet.yaml`) or pass "
+                            "model.teacher=<checkpoint>."
+                        )
+                    source = MetaLearnerModule.load_from_checkpoint(source)
+                teachers.append(source)
+            self._attach_teachers(teachers)
         return self.teacher
+
+    def teacher_ensemble(self) -> TeacherEnsemble:
+        """The teachers as one learner (weights ``teacher_weights``), sharing their modules.
+
+        Its probabilities are the soft-label target at ``T = 1``; the report measures it.
+        """
+        self._require_teacher()
+        return TeacherEnsemble(self.teachers, self.teacher_weights)
 
     def setup(self, stage: str) -> None:
         destroy_process_group_at_exit()
         self._require_teacher()
+        for k, teacher in enumerate(self.teachers):
+            teacher.check_data(self._trainer, stage, self._who(k), training_only=True)
+        self.student.check_data(self._trainer, stage, "student")
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # frozen: dropout off, whatever the Trainer does to this module
+        for teacher in self.teachers:
+            teacher.eval()  # frozen: dropout off, whatever the Trainer does to this module
         return self
 
     # -- the method -------------------------------------------------------------------------------
     def _task_terms(
         self,
         student_params: Params,
-        teacher_params: Params,
+        teacher_params: list[Params],
         support_x: Tensor,
         support_y: Tensor,
         query_x: Tensor,
@@ -365,41 +556,54 @@ class DistillationModule(L.LightningModule):
 
         The single function that both the loop and the vmap path of :meth:`distillation_loss`
         call; taps are taken on the query forward pass after adaptation and leave only as terms.
+        Every teacher adapts on the same support set; ``teacher_params[k]`` are teacher ``k``'s.
         """
-        teacher, student, weights, paths = self.teacher, self.student, self.weights, self._paths
+        teachers, student, weights, paths = self.teachers, self.student, self.weights, self._paths
+        t_logits, t_taps = [], []
         with torch.no_grad():
-            t_state = teacher.algorithm.adapt(
-                teacher.model, teacher_params, support_x, support_y, ways, training=False
-            )
-            with _captured(teacher.model, [p for _, t in paths.values() for p in t]) as t_taps:
-                t_logits = teacher.algorithm.logits(
-                    teacher.model, teacher_params, t_state, query_x, ways
+            for k, (teacher, params) in enumerate(zip(teachers, teacher_params, strict=True)):
+                t_state = teacher.algorithm.adapt(
+                    teacher.model, params, support_x, support_y, ways, training=False
                 )
+                tapped = [p for _, t in paths.values() for p in t[k]]
+                with _captured(teacher.model, tapped) as taps:
+                    t_logits.append(
+                        teacher.algorithm.logits(teacher.model, params, t_state, query_x, ways)
+                    )
+                t_taps.append(taps)
         s_state = student.algorithm.adapt(
             student.model, student_params, support_x, support_y, ways, training
         )
         with _captured(student.model, [p for s, _ in paths.values() for p in s]) as s_taps:
             logits = student.algorithm.logits(student.model, student_params, s_state, query_x, ways)
 
-        def maps(term: str) -> tuple[list[Tensor], list[Tensor]]:
+        def teacher_term(term: str, k: int) -> Tensor:
+            """The unweighted feature / attention term of teacher ``k``."""
             s, t = paths[term]
-            return [_tapped_tensor(s_taps[p]) for p in s], [_tapped_tensor(t_taps[p]) for p in t]
+            s_maps = [_tapped_tensor(s_taps[p]) for p in s]
+            t_maps = [_tapped_tensor(t_taps[k][p]) for p in t[k]]
+            if term == "feature":
+                return self.feature_projector(k)(s_maps[0], t_maps[0])
+            if term == "attention_transfer":
+                return attention_transfer_loss(s_maps, t_maps)
+            return attention_map_loss(s_maps, t_maps, self._layer_maps[k], self.attention_kind)
 
         terms: dict[str, Tensor] = {}
         if weights["task"]:
-            terms["task"] = weights["task"] * F.cross_entropy(logits.float(), query_y)
+            terms["task"] = weights["task"] * F.cross_entropy(_scored(logits), query_y)
         if weights["soft"]:
-            soft = soft_label_loss(logits.float(), t_logits.float(), self.temperature)
+            if len(teachers) == 1:
+                soft = soft_label_loss(_scored(logits), _scored(t_logits[0]), self.temperature)
+            else:
+                probs = ensemble_probabilities(
+                    [_scored(z) for z in t_logits], self.teacher_weights, self.temperature
+                )
+                soft = soft_label_loss(_scored(logits), None, self.temperature, teacher_probs=probs)
             terms["soft"] = weights["soft"] * soft
-        if weights["feature"]:
-            (s,), (t,) = maps("feature")
-            terms["feature"] = weights["feature"] * self.feature_distillation(s, t)
-        if weights["attention_transfer"]:
-            at = attention_transfer_loss(*maps("attention_transfer"))
-            terms["attention_transfer"] = weights["attention_transfer"] * at
-        if weights["attention"]:
-            a = attention_map_loss(*maps("attention"), self.layer_map, self.attention_kind)
-            terms["attention"] = weights["attention"] * a
+        for term in ("feature", "attention_transfer", "attention"):
+            if weights[term]:
+                each = [teacher_term(term, k) for k in range(len(teachers))]
+                terms[term] = weights[term] * _mix(each, self.teacher_weights)
         return logits, terms
 
     def distillation_loss(self, batch: Episode, training: bool = True) -> DistillationLoss:
@@ -408,10 +612,13 @@ class DistillationModule(L.LightningModule):
         Per-task terms are averaged over the ``T`` tasks; the anchor (a function of θ alone) is
         added once. ``loss == sum(terms.values())``.
         """
-        teacher = self._require_teacher()
+        self._require_teacher()
         self._check_episode(batch)
         s_params = dict(self.student.model.named_parameters())
-        t_params = {k: v.detach() for k, v in teacher.model.named_parameters()}
+        t_params = [
+            {k: v.detach() for k, v in teacher.model.named_parameters()}
+            for teacher in self.teachers
+        ]
         vmap_tasks = self.student.vmap_tasks
         if vmap_tasks is None:
             vmap_tasks = batch.support_x.device.type != "cpu"
@@ -476,6 +683,7 @@ class DistillationModule(L.LightningModule):
         self.log(
             "train/acc", torch.cat(accuracies).mean(), prog_bar=True, batch_size=n, sync_dist=True
         )
+        check_finite_loss(self, batch_idx, loss, terms)
         return loss
 
     def _evaluation_step(self, batch: Episode, split: str) -> None:
@@ -507,18 +715,23 @@ class DistillationModule(L.LightningModule):
     # -- checks and checkpoints -------------------------------------------------------------------
     def _check_episode(self, batch: Episode) -> None:
         self.student._check_episode(batch)
-        try:
-            self.teacher._check_episode(batch)
-        except ValueError as err:
-            raise ValueError(f"The teacher does not fit the episode: {err}") from None
+        for k, teacher in enumerate(self.teachers):
+            try:
+                teacher._check_episode(batch)
+            except ValueError as err:
+                who = "The teacher" if self.num_teachers == 1 else f"Teacher {k}"
+                raise ValueError(f"{who} does not fit the episode: {err}") from None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        teacher = self._require_teacher()
+        self._require_teacher()
+        specs = [{**teacher.components, "ways": teacher.ways} for teacher in self.teachers]
         checkpoint["metakd_components"] = {
-            "teacher": {**teacher.components, "ways": teacher.ways},
+            "teacher": specs[0],
             "student_backbone": self.student.components["backbone"],
             "student_algorithm": self.student.components["algorithm"],
         }
+        if len(specs) > 1:
+            checkpoint["metakd_components"]["teachers"] = specs
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -526,17 +739,20 @@ class DistillationModule(L.LightningModule):
     ) -> DistillationModule:
         """Rebuild the module — teacher, student and projectors — from a checkpoint file alone.
 
-        The teacher's components and weights are in the checkpoint; its original file is not read.
+        The teachers' components and weights are in the checkpoint; their original files are not
+        read.
         """
         path = Path(checkpoint_path)
         components = read_components(
             path, cls.__name__, ("teacher", "student_backbone", "student_algorithm")
         )
-        spec = components["teacher"]
-        teacher = MetaLearnerModule(
-            build_component(spec["backbone"]), build_component(spec["algorithm"]), spec["ways"]
-        )
-        kwargs.setdefault("teacher", teacher)
+        teachers = [
+            MetaLearnerModule(
+                build_component(spec["backbone"]), build_component(spec["algorithm"]), spec["ways"]
+            )
+            for spec in components.get("teachers", [components["teacher"]])
+        ]
+        kwargs.setdefault("teacher", teachers if "teachers" in components else teachers[0])
         kwargs.setdefault("student_backbone", build_component(components["student_backbone"]))
         kwargs.setdefault("student_algorithm", build_component(components["student_algorithm"]))
         return super().load_from_checkpoint(
@@ -561,4 +777,4 @@ def _tapped_tensor(output: Any) -> Tensor:
     return output[1] if isinstance(output, tuple) else output
 
 
-__all__ = ["TERMS", "DistillationLoss", "DistillationModule"]
+__all__ = ["TERMS", "DistillationLoss", "DistillationModule", "TeacherEnsemble"]
