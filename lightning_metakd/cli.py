@@ -6,6 +6,10 @@
 ``metakd episodes`` draws episodes from the embedded KanjiVG data and prints their shapes and speed.
 ``metakd pipeline --config configs/kanji/pipeline.yaml`` chains teacher, baseline student,
 distillation and the comparison report (:mod:`lightning_metakd.pipeline`).
+``metakd finetune --config configs/kanji/finetune.yaml`` adapts a learner (or distilled student) to
+the classes of a folder and writes a fixed classifier (:mod:`lightning_metakd.deploy.finetune`).
+``metakd classify --model DIR IMAGE ...`` labels image files with an exported classifier
+(:mod:`lightning_metakd.deploy.predict`).
 """
 
 from __future__ import annotations
@@ -133,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_metakd.pipeline import pipeline_main
 
         return pipeline_main(args[1:])
+    if args and args[0] == "finetune":
+        from lightning_metakd.deploy.finetune import finetune_main
+
+        return finetune_main(args[1:])
+    if args and args[0] == "classify":
+        from lightning_metakd.deploy.predict import classify_main
+
+        return classify_main(args[1:])
     # From the console, LightningCLI reads sys.argv itself (passing it too only earns a warning).
     run_lightning_cli(argv)
     return 0

@@ -22,6 +22,13 @@ Stage config paths are relative to the pipeline YAML. The stages run in this ord
    (``student_learner()``) and the baseline student on the same fixed test episodes (the distill
    stage's data), written to ``<run>/report.{json,md,png}`` and printed as a Markdown table.
 
+Optional, only when the pipeline YAML has a ``finetune:`` section (then it runs after
+``distill``): ``finetune`` adapts the distilled student to the classes of a folder of class
+folders and writes ``<run>/finetune/{classifier.pt,finetune.json}``
+(:func:`lightning_metakd.deploy.run_finetune`; the section holds its arguments, ``data_root``
+required, e.g. ``finetune: {data_root: runs/my_kanji, holdout: 2, epochs: 20}``). It depends on
+``distill`` and reruns when the section or the files under ``data_root`` change.
+
 Each training stage goes through the ``metakd`` LightningCLI (:func:`~lightning_metakd.cli.
 run_lightning_cli` with ``run=False``, then ``trainer.fit`` and ``trainer.test`` on the same
 Trainer), so ``class_path`` names any module or data module, users' subclasses included. Its
@@ -47,7 +54,9 @@ import argparse
 import copy
 import hashlib
 import importlib
+import inspect
 import json
+import os
 import shutil
 import sys
 import time
@@ -62,7 +71,7 @@ import yaml
 
 from lightning_metakd.atomic import atomic_write
 
-#: The stages, in the order they run.
+#: The stages every pipeline runs, in order (configured :data:`OPTIONAL_STAGES` join them).
 STAGES: tuple[str, ...] = ("teacher", "student_baseline", "distill", "report")
 #: The stages whose results each stage uses: a stage reruns when one of these ran again.
 DEPENDS_ON: dict[str, tuple[str, ...]] = {
@@ -70,8 +79,11 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "student_baseline": (),
     "distill": ("teacher",),
     "report": ("teacher", "student_baseline", "distill"),
+    "finetune": ("distill",),
 }
 TRAINING_STAGES: tuple[str, ...] = ("teacher", "student_baseline", "distill")
+#: Stages that run only when the pipeline YAML has their section: ``{stage: the stage it follows}``.
+OPTIONAL_STAGES: dict[str, str] = {"finetune": "distill"}
 #: Row names of the report, in its order.
 REPORT_NAMES: dict[str, str] = {
     "teacher": "teacher",
@@ -79,7 +91,7 @@ REPORT_NAMES: dict[str, str] = {
     "student_baseline": "baseline student",
 }
 MARKER = "done.json"
-_TOP_KEYS = ("name", "run_dir", "threads", "overrides", *STAGES)
+_TOP_KEYS = ("name", "run_dir", "threads", "overrides", *STAGES, *OPTIONAL_STAGES)
 _STAGE_KEYS = ("config", "overrides")
 _REPORT_KEYS = ("warmup", "repeats", "data")
 
@@ -107,6 +119,7 @@ class PipelineSpec:
     report: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     source: Path | None = None
+    finetune: dict[str, Any] | None = None  #: the optional finetune stage's arguments
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -242,6 +255,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise PipelineConfigError(f"{path}: report.{key} must be an integer >= {least}.")
     report["data"] = expand_dotted(report.get("data") or {}, "report.data")
+    finetune = _finetune_section(path, data["finetune"]) if "finetune" in data else None
     folder = run_dir if run_dir is not None else data.get("run_dir")
     folder = Path(folder) if folder is not None else Path("runs") / "pipeline" / name
     return PipelineSpec(
@@ -252,7 +266,65 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
         report=report,
         threads=threads,
         source=path.resolve(),
+        finetune=finetune,
     )
+
+
+def _finetune_section(path: Path, section: Any) -> dict[str, Any]:
+    """The checked ``finetune:`` section: :func:`~lightning_metakd.deploy.run_finetune` arguments."""
+    from jsonargparse import ArgumentError
+
+    from lightning_metakd.deploy.finetune import finetune_parser, run_finetune
+
+    given_by_pipeline = ("checkpoint", "output", "echo")
+    allowed = [p for p in inspect.signature(run_finetune).parameters if p not in given_by_pipeline]
+    if not isinstance(section, Mapping):
+        raise PipelineConfigError(
+            f"{path}: finetune must be a mapping of arguments, e.g. `finetune: {{data_root: "
+            f"<folder of class folders>, holdout: 0.25}}`; got {section!r}."
+        )
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise PipelineConfigError(
+            f"{path}: unknown key(s) {unknown} in 'finetune'; it has {allowed} (the checkpoint is "
+            "the distill stage's, the output <run>/finetune/)."
+        )
+    if "data_root" not in section:
+        raise PipelineConfigError(
+            f"{path}: the finetune stage needs a data_root: the folder of class folders to adapt to."
+        )
+    root = Path(str(section["data_root"])).expanduser().resolve()
+    if not root.is_dir():
+        raise PipelineConfigError(
+            f"{path}: finetune.data_root {str(root)!r} does not exist or is not a folder "
+            "(relative paths are relative to the working directory)."
+        )
+    checked = {**section, "data_root": str(root)}
+    try:
+        finetune_parser().parse_object({**checked, "checkpoint": "distill"})
+    except ArgumentError as err:
+        raise PipelineConfigError(f"{path}: finetune: {err}") from None
+    return checked
+
+
+def pipeline_stages(spec: PipelineSpec) -> tuple[str, ...]:
+    """The stages ``spec`` runs, in order: :data:`STAGES` plus the optional ones it configures."""
+    stages = list(STAGES)
+    for stage, after in OPTIONAL_STAGES.items():
+        if getattr(spec, stage) is not None:
+            stages.insert(stages.index(after) + 1, stage)
+    return tuple(stages)
+
+
+def _folder_fingerprint(root: str | Path) -> str:
+    """A digest of the files under ``root`` (names, sizes, modification times)."""
+    entries = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            file = os.path.join(folder, name)
+            stat = os.stat(file)
+            entries.append((os.path.relpath(file, root), stat.st_size, stat.st_mtime_ns))
+    return _digest(sorted(entries))
 
 
 def stage_config(spec: PipelineSpec, stage: str, teacher_checkpoint: str | None = None) -> dict:
@@ -354,6 +426,17 @@ def run_training_stage(stage: str, config: dict[str, Any], stage_dir: Path) -> d
         "global_step": trainer.global_step,
         "test": _test_results(results),
     }
+
+
+def run_finetune_stage(
+    config: Mapping[str, Any], stage_dir: Path, echo: Callable[[str], None]
+) -> dict[str, Any]:
+    """Adapt the distilled student to the user's classes; returns the finetune marker fields."""
+    from lightning_metakd.deploy.finetune import run_finetune
+
+    report = run_finetune(**config["finetune"], output=str(stage_dir), echo=echo)
+    keys = ("classifier", "report", "holdout_accuracy", "holdout_images", "train_images")
+    return {"classes": len(report["classes"]), **{k: report[k] for k in keys}}
 
 
 def _load_learner(marker: Mapping[str, Any], stage: str) -> Any:
@@ -466,10 +549,14 @@ def run_pipeline(
     start = time.perf_counter()
     markers: dict[str, dict[str, Any]] = {}
     rerun: set[str] = set()
-    for index, stage in enumerate(STAGES, start=1):
+    stages = pipeline_stages(spec)
+    for index, stage in enumerate(stages, start=1):
         stage_dir = spec.run_dir / stage
         if stage == "report":
             config: dict[str, Any] = {"report": spec.report}
+        elif stage == "finetune":
+            finetune = {**(spec.finetune or {}), "checkpoint": markers["distill"]["checkpoint"]}
+            config = {"finetune": finetune, "files": _folder_fingerprint(finetune["data_root"])}
         else:
             teacher = markers["teacher"]["checkpoint"] if stage == "distill" else None
             config = stage_config(spec, stage, teacher)
@@ -477,15 +564,17 @@ def run_pipeline(
         marker = read_marker(spec.run_dir, stage)
         reason = _rerun_reason(stage, marker, inputs, rerun, force)
         if reason is None:
-            say(f"[pipeline] stage {index}/{len(STAGES)}: {stage} skipped (finished; {MARKER})")
+            say(f"[pipeline] stage {index}/{len(stages)}: {stage} skipped (finished; {MARKER})")
             markers[stage] = marker  # type: ignore[assignment]
             continue
-        say(f"[pipeline] stage {index}/{len(STAGES)}: {stage} ({reason})")
+        say(f"[pipeline] stage {index}/{len(stages)}: {stage} ({reason})")
         if stage_dir.exists():
             shutil.rmtree(stage_dir)  # a half-written or outdated stage starts clean
         began = time.perf_counter()
         if stage == "report":
             result = run_report_stage(spec, markers)
+        elif stage == "finetune":
+            result = run_finetune_stage(config, stage_dir, say)
         else:
             result = run_training_stage(stage, config, stage_dir)
         marker = {
@@ -506,8 +595,13 @@ def run_pipeline(
             if "test/acc" in test
             else ""
         )
+        if marker.get("holdout_accuracy") is not None:
+            summary = (
+                f": held-out accuracy {100 * marker['holdout_accuracy']:.2f}% "
+                f"({marker['holdout_images']} images)"
+            )
         say(
-            f"[pipeline] stage {index}/{len(STAGES)}: {stage} done in {marker['seconds']:.0f} s{summary}"
+            f"[pipeline] stage {index}/{len(stages)}: {stage} done in {marker['seconds']:.0f} s{summary}"
         )
     report = spec.run_dir / "report.md"
     say(f"[pipeline] report: {report}")
@@ -543,6 +637,7 @@ def pipeline_main(argv: list[str]) -> int:
 
 __all__ = [
     "DEPENDS_ON",
+    "OPTIONAL_STAGES",
     "STAGES",
     "PipelineConfigError",
     "PipelineSpec",
@@ -551,6 +646,7 @@ __all__ = [
     "load_pipeline_config",
     "merge_config",
     "pipeline_main",
+    "pipeline_stages",
     "read_marker",
     "run_pipeline",
     "stage_config",

@@ -42,13 +42,13 @@ Example:
 
 from lightning_metakd.algorithms.anil import ANIL
 from lightning_metakd.algorithms.base import MetaAlgorithm
-from lightning_metakd.algorithms.inner_loop import Params, inner_loop
+from lightning_metakd.algorithms.inner_loop import Params, inner_loop, inner_step
 from lightning_metakd.algorithms.maml import MAML
-from lightning_metakd.algorithms.matchingnet import MatchingNet
+from lightning_metakd.algorithms.matchingnet import MatchingNet, matching_logits
 from lightning_metakd.algorithms.meta_gradient import memory_bounded_loss
 from lightning_metakd.algorithms.metasgd import MetaSGD
 from lightning_metakd.algorithms.normalization import composite_normalization, prepare_model
-from lightning_metakd.algorithms.protonet import ProtoNet, class_means
+from lightning_metakd.algorithms.protonet import ProtoNet, class_means, prototype_logits
 
 __all__ = [
     "ANIL",
@@ -61,6 +61,9 @@ __all__ = [
     "class_means",
     "composite_normalization",
     "inner_loop",
+    "inner_step",
+    "matching_logits",
     "memory_bounded_loss",
     "prepare_model",
+    "prototype_logits",
 ]

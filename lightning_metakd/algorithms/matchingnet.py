@@ -10,6 +10,19 @@ from lightning_metakd.algorithms.base import MetaAlgorithm
 from lightning_metakd.algorithms.inner_loop import Params
 
 
+def matching_logits(queries: Tensor, support: Tensor, onehot: Tensor, temperature: float) -> Tensor:
+    """Log attention mass of each class: ``[B, ways]``.
+
+    ``queries`` ``[B, D]`` and ``support`` ``[S, D]`` are L2-normalised embeddings, ``onehot``
+    ``[S, ways]`` the support labels. With ``s_i`` the cosine similarity to support ``i`` divided by
+    ``temperature``: ``logsumexp_{i: y_i = k} s_i − logsumexp_i s_i`` (Vinyals et al. 2016, eqs. 1-2).
+    Shared by :class:`MatchingNet` and the frozen classifier of ``lightning_metakd.deploy``.
+    """
+    scores = queries @ support.transpose(0, 1) / temperature  # [B, S]
+    masked = scores.unsqueeze(-1).masked_fill(~onehot.unsqueeze(0), float("-inf"))
+    return masked.logsumexp(1) - scores.logsumexp(1, keepdim=True)
+
+
 class MatchingNet(MetaAlgorithm):
     """Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu & Wierstra, NeurIPS 2016).
 
@@ -72,12 +85,10 @@ class MatchingNet(MetaAlgorithm):
         queries = nn.functional.normalize(
             functional_call(model, params, (query_x,)).flatten(1), dim=-1
         )
-        scores = queries @ support.transpose(0, 1) / self.temperature  # [N*Q, N*K]
-        masked = scores.unsqueeze(-1).masked_fill(~onehot.unsqueeze(0), float("-inf"))
-        return masked.logsumexp(1) - scores.logsumexp(1, keepdim=True)
+        return matching_logits(queries, support, onehot, self.temperature)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
 
-__all__ = ["MatchingNet"]
+__all__ = ["MatchingNet", "matching_logits"]

@@ -22,6 +22,19 @@ def class_means(embeddings: Tensor, labels: Tensor, ways: int) -> Tensor:
     return onehot.transpose(0, 1) @ embeddings / counts
 
 
+def prototype_logits(queries: Tensor, prototypes: Tensor, distance: str = "sqeuclidean") -> Tensor:
+    """Scores of query embeddings ``[B, D]`` against prototypes ``[ways, D]``: ``[B, ways]``.
+
+    ``−‖f(x) − c_k‖²`` (Snell et al. 2017, eq. 2) or, with ``distance="cosine"``, the cosine
+    similarity. Shared by :class:`ProtoNet` and the frozen classifier of ``lightning_metakd.deploy``.
+    """
+    if distance == "cosine":
+        return nn.functional.cosine_similarity(
+            queries.unsqueeze(1), prototypes.unsqueeze(0), dim=-1
+        )
+    return -(queries.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+
 class ProtoNet(MetaAlgorithm):
     """Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017).
 
@@ -75,12 +88,10 @@ class ProtoNet(MetaAlgorithm):
     ) -> Tensor:
         """Negative distances of the query embeddings to the prototypes: ``[N*Q, ways]``."""
         queries = functional_call(model, params, (query_x,)).flatten(1)
-        if self.distance == "cosine":
-            return nn.functional.cosine_similarity(queries.unsqueeze(1), state.unsqueeze(0), dim=-1)
-        return -(queries.unsqueeze(1) - state.unsqueeze(0)).pow(2).sum(-1)
+        return prototype_logits(queries, state, self.distance)
 
     def extra_repr(self) -> str:
         return f"distance={self.distance!r}"
 
 
-__all__ = ["ProtoNet", "class_means"]
+__all__ = ["ProtoNet", "class_means", "prototype_logits"]

@@ -1,0 +1,467 @@
+"""FixedClassifier: a meta-learner adapted once to a user's classes, frozen into a plain module.
+
+After meta-training (and distillation) a learner adapts to any N-way task from a few labelled
+images. To deploy it on one fixed set of classes, the adaptation is done once and folded into an
+ordinary ``nn.Module`` whose ``forward`` maps images to logits, with no support set at prediction
+time:
+
+- MAML, ANIL, Meta-SGD: the adapted parameters θ' are copied into the backbone and its linear head
+  (a :class:`~lightning_metakd.models.classifier.Classifier`).
+- ProtoNet: the prototypes become a layer, :class:`PrototypeClassifier`.
+- MatchingNet: the normalised support embeddings and their labels become a layer,
+  :class:`MatchingClassifier`.
+
+The file written by :meth:`FixedClassifier.save` holds only plain values and tensors (the network
+as a ``class_path``/``init_args`` spec, its state dict, the class names and the input format), so it
+loads with ``torch.load(weights_only=True)``: no pickled code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_metakd.algorithms import (
+    MatchingNet,
+    ProtoNet,
+    matching_logits,
+    prepare_model,
+    prototype_logits,
+)
+from lightning_metakd.modules.meta_learner import MetaLearnerModule
+from lightning_metakd.modules.spec import build_component, component_spec
+
+#: The ``format`` entry of a saved classifier file, and its layout version.
+FORMAT = "lightning_metakd.FixedClassifier"
+FORMAT_VERSION = 1
+#: Where BatchNorm layers take their statistics from (see :class:`FixedClassifier`).
+STATISTICS = ("batch", "fixed")
+
+
+class PrototypeClassifier(nn.Module):
+    """``backbone`` followed by a prototype layer: a ProtoNet adapted to one task, frozen.
+
+    Logits are ``−‖f(x) − c_k‖²`` (Snell et al. 2017, eq. 2) or, with ``distance="cosine"``, the
+    cosine similarity to each prototype, exactly as :meth:`ProtoNet.logits
+    <lightning_metakd.algorithms.ProtoNet.logits>` scores queries. The prototypes are a parameter,
+    so further fine-tuning can move them like a linear head.
+
+    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``prototypes`` is ``[ways, num_features]``.
+
+    Example:
+        >>> import torch
+        >>> net = PrototypeClassifier(torch.nn.Flatten(), ways=2, num_features=2)
+        >>> with torch.no_grad():
+        ...     net.prototypes.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+        >>> net(torch.tensor([[1.0, 1.0]])).tolist()
+        [[-2.0, -2.0]]
+    """
+
+    def __init__(
+        self, backbone: nn.Module, ways: int, num_features: int, distance: str = "sqeuclidean"
+    ) -> None:
+        super().__init__()
+        if distance not in ("sqeuclidean", "cosine"):
+            raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
+        self.backbone, self.ways, self.num_features, self.distance = (
+            backbone,
+            ways,
+            num_features,
+            distance,
+        )
+        self.prototypes = nn.Parameter(torch.zeros(ways, num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return prototype_logits(self.backbone(x).flatten(1), self.prototypes, self.distance)
+
+
+class MatchingClassifier(nn.Module):
+    """``backbone`` followed by attention over a stored support set: a MatchingNet, frozen.
+
+    Logits are the log attention mass of each class, ``logsumexp_{i: y_i = k} s_i −
+    logsumexp_i s_i`` with ``s_i`` the cosine similarity of the query to support embedding ``i``
+    divided by ``temperature`` (Vinyals et al. 2016, eqs. 1-2), as :meth:`MatchingNet.logits
+    <lightning_metakd.algorithms.MatchingNet.logits>` computes them.
+
+    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``support`` is
+    ``[support_size, num_features]`` (normalised in ``forward``), ``support_labels`` ``[support_size]``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int,
+        support_size: int,
+        num_features: int,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.ways, self.support_size = backbone, ways, support_size
+        self.num_features, self.temperature = num_features, temperature
+        self.support = nn.Parameter(torch.zeros(support_size, num_features))
+        self.register_buffer("support_labels", torch.zeros(support_size, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        queries = F.normalize(self.backbone(x).flatten(1), dim=-1)
+        support = F.normalize(self.support, dim=-1)
+        onehot = self.support_labels.unsqueeze(-1) == torch.arange(
+            self.ways, device=self.support_labels.device
+        )
+        return matching_logits(queries, support, onehot, self.temperature)
+
+
+def normalize_images(
+    images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Tensor:
+    """``(images − mean) / std`` per channel of ``[B, C, H, W]`` images; unchanged when ``mean`` is None."""
+    if mean is None or std is None:
+        return images
+    shape = (1, -1, 1, 1)
+    return (images - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def _batch_norms(network: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    return [
+        (name, m)
+        for name, m in network.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def _freeze_batch_norm(network: nn.Module, statistics: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Make every BatchNorm of ``network`` normalise with the given ``(mean, var)`` from now on."""
+    for name, bn in _batch_norms(network):
+        mean, var = statistics[name]
+        bn.register_buffer("running_mean", mean.detach().clone())
+        bn.register_buffer("running_var", var.detach().clone())
+        bn.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        bn.track_running_stats = True
+        bn.eval()
+
+
+def batch_norm_statistics(network: nn.Module, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Mean and biased variance of each BatchNorm's input when ``network`` sees ``images`` at once.
+
+    With these frozen in, ``network`` gives on ``images`` exactly what batch statistics give.
+    """
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):
+        def store(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            dims = [0, *range(2, x.dim())]
+            captured[name] = (x.mean(dims), x.var(dims, unbiased=False))
+
+        return store
+
+    handles = [bn.register_forward_pre_hook(hook(name)) for name, bn in _batch_norms(network)]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            network(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+class FixedClassifier(nn.Module):
+    """A classifier for a fixed list of classes: images ``[B, C, H, W]`` → logits ``[B, N]``.
+
+    Built from a meta-learner by :meth:`from_learner` (adapt once on labelled images, fold the
+    result in), fine-tuned further by :func:`~lightning_metakd.deploy.finetune`, written with
+    :meth:`save` and read back with :meth:`load`. Column ``k`` of the logits is ``class_names[k]``.
+
+    Input format: what the data modules feed the learner — float images in ``[0, 1]``, ``channels``
+    channels, ``image_size`` pixels square, inverted (``1 − x``) first when ``invert``, then
+    ``(x − mean) / std`` per channel when ``mean``/``std`` are set (mini-ImageNet's ``normalize``).
+    :meth:`read_images` turns image files into such a batch.
+
+    BatchNorm: the library's learners normalise each batch with its own statistics (transductive,
+    see :func:`~lightning_metakd.algorithms.prepare_model`), so a query's logits depend on the other
+    images of its batch. ``statistics="batch"`` keeps that behaviour: the logits equal the learner's
+    own query logits after adapting on the same images. :meth:`fix_statistics` freezes the
+    statistics of given images (the labelled ones, in :func:`~lightning_metakd.deploy.finetune`)
+    into every BatchNorm instead (``statistics="fixed"``): each image is then classified on its own,
+    whatever else is in the batch, which is what a deployed classifier needs.
+
+    Args:
+        network: a module mapping images to ``[B, len(class_names)]`` logits whose constructor
+            arguments are stored on it (a ``Classifier``, :class:`PrototypeClassifier` or
+            :class:`MatchingClassifier` around a library backbone), so :meth:`save` can describe it.
+        class_names: the name of each output column.
+        image_size: side length of the input images.
+        channels: channels of the input images (1 grey, 3 RGB).
+        invert: whether images are inverted (``1 − x``) when read, as ``FolderDataModule(invert=True)``.
+        mean, std: the per-channel normalisation applied after reading (``None``: none).
+
+    Example::
+
+        classifier = FixedClassifier.from_learner(learner, support_x, support_y, ["cat", "dog"])
+        classifier.fix_statistics(support_x)
+        classifier.save("classifier.pt")
+        logits = FixedClassifier.load("classifier.pt")(images)   # [B, 2]
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        class_names: Sequence[str],
+        image_size: int,
+        channels: int,
+        invert: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        names = [str(n) for n in class_names]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(
+                f"class_names must name at least 2 distinct classes, got {names[:5]}"
+                f"{' ...' if len(names) > 5 else ''}."
+            )
+        ways = getattr(network, "ways", None)
+        if ways is not None and ways != len(names):
+            raise ValueError(
+                f"the network has {ways} outputs but {len(names)} class names were given."
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (or neither).")
+        for key, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != channels:
+                raise ValueError(f"{key} needs {channels} values (one per channel), got {values}.")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std must be positive, got {list(std)}.")
+        self.mean = None if mean is None else [float(v) for v in mean]
+        self.std = None if std is None else [float(v) for v in std]
+        self.network = prepare_model(network)
+        self.class_names, self.image_size, self.channels = names, int(image_size), int(channels)
+        self.invert = bool(invert)
+        self.statistics = "batch"
+        self.eval()
+
+    # -- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_learner(
+        cls,
+        learner: MetaLearnerModule,
+        support_x: Tensor,
+        support_y: Tensor,
+        class_names: Sequence[str],
+        invert: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> FixedClassifier:
+        """Adapt ``learner`` on ``support_x [S, C, H, W]``, ``support_y [S]`` and fold the result in.
+
+        ``support_y`` labels lie in ``0..N-1`` with ``N = len(class_names)``, every class at least
+        once (any number of images per class); ``invert``, ``mean`` and ``std`` record how the
+        images were prepared (see the class docstring). The learner adapts as in evaluation
+        (``inner_steps_test`` steps, no dropout); it is not modified. In batch statistics, the
+        returned classifier's logits on any query batch equal ``learner.predict(state, query_x)``.
+        """
+        ways = len(class_names)
+        if support_x.dim() != 4 or support_y.dim() != 1 or len(support_x) != len(support_y):
+            raise ValueError(
+                "from_learner expects support_x [S, C, H, W] and support_y [S], got "
+                f"{tuple(support_x.shape)} and {tuple(support_y.shape)}."
+            )
+        counts = torch.bincount(support_y.long().cpu(), minlength=ways)
+        if len(counts) > ways or int(counts.min()) == 0:
+            missing = [class_names[k] for k in range(ways) if counts[k] == 0]
+            raise ValueError(
+                f"support_y must hold every label 0..{ways - 1} (one per class name); classes "
+                f"without an image: {missing[:5]}, labels seen: {sorted(set(support_y.tolist()))[:10]}."
+            )
+        algorithm = learner.algorithm
+        if algorithm.needs_head and learner.ways != ways:
+            raise ValueError(
+                f"This {type(algorithm).__name__} learner has a {learner.ways}-way head, so it makes "
+                f"classifiers for exactly {learner.ways} classes, but {ways} were given. Use "
+                f"{learner.ways} class folders, or a learner meta-trained with ways={ways} (or a "
+                "ProtoNet/MatchingNet learner, which handles any number of classes)."
+            )
+        if support_x.shape[-1] != support_x.shape[-2]:
+            raise ValueError(f"images must be square, got {tuple(support_x.shape[-2:])}.")
+        was_training = learner.training
+        learner.eval()
+        try:
+            state = learner.adapt(support_x, support_y)
+        finally:
+            learner.train(was_training)
+        model = copy.deepcopy(learner.model)
+        if isinstance(state, dict):  # MAML family: the adapted parameters θ'
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(state[name])
+            network: nn.Module = model
+        elif isinstance(algorithm, ProtoNet):
+            network = PrototypeClassifier(model, ways, state.shape[-1], algorithm.distance)
+            with torch.no_grad():
+                network.prototypes.copy_(state)
+        elif isinstance(algorithm, MatchingNet):
+            support, _ = state
+            network = MatchingClassifier(
+                model, ways, len(support), support.shape[-1], algorithm.temperature
+            )
+            with torch.no_grad():
+                network.support.copy_(support)
+                network.support_labels.copy_(support_y)
+        else:
+            raise TypeError(
+                f"FixedClassifier folds the adapted state of MAML, ANIL, Meta-SGD, ProtoNet and "
+                f"MatchingNet learners; {type(algorithm).__name__} is none of these. Subclass one "
+                "of them, or build the network yourself and pass it to FixedClassifier(...)."
+            )
+        network.to(support_x.device).requires_grad_(True)
+        return cls(network, class_names, support_x.shape[-1], support_x.shape[1], invert, mean, std)
+
+    def fix_statistics(self, images: Tensor) -> FixedClassifier:
+        """Freeze the BatchNorm statistics of ``images [M, C, H, W]`` into the network; returns self.
+
+        Afterwards every image is normalised with these statistics, alone or in any batch; on
+        ``images`` themselves the logits are unchanged. A network without BatchNorm is unaffected.
+        """
+        if self.statistics == "fixed":
+            raise RuntimeError("the BatchNorm statistics of this classifier are already fixed.")
+        self.check_images(images)
+        _freeze_batch_norm(self.network, batch_norm_statistics(self.network, images))
+        self.statistics = "fixed"
+        return self
+
+    # -- using ------------------------------------------------------------------------------------
+    def check_images(self, images: Tensor) -> None:
+        """Raise a clear error when ``images`` is not a ``[B, channels, image_size, image_size]`` batch."""
+        expected = (self.channels, self.image_size, self.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"this classifier takes images [B, {self.channels}, {self.image_size}, "
+                f"{self.image_size}], got {tuple(images.shape)}; read files with "
+                "FixedClassifier.read_images, which converts and resizes them."
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, len(class_names)]`` of images ``[B, channels, image_size, image_size]``."""
+        self.check_images(images)
+        return self.network(images)
+
+    def train(self, mode: bool = True) -> FixedClassifier:
+        super().train(mode)
+        if self.statistics == "fixed":
+            for _, bn in _batch_norms(self.network):
+                bn.eval()  # frozen statistics are never updated
+        return self
+
+    def read_images(self, paths: Sequence[str | Path]) -> Tensor:
+        """Image files as a batch ``[B, C, H, W]`` in this classifier's input format.
+
+        The same reading as the folder data modules: scaled to ``[0, 1]``, converted to
+        ``channels``, inverted if ``invert``, resized (antialiased) to ``image_size``, then
+        normalised by ``mean``/``std`` if set.
+        """
+        from lightning_metakd.data.dataset import ClassDataset
+
+        dataset = ClassDataset(
+            [str(p) for p in paths],
+            [0] * len(paths),
+            ["images"],
+            image_size=self.image_size,
+            channels=self.channels,
+            invert=self.invert,
+        )
+        images = torch.stack([dataset.load_image(i) for i in range(len(paths))])
+        return normalize_images(images, self.mean, self.std).to(next(self.parameters()).device)
+
+    # -- files ------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the classifier to ``path`` (loadable with ``torch.load(weights_only=True)``)."""
+        from lightning_metakd.atomic import atomic_write
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "network": component_spec(self.network),
+            "state_dict": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "class_names": list(self.class_names),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "invert": self.invert,
+            "mean": self.mean,
+            "std": self.std,
+            "statistics": self.statistics,
+        }
+        atomic_write(path, lambda handle: torch.save(payload, handle))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: Any = "cpu") -> FixedClassifier:
+        """Read a classifier written by :meth:`save` (no pickled code is executed)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No classifier at {path}; `metakd finetune` writes one (classifier.pt)."
+            )
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(f"{path} is not a readable PyTorch file: {err}") from err
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            hint = (
+                " It is a training checkpoint: make a classifier from it with "
+                "`metakd finetune --checkpoint <it> --data_root <class folders>`."
+                if isinstance(payload, dict) and "state_dict" in payload
+                else ""
+            )
+            raise ValueError(f"{path} is not a FixedClassifier file.{hint}")
+        if payload.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} was written by a newer lightning-metakd (format version "
+                f"{payload['format_version']} > {FORMAT_VERSION}); upgrade the package."
+            )
+        network = prepare_model(build_component(payload["network"]))
+        classifier = cls(
+            network,
+            payload["class_names"],
+            payload["image_size"],
+            payload["channels"],
+            payload["invert"],
+            payload.get("mean"),
+            payload.get("std"),
+        )
+        if payload["statistics"] == "fixed":
+            placeholders = {
+                name: (torch.zeros(bn.num_features), torch.ones(bn.num_features))
+                for name, bn in _batch_norms(network)
+            }
+            _freeze_batch_norm(network, placeholders)
+            classifier.statistics = "fixed"
+        network.load_state_dict(payload["state_dict"])
+        if isinstance(map_location, str | torch.device):
+            classifier.to(map_location)
+        return classifier
+
+    def extra_repr(self) -> str:
+        return (
+            f"classes={len(self.class_names)}, image_size={self.image_size}, "
+            f"channels={self.channels}, invert={self.invert}, mean={self.mean}, std={self.std}, "
+            f"statistics={self.statistics!r}"
+        )
+
+
+__all__ = [
+    "FORMAT",
+    "FixedClassifier",
+    "MatchingClassifier",
+    "PrototypeClassifier",
+    "batch_norm_statistics",
+    "normalize_images",
+]

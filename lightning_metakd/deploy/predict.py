@@ -1,0 +1,193 @@
+"""Classify image files with an exported classifier: ``metakd classify --model DIR IMAGE ...``.
+
+``DIR`` is what :func:`~lightning_metakd.deploy.export.export_classifier` wrote: ``model.pt2``
+and/or ``model.onnx`` plus ``classes.json``. Images are read exactly as the data pipeline reads
+them (:class:`~lightning_metakd.data.ClassDataset`: grey or RGB, ``[0, 1]``, optional inversion,
+antialiased resize to ``image_size``), then normalised with the stored ``mean``/``std``. Each image
+prints ``path<TAB>class<TAB>probability`` (softmax of the logits).
+
+Example:
+    >>> classifier = load_exported("deploy/student")  # doctest: +SKIP
+    >>> classifier(read_images(["a.png"], classifier.metadata)).argmax(1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_metakd.data.dataset import ClassDataset
+from lightning_metakd.deploy.export import CLASSES_FILE, FORMATS, MODEL_FILES, require_onnx
+
+
+class ExportedClassifier:
+    """An exported model loaded for inference: ``images [B, C, H, W] -> logits [B, N]``.
+
+    ``format`` is ``"torch_export"`` (``torch.export.load(...).module()``) or ``"onnx"`` (an ONNX
+    Runtime session on the CPU, or ``onnx.reference.ReferenceEvaluator`` when onnxruntime is
+    missing). ``metadata`` is the parsed ``classes.json``.
+    """
+
+    def __init__(self, model_dir: Path, format: str, metadata: dict[str, Any], threads: int = 0):
+        self.model_dir, self.format, self.metadata = model_dir, format, metadata
+        self.class_names: list[str] = metadata["class_names"]
+        path = model_dir / MODEL_FILES[format]
+        if format == "torch_export":
+            self._module = torch.export.load(path).module()
+            return
+        try:
+            import onnxruntime
+        except ImportError:
+            require_onnx("onnx")
+            from onnx.reference import ReferenceEvaluator
+
+            self._reference = ReferenceEvaluator(str(path))
+            self._session = None
+            return
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.format == "torch_export":
+            with torch.no_grad():
+                return self._module(images)
+        array = images.detach().float().contiguous().numpy()
+        if self._session is not None:
+            (logits,) = self._session.run(["logits"], {"images": array})
+        else:
+            (logits,) = self._reference.run(None, {"images": array})
+        return torch.from_numpy(np.asarray(logits))
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """Parse ``classes.json`` of ``model_dir``, with an error that says what is missing."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(
+            f"Model directory {model_dir} does not exist; pass the directory that "
+            "lightning_metakd.deploy.export_classifier wrote (model.pt2/model.onnx + classes.json)."
+        )
+    path = model_dir / CLASSES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no {CLASSES_FILE}; it is not an exported classifier directory "
+            "(re-export it with lightning_metakd.deploy.export_classifier)."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_exported(
+    model_dir: str | Path, format: str | None = None, threads: int = 0
+) -> ExportedClassifier:
+    """Load the exported model of ``model_dir``; ``format=None`` takes ``model.pt2`` if present."""
+    model_dir = Path(model_dir)
+    metadata = read_metadata(model_dir)
+    present = [f for f in FORMATS if (model_dir / MODEL_FILES[f]).is_file()]
+    if format is None:
+        if not present:
+            raise FileNotFoundError(
+                f"{model_dir} holds neither {MODEL_FILES['torch_export']} nor "
+                f"{MODEL_FILES['onnx']}; export the classifier there first."
+            )
+        format = present[0]
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    if format not in present:
+        raise FileNotFoundError(
+            f"{model_dir} has no {MODEL_FILES[format]}; it holds {present or 'no model file'}."
+        )
+    return ExportedClassifier(model_dir, format, metadata, threads)
+
+
+def read_images(paths: Sequence[str | Path], metadata: dict[str, Any]) -> Tensor:
+    """Image files as the float batch ``[B, C, image_size, image_size]`` the model expects.
+
+    The pipeline's own loader (:meth:`ClassDataset.load_image`) reads, converts, inverts and
+    resizes; the stored ``mean``/``std`` normalise afterwards, as the split's transform did.
+    """
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
+    dataset = ClassDataset(
+        [Path(p) for p in paths],
+        [0] * len(paths),
+        ["image"],
+        image_size=metadata["image_size"],
+        channels=metadata["channels"],
+        invert=metadata.get("invert", False),
+    )
+    images = torch.stack([dataset.load_image(i) for i in range(len(paths))])
+    if metadata.get("mean") is not None:
+        mean = torch.tensor(metadata["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(metadata["std"]).view(1, -1, 1, 1)
+        images = (images - mean) / std
+    return images
+
+
+def classify(
+    model_dir: str | Path,
+    paths: Sequence[str | Path],
+    format: str | None = None,
+    batch_size: int | None = None,
+) -> list[tuple[str, str, float]]:
+    """``(path, class name, probability)`` for each image file, in order.
+
+    Images go through the model ``batch_size`` at a time. The default is 32 for a classifier
+    exported with fixed BatchNorm statistics (``FixedClassifier.fix_statistics``) and 1 otherwise:
+    with batch statistics the logits of an image depend on the rest of its batch, and one image per
+    pass keeps each answer independent of the other files.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    classifier = load_exported(model_dir, format)
+    if batch_size is None:
+        batch_size = 32 if classifier.metadata.get("statistics") == "fixed" else 1
+    images = read_images(paths, classifier.metadata)
+    logits = torch.cat([classifier(chunk) for chunk in images.split(batch_size)])
+    probabilities, indices = logits.softmax(-1).max(-1)
+    names = classifier.class_names
+    return [
+        (str(p), names[int(i)], float(q))
+        for p, i, q in zip(paths, indices, probabilities, strict=True)
+    ]
+
+
+def classify_main(argv: list[str]) -> int:
+    """``metakd classify``: print ``path<TAB>class<TAB>probability`` for every image."""
+    parser = argparse.ArgumentParser(
+        prog="metakd classify",
+        description="Classify image files with an exported classifier (model.pt2 or model.onnx).",
+    )
+    parser.add_argument("--model", required=True, help="directory written by export_classifier")
+    parser.add_argument(
+        "--format", choices=FORMATS, default=None, help="default: model.pt2 if present"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward pass (default: 32 with fixed BatchNorm statistics, else 1)",
+    )
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    opts = parser.parse_args(argv)
+    try:
+        rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
+    except (OSError, ValueError, ImportError) as err:
+        print(f"metakd classify: error: {err}", file=sys.stderr)
+        return 2
+    for path, name, probability in rows:
+        print(f"{path}\t{name}\t{probability:.4f}")
+    return 0
