@@ -1,4 +1,7 @@
-"""TensorBoard callbacks: look at the episodes, the attention maps and the final numbers of a run.
+"""Callbacks: a checkpoint that keeps the best and the latest state, and TensorBoard views.
+
+:class:`BestAndLastCheckpoint` is the ``metakd`` command's checkpoint (its ``--checkpoint.*``
+options): ``best.ckpt`` on the best ``val/acc`` and a ``last.ckpt`` that really is the latest.
 
 Three Lightning :class:`~lightning.pytorch.callbacks.Callback` s that the ``metakd`` command turns on
 by default (``TRAINER_DEFAULTS`` in :mod:`lightning_metakd.cli`); each does nothing unless the run
@@ -31,7 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
@@ -90,6 +93,40 @@ def episode_grid(
         tiles += row_s + [blank] * (shots - len(row_s)) + [blank]
         tiles += row_q + [blank] * (queries - len(row_q))
     return make_grid(torch.stack(tiles), nrow=shots + 1 + queries, padding=2, pad_value=0.5)
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """A :class:`~lightning.pytorch.callbacks.ModelCheckpoint` whose ``last.ckpt`` is always the latest.
+
+    With a ``monitor`` and ``save_last=True``, Lightning 2.6 rewrites ``last.ckpt`` only when it also
+    saves a new top-k checkpoint, so after an epoch that does not improve ``val/acc`` the "last"
+    checkpoint is an older one, and resuming a killed run from it silently repeats epochs. This
+    subclass also writes ``last.ckpt`` after every validation (or training epoch end) at which
+    nothing was saved. The options are ``ModelCheckpoint``'s.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[BestAndLastCheckpoint(monitor="val/acc", mode="max",
+                                                             filename="best", save_last=True)])
+    """
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        if (
+            self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
 
 
 class EpisodeImages(Callback):
@@ -273,6 +310,7 @@ class HyperparameterMetrics(Callback):
 
 
 __all__ = [
+    "BestAndLastCheckpoint",
     "AttentionMaps",
     "EpisodeImages",
     "HyperparameterMetrics",

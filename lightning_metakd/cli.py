@@ -20,9 +20,9 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_metakd.callbacks import BestAndLastCheckpoint
 from lightning_metakd.data import EpisodicDataModule
 
 #: Trainer defaults that suit meta-learning; every one can be overridden in a config or flag.
@@ -49,7 +49,7 @@ class MetaKDCLI(LightningCLI):
     """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",

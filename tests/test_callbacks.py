@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_metakd.algorithms import ProtoNet
 from lightning_metakd.callbacks import (
     AttentionMaps,
+    BestAndLastCheckpoint,
     EpisodeImages,
     HyperparameterMetrics,
     class_token_attention,
@@ -170,3 +171,34 @@ def test_the_command_turns_them_on(tmp_path):
 def test_bad_arguments(bad):
     with pytest.raises(ValueError, match="max_queries must be at least 1"):
         EpisodeImages(**bad)
+
+
+class _FixedScore(L.Callback):
+    """Logs a validation score that never improves after the first epoch."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("val/fixed", 1.0)
+
+
+@pytest.mark.parametrize("cls", [BestAndLastCheckpoint, ModelCheckpoint])
+def test_last_checkpoint_is_the_latest_even_without_improvement(tmp_path, cls):
+    """Lightning's own ModelCheckpoint (the control) leaves last.ckpt at the best epoch."""
+    checkpoint = cls(
+        dirpath=tmp_path, monitor="val/fixed", mode="max", filename="best", save_last=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, limit_val_batches=1, num_sanity_val_steps=0,
+        callbacks=[_FixedScore(), checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    model = MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3)
+    data = TinyDataModule(
+        ways=3, shots=1, queries=1, steps_per_epoch=2, val_episodes=2, image_size=16
+    )
+    trainer.fit(model, data)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 2  # the only improvement: epoch 0
+    expected = trainer.global_step if cls is BestAndLastCheckpoint else 2
+    assert last["global_step"] == expected
+    assert trainer.global_step == 6
