@@ -250,13 +250,14 @@ def test_ddp_sees_every_episode_exactly_once(runs, algorithm):
         assert shards == batch
 
 
-def test_ddp_meta_batch_not_divisible_by_devices_is_a_clear_error():
+def test_ddp_meta_batch_not_divisible_by_devices_is_rounded_up_with_a_warning():
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     dm = data(meta_batch_size=3)
     dm.trainer = trainer
-    with pytest.raises(ValueError, match="meta_batch_size.*(divisible|multiple)"):
-        dm.setup("fit")
-        dm.train_dataloader()
+    with pytest.warns(UserWarning, match="meta_batch_size=3 does not divide over 2.*averages 4"):
+        dm.setup("fit")  # warns here, before any training
+        loader = dm.train_dataloader()
+    assert loader.batch_size == 2 and len(loader) == STEPS
 
 
 EXIT_PROBE = """

@@ -147,8 +147,26 @@ def test_datamodule_shards_batches_for_ddp(monkeypatch):
     loader = dm.train_dataloader()
     assert loader.batch_size == 2 and len(loader) == 3
     monkeypatch.setattr(dm, "_world", lambda: (3, 0))
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        dm.train_dataloader()
+    with pytest.warns(UserWarning, match="averages 6 tasks.*multiple of 3"):
+        loader = dm.train_dataloader()
+    assert loader.batch_size == 2 and len(loader) == 3  # ceil(4 / 3) tasks per process
+
+
+def test_meta_batch_of_one_runs_on_any_number_of_processes(monkeypatch):
+    """A ProtoNet config's meta_batch_size 1 on 2 processes: one task each, nothing dropped."""
+    dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=1, steps_per_epoch=4)
+    dm.setup()
+    single = [episode.classes.tolist() for episode in dm.train_dataloader()]
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dm, "_world", lambda rank=rank: (2, rank))
+        dm._warned_meta_batch = False
+        with pytest.warns(UserWarning, match="meta_batch_size=1 does not divide over 2"):
+            shards.append([episode.classes.tolist() for episode in dm.train_dataloader()])
+    assert [len(s) for s in shards] == [4, 4]  # steps per epoch kept, one task per process
+    assert all(len(batch) == 1 for s in shards for batch in s)
+    assert shards[0] != shards[1]  # the processes train on different tasks
+    assert shards[0][0] == single[0]  # rank 0 starts with the single process's first task
 
 
 def test_splits_must_be_disjoint():

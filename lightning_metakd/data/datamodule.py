@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_metakd.data.dataset import ClassDataset, Transform
@@ -42,7 +44,8 @@ class EpisodicDataModule(L.LightningDataModule):
 
     Args:
         ways, shots, queries: training task shape (N-way K-shot with Q queries per class).
-        meta_batch_size: tasks per optimisation step, over all processes.
+        meta_batch_size: tasks per optimisation step, over all processes (rounded up to a
+            multiple of the number of processes, with a warning; see :meth:`tasks_per_process`).
         test_ways, test_shots, test_queries: validation/test task shape; default to the training one.
         steps_per_epoch: training meta-batches per epoch.
         val_episodes, test_episodes: number of fixed validation and test tasks.
@@ -112,6 +115,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.splits: dict[str, ClassDataset] = {}
         self._resumed_random_states: Mapping[str, Any] | None = None
+        self._warned_meta_batch = False
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
 
     @abstractmethod
@@ -169,13 +173,32 @@ class EpisodicDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def tasks_per_process(self) -> int:
+        """Tasks each process takes per step: ``meta_batch_size`` split over the DDP processes.
+
+        When ``meta_batch_size`` does not divide evenly (``1`` on 2 GPUs, say) every process takes
+        ``ceil(meta_batch_size / processes)`` tasks, so that the same config runs on any number of
+        devices; a step then averages ``tasks_per_process() * processes`` tasks, more than asked
+        for, and a warning says so once.
+        """
+        world, _ = self._world()
+        per_process = math.ceil(self.meta_batch_size / world)
+        if per_process * world != self.meta_batch_size and not self._warned_meta_batch:
+            self._warned_meta_batch = True
+            rank_zero_warn(
+                f"meta_batch_size={self.meta_batch_size} does not divide over {world} processes: "
+                f"each takes {per_process} task(s) per step, so a step averages "
+                f"{per_process * world} tasks. Set meta_batch_size to a multiple of {world} to "
+                "choose the meta-batch exactly."
+            )
+        return per_process
+
     def num_tasks(self, split: Split) -> int:
         """Tasks per training epoch, or in the fixed validation/test list, over all processes."""
-        return {
-            "train": self.steps_per_epoch * self.meta_batch_size,
-            "val": self.val_episodes,
-            "test": self.test_episodes,
-        }[split]
+        if split == "train":
+            world, _ = self._world()
+            return self.steps_per_epoch * self.tasks_per_process() * world
+        return {"val": self.val_episodes, "test": self.test_episodes}[split]
 
     def task_dataset(self, split: Split) -> Dataset:
         """What the DataLoader indexes with the sampler's items: here the split's ClassDataset."""
@@ -207,16 +230,11 @@ class EpisodicDataModule(L.LightningDataModule):
         An :class:`~lightning_metakd.data.loader.EpisodeLoader`: Lightning resumes it mid-epoch.
         """
         sampler = self.sampler(split)
-        world, _ = self._world()
-        if self.meta_batch_size % world:
-            raise ValueError(
-                f"meta_batch_size={self.meta_batch_size} is not divisible by the {world} processes."
-            )
         seed = int(np.random.SeedSequence([self.seed, _STREAMS[split]]).generate_state(1)[0])
         loader = EpisodeLoader(
             self.task_dataset(split),
             sampler=sampler,
-            batch_size=self.meta_batch_size // world,
+            batch_size=self.tasks_per_process(),
             collate_fn=Episode.from_tasks,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
