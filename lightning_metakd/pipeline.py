@@ -17,10 +17,14 @@ Stage config paths are relative to the pipeline YAML. The stages run in this ord
 1. ``teacher``: fit, then test the best checkpoint.
 2. ``student_baseline``: the student's backbone and algorithm meta-trained without distillation.
 3. ``distill``: a :class:`~lightning_metakd.modules.DistillationModule` whose ``teacher`` is set to
-   the teacher stage's best checkpoint; fit, then test.
-4. ``report``: :func:`lightning_metakd.report.compare` of the teacher, the distilled student
-   (``student_learner()``) and the baseline student on the same fixed test episodes (the distill
-   stage's data), written to ``<run>/report.{json,md,png}`` and printed as a Markdown table.
+   the teacher stage's best checkpoint; fit, then test. Several teachers: when the distill config's
+   ``teacher`` is a list of checkpoints, the teacher stage's checkpoint is put first and the
+   listed ones follow it (``teacher_weights``, if given, then has one weight per teacher).
+4. ``report``: :func:`lightning_metakd.report.compare` of the teacher(s) — with several, each one
+   and their ensemble (:func:`lightning_metakd.report.distillation_learners`) — the distilled
+   student (``student_learner()``) and the baseline student on the same fixed test episodes (the
+   distill stage's data), written to ``<run>/report.{json,md,png}`` and printed as a Markdown
+   table.
 
 Optional, only when the pipeline YAML has a ``finetune:`` section (then it runs after
 ``distill``): ``finetune`` adapts the distilled student to the classes of a folder of class
@@ -353,8 +357,11 @@ def stage_config(spec: PipelineSpec, stage: str, teacher_checkpoint: str | None 
     if stage == "distill":
         if teacher_checkpoint is None:
             raise ValueError("the distill stage needs the teacher stage's checkpoint.")
-        model = config.setdefault("model", {})
-        model.setdefault("init_args", {})["teacher"] = teacher_checkpoint
+        init_args = config.setdefault("model", {}).setdefault("init_args", {})
+        others = init_args.get("teacher")
+        init_args["teacher"] = (
+            [teacher_checkpoint, *others] if isinstance(others, list) else teacher_checkpoint
+        )
     return config
 
 
@@ -496,7 +503,20 @@ def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]
     data_config = merge_config(resolved.get("data") or {}, spec.report.get("data") or {})
     datamodule = report_datamodule(data_config)
     datamodule.prepare_data()
-    learners = {name: _load_learner(markers[stage], stage) for stage, name in REPORT_NAMES.items()}
+    from lightning_metakd.modules import DistillationModule
+    from lightning_metakd.report import distillation_learners
+
+    distill = markers["distill"]
+    distiller = _import_class(distill["model_class"]).load_from_checkpoint(
+        distill["checkpoint"], map_location="cpu"
+    )
+    baseline = _load_learner(markers["student_baseline"], "student_baseline")
+    if isinstance(distiller, DistillationModule):
+        learners = distillation_learners(distiller, baseline)
+    else:
+        learners = {
+            name: _load_learner(markers[stage], stage) for stage, name in REPORT_NAMES.items()
+        }
     rows = compare(
         learners,
         datamodule,

@@ -305,6 +305,26 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     same = ("name", "accuracy", "ci95", "parameters", "flops")  # the teacher was not retrained
     new_rows = json.loads((run_dir / "report.json").read_text())
     assert {k: new_rows[0][k] for k in same} == {k: rows[0][k] for k in same}
+
+    # Several teachers: the distill config lists another checkpoint (here the same teacher again),
+    # the teacher stage's goes first, and the report has a row per teacher and their ensemble.
+    two = yaml.safe_load((QUICKSTART / "distill.yaml").read_text())
+    two["model"]["init_args"]["teacher"] = [teacher["checkpoint"]]
+    (tmp_path / "distill_two.yaml").write_text(yaml.safe_dump(two))
+    config["distill"] = {"config": "distill_two.yaml"}
+    path.write_text(yaml.safe_dump(config))
+    assert pipeline.pipeline_main(command[1:]) == 0
+    fourth = capsys.readouterr().out
+    assert "teacher skipped" in fourth and "distill (" in fourth
+    saved = yaml.safe_load((run_dir / "distill" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["teacher"] == [teacher["checkpoint"]] * 2
+    rows = json.loads((run_dir / "report.json").read_text())
+    names = [r["name"] for r in rows]
+    assert [n.split(" (")[0] for n in names[:2]] == ["teacher 0", "teacher 1"]
+    assert names[2:] == ["ensemble of teachers", "distilled student", "baseline student"]
+    for row in rows[:3]:  # identical teachers: each one and their ensemble score as the teacher
+        assert row["accuracy"] == pytest.approx(teacher["test"]["test/acc"], abs=1e-6)
+    assert rows[2]["parameters"] == 2 * rows[0]["parameters"]
     sys.modules.pop("my_learners", None)
 
 
