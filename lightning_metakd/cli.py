@@ -8,6 +8,7 @@
 distillation and the comparison report (:mod:`lightning_metakd.pipeline`).
 ``metakd finetune --config configs/kanji/finetune.yaml`` adapts a learner (or distilled student) to
 the classes of a folder and writes a fixed classifier (:mod:`lightning_metakd.deploy.finetune`).
+``metakd export --classifier <classifier.pt>`` writes it as ``model.pt2`` and ``model.onnx``;
 ``metakd classify --model DIR IMAGE ...`` labels image files with an exported classifier
 (:mod:`lightning_metakd.deploy.predict`).
 """
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_metakd.deploy.finetune import finetune_main
 
         return finetune_main(args[1:])
+    if args and args[0] == "export":
+        from lightning_metakd.deploy.export import export_main
+
+        return export_main(args[1:])
     if args and args[0] == "classify":
         from lightning_metakd.deploy.predict import classify_main
 

@@ -264,3 +264,25 @@ def test_metakd_classify_errors_are_clear(tmp_path, capsys) -> None:
     assert "No such image file" in capsys.readouterr().err
     assert main(["classify", "--model", str(out), "--format", "onnx", str(png)]) == 0  # control
     assert capsys.readouterr().out.count("\t") == 2
+
+
+def test_metakd_export_takes_the_held_out_images_of_finetune(tmp_path, capsys) -> None:
+    """`metakd export --classifier` checks the files on finetune.json's held-out images."""
+    import json
+
+    from lightning_metakd.cli import main
+
+    model = make_classifier("prototypes", "fixed")
+    model.save(tmp_path / "classifier.pt")
+    assert main(["export", "--classifier", str(tmp_path / "classifier.pt")]) == 2
+    assert "no finetune.json" in capsys.readouterr().err  # nothing to verify on: a clear error
+    (tmp_path / "held_out").mkdir()
+    paths = write_pngs(tmp_path / "held_out", 3, size=IMAGE_SIZE)
+    (tmp_path / "finetune.json").write_text(json.dumps({"holdout_files": list(map(str, paths))}))
+    assert main(["export", "--classifier", str(tmp_path / "classifier.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "on 3 images" in out and "model.onnx" in out
+    exported = load_exported(tmp_path / "export", "onnx")
+    with torch.no_grad():
+        expected = model(model.read_images(paths))
+    torch.testing.assert_close(exported(model.read_images(paths)), expected, atol=1e-4, rtol=0)

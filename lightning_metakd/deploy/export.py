@@ -102,6 +102,8 @@ def _metadata(
             "image_size and channels)."
         )
     channels = int(model.channels)
+    if mean is None and std is None:  # a FixedClassifier states its own normalisation
+        mean, std = getattr(model, "mean", None), getattr(model, "std", None)
     for name, values in (("mean", mean), ("std", std)):
         if values is not None and len(values) != channels:
             raise ValueError(
@@ -166,8 +168,9 @@ def export_classifier(
         formats: any of ``"torch_export"`` (``model.pt2``) and ``"onnx"`` (``model.onnx``).
         invert, mean, std: the preprocessing recorded in ``classes.json`` for
             :mod:`~lightning_metakd.deploy.predict` (see :func:`preprocessing_from_datamodule`);
-            ``invert=None`` takes ``model.invert`` (``False`` when absent), ``mean``/``std``
-            ``None`` means no normalisation (the default of every data source but mini-ImageNet).
+            ``invert=None`` takes ``model.invert`` (``False`` when absent); ``mean``/``std``
+            ``None`` take ``model.mean``/``model.std`` (no normalisation when absent, the default
+            of every data source but mini-ImageNet).
         check_images: the images the exported files are verified on (held-out images, ideally);
             defaults to ``example_images``.
         atol, rtol: the largest accepted ``max |logits_exported - logits_pytorch|`` is
@@ -296,3 +299,59 @@ def verify_export(
                 "; pass rtol=1e-5 if the difference is of that order."
             )
     return deltas
+
+
+def export_main(argv: list[str]) -> int:
+    """``metakd export``: write a fine-tuned classifier as ``model.pt2`` and ``model.onnx``."""
+    import argparse
+    import sys
+
+    from lightning_metakd.deploy.classifier import FixedClassifier
+
+    parser = argparse.ArgumentParser(
+        prog="metakd export",
+        description="Export a classifier written by `metakd finetune` to torch.export and ONNX, "
+        "checking the exported logits against PyTorch's.",
+    )
+    parser.add_argument("--classifier", required=True, help="classifier.pt of `metakd finetune`")
+    parser.add_argument("--output", default=None, help="default: <classifier folder>/export")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="images to check the exported files on (default: the held-out images listed in "
+        "finetune.json beside the classifier)",
+    )
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=0.0)
+    opts = parser.parse_args(argv)
+    path = Path(opts.classifier)
+    try:
+        classifier = FixedClassifier.load(path)
+        images = opts.images
+        if images is None:
+            report = path.parent / "finetune.json"
+            if not report.is_file():
+                raise ValueError(
+                    f"no --images given and no finetune.json beside {path} to take the held-out "
+                    "images from; pass --images IMAGE [IMAGE ...]."
+                )
+            images = json.loads(report.read_text()).get("holdout_files") or []
+            if not images:
+                raise ValueError(f"{report} lists no images; pass --images IMAGE [IMAGE ...].")
+        batch = classifier.read_images(images)
+        out = Path(opts.output) if opts.output else path.parent / "export"
+        result = export_classifier(
+            classifier, batch, out, opts.formats, atol=opts.atol, rtol=opts.rtol
+        )
+    except (OSError, ValueError, ImportError, AssertionError) as err:
+        print(f"metakd export: error: {err}", file=sys.stderr)
+        return 2
+    for fmt, file in result["files"].items():
+        print(
+            f"{file}: {result['bytes'][fmt] / 1024:.0f} kB, max |Δlogits| vs PyTorch "
+            f"{result['max_abs_diff'][fmt]:.2e} on {len(batch)} images"
+        )
+    print(f"{result['classes']}: class names and preprocessing")
+    return 0
