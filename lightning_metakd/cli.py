@@ -6,6 +6,8 @@
 ``metakd episodes`` draws episodes from the embedded KanjiVG data and prints their shapes and speed.
 ``metakd pipeline --config configs/kanji/pipeline.yaml`` chains teacher, baseline student,
 distillation and the comparison report (:mod:`lightning_metakd.pipeline`).
+``metakd report --config <cfg> --checkpoint [NAME=]<ckpt> ...`` compares trained learners on the
+same fixed test episodes (:mod:`lightning_metakd.report`).
 ``metakd finetune --config configs/kanji/finetune.yaml`` adapts a learner (or distilled student) to
 the classes of a folder and writes a fixed classifier (:mod:`lightning_metakd.deploy.finetune`).
 ``metakd export --classifier <classifier.pt>`` writes it as ``model.pt2`` and ``model.onnx``;
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_metakd.deploy.finetune import finetune_main
 
         return finetune_main(args[1:])
+    if args and args[0] == "report":
+        from lightning_metakd.report import report_main
+
+        return report_main(args[1:])
     if args and args[0] == "export":
         from lightning_metakd.deploy.export import export_main
 

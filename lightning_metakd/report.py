@@ -275,3 +275,80 @@ __all__ = [
     "markdown_table",
     "measure",
 ]
+
+
+def _learners_from_checkpoints(specs: list[str]) -> dict[str, Learner]:
+    """``[NAME=]CHECKPOINT`` entries -> rows; a distillation checkpoint gives its teachers too."""
+    from lightning_metakd.modules.meta_learner import read_components
+
+    learners: dict[str, Learner] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else ("", spec)
+        components = read_components(path, "MetaLearnerModule or DistillationModule", ())
+        if "student_backbone" in components:
+            rows = distillation_learners(DistillationModule.load_from_checkpoint(path, "cpu"))
+            if name:  # the student's row takes the given name
+                rows[name] = rows.pop("distilled student")
+            learners.update(rows)
+        else:
+            learner = MetaLearnerModule.load_from_checkpoint(path, "cpu")
+            learners[name or Path(path).parent.parent.name] = learner
+    return learners
+
+
+def report_main(argv: list[str]) -> int:
+    """``metakd report``: compare checkpoints on the same fixed test episodes (:func:`compare`)."""
+    import argparse
+    import sys
+
+    import yaml
+
+    from lightning_metakd.pipeline import report_datamodule
+
+    parser = argparse.ArgumentParser(
+        prog="metakd report",
+        description="Accuracy ± 95%% CI, parameters, FLOPs and CPU latency per adapted episode of "
+        "trained learners on the same fixed test episodes; writes report.json, .md and .png.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a LightningCLI YAML whose `data:` section gives the episodes",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        metavar="[NAME=]CKPT",
+        help="a MetaLearnerModule or DistillationModule checkpoint (repeat it); a distillation "
+        "checkpoint adds its teacher(s) (and their ensemble) before its student",
+    )
+    parser.add_argument("--test_ways", type=int, default=None, help="override data test_ways")
+    parser.add_argument(
+        "--grouping", default=None, help="override data grouping (e.g. none: across groups)"
+    )
+    parser.add_argument("--out", required=True, help="folder for report.json/.md/.png")
+    parser.add_argument("--repeats", type=int, default=10, help="latency runs per learner")
+    opts = parser.parse_args(argv)
+    try:
+        config = yaml.safe_load(Path(opts.config).read_text()) or {}
+        data = copy.deepcopy(config.get("data") or {})
+        if not data:
+            raise ValueError(
+                f"{opts.config} has no `data:` section to take the test episodes from."
+            )
+        init_args = data.setdefault("init_args", {})
+        for key in ("test_ways", "grouping"):
+            if getattr(opts, key) is not None:
+                init_args[key] = getattr(opts, key)
+        datamodule = report_datamodule(data)
+        datamodule.prepare_data()
+        learners = _learners_from_checkpoints(opts.checkpoint)
+        rows = compare(learners, datamodule, opts.out, repeats=opts.repeats)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        print(f"metakd report: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    print(f"written {Path(opts.out) / 'report.json'}, report.md, report.png")
+    return 0

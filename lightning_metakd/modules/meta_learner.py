@@ -97,9 +97,10 @@ def read_components(checkpoint_path: str | Path, owner: str, required: Sequence[
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
         raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
     components = checkpoint.get("metakd_components", {}) if isinstance(checkpoint, dict) else {}
-    if not all(name in components for name in required):
+    if not components or not all(name in components for name in required):
+        missing = " and ".join(required) or "lightning-metakd components"
         raise ValueError(
-            f"{path} is not a {owner} checkpoint (it names no {' and '.join(required)})"
+            f"{path} is not a {owner} checkpoint (it names no {missing})"
             f"; pass the checkpoint that `metakd fit` wrote for a {owner}."
         )
     return components
