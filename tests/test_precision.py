@@ -106,3 +106,36 @@ def test_bf16_mixed_training_learns(tmp_path):
     after = fitted.test(model, data, verbose=False)[0]["test/acc"]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
     assert after > max(before, 1 / 3) + 0.15, (before, after)
+
+
+class _Trainer:
+    """The one attribute configure_tf32 reads: the device the run uses."""
+
+    def __init__(self, device: str) -> None:
+        self.strategy = type("Strategy", (), {"root_device": torch.device(device)})()
+
+
+@pytest.mark.parametrize(
+    ("device", "algorithm", "allow", "expected"),
+    [
+        ("cuda", "maml", False, False),  # a second-order inner loop on a GPU: TF32 off
+        ("cuda", "maml", True, True),  # the user keeps it
+        ("cuda", "protonet", False, True),  # no inner loop: untouched
+        ("cpu", "maml", False, True),  # CPU runs: untouched
+    ],
+)
+def test_tf32_is_turned_off_for_gradient_based_inner_loops_on_cuda(
+    device, algorithm, allow, expected
+):
+    from lightning_metakd.algorithms import MAML, ProtoNet
+    from lightning_metakd.modules.precision import configure_tf32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        algo = MAML(inner_lr=0.4, inner_steps=5) if algorithm == "maml" else ProtoNet()
+        configure_tf32(_Trainer(device), algo, allow)
+        assert torch.backends.cudnn.allow_tf32 is expected
+        assert torch.backends.cuda.matmul.allow_tf32 is expected
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -151,14 +151,15 @@ def inner_step(
     """
 
     def support_loss(fast_params: Params) -> Tensor:
-        # The inner loop runs in float32 even under autocast: fp16 inner gradients underflow and
-        # bf16 ones lose most meta-gradient precision, while the support set is a small share of
-        # the work (measurements in docs/scaling.md). Without autocast this changes nothing.
-        with torch.autocast(support_x.device.type, enabled=False):
-            logits = functional_call(model, {**frozen, **fast_params}, (support_x,))
+        logits = functional_call(model, {**frozen, **fast_params}, (support_x,))
         return F.cross_entropy(logits, support_y)
 
-    grads = grad(support_loss)(fast)
+    # The inner step runs in float32 even under autocast, its gradient included (so the graph the
+    # meta-gradient flows back through is float32 too): fp16 inner gradients underflow and bf16
+    # ones lose most meta-gradient precision, while the support set is a small share of the work
+    # (measurements in docs/scaling.md). Without autocast this changes nothing.
+    with torch.autocast(support_x.device.type, enabled=False):
+        grads = grad(support_loss)(fast)
     if first_order:
         grads = {n: g.detach() for n, g in grads.items()}
     if isinstance(inner_lr, Mapping):

@@ -43,6 +43,7 @@ from lightning_metakd.modules.meta_learner import (
     read_components,
     update_evaluation,
 )
+from lightning_metakd.modules.precision import configure_tf32
 from lightning_metakd.modules.spec import build_component
 
 #: Loss terms in the order they are logged (``train/loss_<term>``) and their weight arguments.
@@ -282,6 +283,8 @@ class DistillationModule(L.LightningModule):
             function runs in a loop or under ``torch.func.vmap``; chunks bound memory).
         optimizer, lr_scheduler: the outer optimiser (on the student and the projectors only) and
             an optional scheduler, as callables (LightningCLI: ``class_path``).
+        allow_tf32: as for :class:`MetaLearnerModule` (TF32 is turned off on CUDA for a
+            gradient-based student inner loop unless this is ``True``).
 
     Example — a Conv4-16 ProtoNet student of a Conv4-64 teacher, soft labels on::
 
@@ -314,8 +317,10 @@ class DistillationModule(L.LightningModule):
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_tf32 = allow_tf32
         given = dict(
             task_weight=task_weight, soft_label_weight=soft_label_weight,
             feature_weight=feature_weight, attention_transfer_weight=attention_transfer_weight,
@@ -406,7 +411,10 @@ class DistillationModule(L.LightningModule):
                 )
         for k, teacher in enumerate(teachers):
             teacher.freeze()
-            setattr(self, "teacher" if k == 0 else f"teacher_{k}", teacher.to(self.device))
+            # Beside the student (a teacher trained on a GPU loads onto it); Lightning then moves
+            # the whole module, teachers included, to the run's device.
+            device = next(self.student.parameters()).device
+            setattr(self, "teacher" if k == 0 else f"teacher_{k}", teacher.to(device))
         self._sources = []
         self._attach_theta_star(teachers[self.anchor_teacher])
         student, weights = self.student.model, self.weights
@@ -498,7 +506,8 @@ class DistillationModule(L.LightningModule):
         ):
             with torch.no_grad():
                 _, taps = tapped_call(model, None, _probe_input(backbone, name), paths)
-            values = [_tapped_tensor(v) for v in taps.values()]
+            device = next(self.student.parameters()).device
+            values = [_tapped_tensor(v).to(device) for v in taps.values()]
             outputs.append(values[0] if isinstance(paths, str) else values)
         return outputs[0], outputs[1]
 
@@ -514,7 +523,7 @@ class DistillationModule(L.LightningModule):
                             "`metakd fit --config configs/kanji/protonet.yaml`) or pass "
                             "model.teacher=<checkpoint>."
                         )
-                    source = MetaLearnerModule.load_from_checkpoint(source)
+                    source = MetaLearnerModule.load_from_checkpoint(source, map_location="cpu")
                 teachers.append(source)
             self._attach_teachers(teachers)
         return self.teacher
@@ -533,6 +542,7 @@ class DistillationModule(L.LightningModule):
         for k, teacher in enumerate(self.teachers):
             teacher.check_data(self._trainer, stage, self._who(k), training_only=True)
         self.student.check_data(self._trainer, stage, "student")
+        configure_tf32(self._trainer, self.student.algorithm, self.allow_tf32)
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)

@@ -19,6 +19,7 @@ from lightning_metakd.evaluation import EpisodicAccuracy
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.finite import check_finite_loss
+from lightning_metakd.modules.precision import configure_tf32
 from lightning_metakd.modules.spec import build_component, component_spec
 
 
@@ -129,6 +130,9 @@ class MetaLearnerModule(L.LightningModule):
             meta-batch with vmap. Gradients are the same for every value; memory is not.
         optimizer: the outer optimizer, a callable on parameters (LightningCLI: ``class_path``).
         lr_scheduler: optional scheduler callable on the optimizer.
+        allow_tf32: keep PyTorch's TF32 settings on CUDA. By default a gradient-based inner loop
+            (MAML, ANIL, Meta-SGD) turns TF32 off there, since it ruins second-order
+            meta-gradients (:func:`~lightning_metakd.modules.precision.configure_tf32`).
 
     Example — adapt a trained learner to a brand-new task in three lines::
 
@@ -146,6 +150,7 @@ class MetaLearnerModule(L.LightningModule):
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        allow_tf32: bool = False,
     ) -> None:
         super().__init__()
         if ways < 2:
@@ -167,6 +172,7 @@ class MetaLearnerModule(L.LightningModule):
             algorithm.check_vmap()  # e.g. MAML(checkpoint_steps=True) needs the loop
         self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.allow_tf32 = allow_tf32
         self.metrics = evaluation_metrics()
 
     # -- the method -------------------------------------------------------------------------------
@@ -237,6 +243,7 @@ class MetaLearnerModule(L.LightningModule):
         if self.vmap_tasks is None and trainer and trainer.strategy.root_device.type != "cpu":
             self.algorithm.check_vmap()  # vmap is the default off CPU
         self.check_data(self._trainer, stage)
+        configure_tf32(trainer, self.algorithm, self.allow_tf32)
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         accuracies: list[Tensor] = []
