@@ -6,11 +6,19 @@ from lightning_metakd.data.episode import Episode, TaskSpec
 from lightning_metakd.data.folder import FolderDataModule
 from lightning_metakd.data.kanji import KanjiDataModule
 from lightning_metakd.data.learn2learn import Learn2LearnDataModule  # imports learn2learn lazily
+from lightning_metakd.data.loader import EpisodeLoader
 from lightning_metakd.data.miniimagenet import MiniImageNetDataModule, NumpyOnlyUnpickler
 from lightning_metakd.data.omniglot import OmniglotDataModule
 from lightning_metakd.data.sampler import EpisodeSampler
 
-__all__ = ["ClassDataset", "Episode", "EpisodeSampler", "EpisodicDataModule", "TaskSpec"]
+__all__ = [
+    "ClassDataset",
+    "Episode",
+    "EpisodeLoader",
+    "EpisodeSampler",
+    "EpisodicDataModule",
+    "TaskSpec",
+]
 __all__ += [
     "FolderDataModule",
     "KanjiDataModule",

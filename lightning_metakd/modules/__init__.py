@@ -1,6 +1,10 @@
 """LightningModules: wiring of data, models, algorithms and losses; logging."""
 
-from lightning_metakd.modules.distillation import DistillationLoss, DistillationModule
+from lightning_metakd.modules.distillation import (
+    DistillationLoss,
+    DistillationModule,
+    TeacherEnsemble,
+)
 from lightning_metakd.modules.finite import NonFiniteLossError
 from lightning_metakd.modules.meta_learner import MetaLearnerModule, MetaLoss
 
@@ -10,4 +14,5 @@ __all__ = [
     "MetaLearnerModule",
     "MetaLoss",
     "NonFiniteLossError",
+    "TeacherEnsemble",
 ]
