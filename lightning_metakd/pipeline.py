@@ -446,12 +446,16 @@ def run_finetune_stage(
     return {"classes": len(report["classes"]), **{k: report[k] for k in keys}}
 
 
-def _load_learner(marker: Mapping[str, Any], stage: str) -> Any:
-    """The stage's learner as a ``MetaLearnerModule`` (a distiller's ``student_learner()``)."""
+def _load_module(marker: Mapping[str, Any]) -> Any:
+    """The LightningModule a stage trained, from its best checkpoint, on the CPU."""
+    cls = _import_class(marker["model_class"])
+    return cls.load_from_checkpoint(marker["checkpoint"], map_location="cpu")
+
+
+def _as_learner(module: Any, marker: Mapping[str, Any], stage: str) -> Any:
+    """A stage's module as a ``MetaLearnerModule`` (a distiller's ``student_learner()``)."""
     from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
-    cls = _import_class(marker["model_class"])
-    module = cls.load_from_checkpoint(marker["checkpoint"], map_location="cpu")
     if isinstance(module, DistillationModule):
         return module.student_learner()
     if not isinstance(module, MetaLearnerModule):
@@ -462,16 +466,9 @@ def _load_learner(marker: Mapping[str, Any], stage: str) -> Any:
     return module
 
 
-def report_datamodule(data_config: Mapping[str, Any]) -> Any:
-    """Instantiate an :class:`~lightning_metakd.data.EpisodicDataModule` from its ``class_path`` config."""
-    from jsonargparse import ArgumentParser
-
-    from lightning_metakd.data import EpisodicDataModule
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(EpisodicDataModule, "data")
-    parsed = parser.parse_object({"data": dict(data_config)})
-    return parser.instantiate_classes(parsed)["data"]
+def _load_learner(marker: Mapping[str, Any], stage: str) -> Any:
+    """The stage's learner as a ``MetaLearnerModule`` (a distiller's ``student_learner()``)."""
+    return _as_learner(_load_module(marker), marker, stage)
 
 
 def log_report_to_tensorboard(log_dir: Path, rows: list[dict[str, Any]], table: str, png: Path):
@@ -497,25 +494,27 @@ def log_report_to_tensorboard(log_dir: Path, rows: list[dict[str, Any]], table: 
 
 def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]]) -> dict:
     """Compare the three learners on the distill stage's fixed test episodes; returns marker fields."""
-    from lightning_metakd.report import compare, markdown_table
+    from lightning_metakd.modules import DistillationModule
+    from lightning_metakd.report import (
+        compare,
+        distillation_learners,
+        markdown_table,
+        report_datamodule,
+    )
 
     resolved = _read_yaml(spec.run_dir / "distill" / "config.yaml", "The distill stage's config")
     data_config = merge_config(resolved.get("data") or {}, spec.report.get("data") or {})
     datamodule = report_datamodule(data_config)
     datamodule.prepare_data()
-    from lightning_metakd.modules import DistillationModule
-    from lightning_metakd.report import distillation_learners
-
-    distill = markers["distill"]
-    distiller = _import_class(distill["model_class"]).load_from_checkpoint(
-        distill["checkpoint"], map_location="cpu"
-    )
+    distiller = _load_module(markers["distill"])
     baseline = _load_learner(markers["student_baseline"], "student_baseline")
     if isinstance(distiller, DistillationModule):
         learners = distillation_learners(distiller, baseline)
-    else:
+    else:  # a distill stage without a teacher inside: the teacher stage gives that row
         learners = {
-            name: _load_learner(markers[stage], stage) for stage, name in REPORT_NAMES.items()
+            REPORT_NAMES["teacher"]: _load_learner(markers["teacher"], "teacher"),
+            REPORT_NAMES["distill"]: _as_learner(distiller, markers["distill"], "distill"),
+            REPORT_NAMES["student_baseline"]: baseline,
         }
     rows = compare(
         learners,

@@ -266,15 +266,18 @@ def _plot(pyplot, rows: list[Mapping[str, Any]], path: Path) -> None:
     pyplot.close(figure)
 
 
-__all__ = [
-    "COLUMNS",
-    "Learner",
-    "ablation",
-    "compare",
-    "distillation_learners",
-    "markdown_table",
-    "measure",
-]
+def report_datamodule(data_config: Mapping[str, Any]) -> EpisodicDataModule:
+    """Instantiate an :class:`~lightning_metakd.data.EpisodicDataModule` from its ``class_path`` config.
+
+    The ``data:`` section of a LightningCLI config (``{"class_path": ..., "init_args": {...}}``):
+    how ``metakd report`` and the pipeline's report stage build their test episodes.
+    """
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(EpisodicDataModule, "data")
+    parsed = parser.parse_object({"data": dict(data_config)})
+    return parser.instantiate_classes(parsed)["data"]
 
 
 def _learners_from_checkpoints(specs: list[str]) -> dict[str, Learner]:
@@ -303,8 +306,6 @@ def report_main(argv: list[str]) -> int:
     import sys
 
     import yaml
-
-    from lightning_metakd.pipeline import report_datamodule
 
     parser = argparse.ArgumentParser(
         prog="metakd report",
@@ -352,3 +353,15 @@ def report_main(argv: list[str]) -> int:
     print(markdown_table(rows))
     print(f"written {Path(opts.out) / 'report.json'}, report.md, report.png")
     return 0
+
+
+__all__ = [
+    "COLUMNS",
+    "Learner",
+    "ablation",
+    "compare",
+    "distillation_learners",
+    "markdown_table",
+    "measure",
+    "report_datamodule",
+]
