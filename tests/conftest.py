@@ -64,6 +64,18 @@ class TinyDataModule(EpisodicDataModule):
         }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_datamodule() -> TinyDataModule:
     dm = TinyDataModule(

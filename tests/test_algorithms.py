@@ -26,13 +26,7 @@ from lightning_metakd.models.classifier import Classifier
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 2, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_classifier(seed: int = 0) -> Classifier:

@@ -21,12 +21,7 @@ from lightning_metakd.modules.spec import component_spec
 WAYS, SHOTS, QUERIES, SIZE, TASKS = 3, 2, 2, 16, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classifier(seed: int = 0) -> Classifier:

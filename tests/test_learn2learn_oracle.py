@@ -17,18 +17,9 @@ from lightning_metakd.algorithms import MAML, MetaSGD
 from lightning_metakd.models import Conv4
 from lightning_metakd.models.classifier import Classifier
 
-pytestmark = pytest.mark.learn2learn
+pytestmark = [pytest.mark.learn2learn, pytest.mark.usefixtures("one_thread")]
 
 WAYS, SHOTS, QUERIES, SIZE = 3, 2, 3, 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learn2learn_is_installed_when_required():
