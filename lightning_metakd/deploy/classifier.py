@@ -34,6 +34,7 @@ from lightning_metakd.algorithms import (
     prepare_model,
     prototype_logits,
 )
+from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.modules.meta_learner import MetaLearnerModule
 from lightning_metakd.modules.spec import build_component, component_spec
 
@@ -124,6 +125,36 @@ def normalize_images(
         return images
     shape = (1, -1, 1, 1)
     return (images - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def read_image_files(
+    paths: Sequence[str | Path],
+    image_size: int,
+    channels: int,
+    invert: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Tensor:
+    """Image files as a float batch ``[B, channels, image_size, image_size]``.
+
+    The data pipeline's own loader (:meth:`~lightning_metakd.data.ClassDataset.load_image`) reads,
+    scales to ``[0, 1]``, converts, inverts and resizes; ``mean``/``std`` then normalise as the
+    split's transform did (:func:`normalize_images`). Used by :meth:`FixedClassifier.read_images`
+    and by :mod:`~lightning_metakd.deploy.predict` for exported models.
+    """
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
+    dataset = ClassDataset(
+        [Path(p) for p in paths],
+        [0] * len(paths),
+        ["images"],
+        image_size=image_size,
+        channels=channels,
+        invert=invert,
+    )
+    images = torch.stack([dataset.load_image(i) for i in range(len(paths))])
+    return normalize_images(images, mean, std)
 
 
 def _batch_norms(network: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -366,18 +397,10 @@ class FixedClassifier(nn.Module):
         ``channels``, inverted if ``invert``, resized (antialiased) to ``image_size``, then
         normalised by ``mean``/``std`` if set.
         """
-        from lightning_metakd.data.dataset import ClassDataset
-
-        dataset = ClassDataset(
-            [str(p) for p in paths],
-            [0] * len(paths),
-            ["images"],
-            image_size=self.image_size,
-            channels=self.channels,
-            invert=self.invert,
+        images = read_image_files(
+            paths, self.image_size, self.channels, self.invert, self.mean, self.std
         )
-        images = torch.stack([dataset.load_image(i) for i in range(len(paths))])
-        return normalize_images(images, self.mean, self.std).to(next(self.parameters()).device)
+        return images.to(next(self.parameters()).device)
 
     # -- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -464,4 +487,5 @@ __all__ = [
     "PrototypeClassifier",
     "batch_norm_statistics",
     "normalize_images",
+    "read_image_files",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_metakd.data.dataset import ClassDataset
+from lightning_metakd.deploy.classifier import read_image_files
 from lightning_metakd.deploy.export import CLASSES_FILE, FORMATS, MODEL_FILES, require_onnx
 
 
@@ -118,23 +118,14 @@ def read_images(paths: Sequence[str | Path], metadata: dict[str, Any]) -> Tensor
     The pipeline's own loader (:meth:`ClassDataset.load_image`) reads, converts, inverts and
     resizes; the stored ``mean``/``std`` normalise afterwards, as the split's transform did.
     """
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
-    dataset = ClassDataset(
-        [Path(p) for p in paths],
-        [0] * len(paths),
-        ["image"],
-        image_size=metadata["image_size"],
-        channels=metadata["channels"],
-        invert=metadata.get("invert", False),
+    return read_image_files(
+        paths,
+        metadata["image_size"],
+        metadata["channels"],
+        metadata.get("invert", False),
+        metadata.get("mean"),
+        metadata.get("std"),
     )
-    images = torch.stack([dataset.load_image(i) for i in range(len(paths))])
-    if metadata.get("mean") is not None:
-        mean = torch.tensor(metadata["mean"]).view(1, -1, 1, 1)
-        std = torch.tensor(metadata["std"]).view(1, -1, 1, 1)
-        images = (images - mean) / std
-    return images
 
 
 def classify(
