@@ -50,7 +50,7 @@ class Episode:
 
     Example:
         >>> ep = Episode.from_tasks([dummy_task(ways=5, shots=1, queries=15)] * 4)  # doctest: +SKIP
-        >>> ep.support_x.shape
+        >>> ep.support_x.shape  # doctest: +SKIP
         torch.Size([4, 5, 1, 28, 28])
     """
 

@@ -108,11 +108,11 @@ class KanjiDataModule(EpisodicDataModule):
         split_fractions: fractions of the radical groups in train, val and test.
 
     Example:
-        >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical", max_classes=60,
+        >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical", max_classes=60,  # doctest: +SKIP
         ...                      max_classes_per_group=12)  # doctest: +SKIP
         >>> dm.prepare_data(); dm.setup("fit")  # renders 60 x 20 images once  # doctest: +SKIP
         >>> episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
-        >>> episode.support_x.shape  # [meta_batch_size, ways * shots, 1, image_size, image_size]
+        >>> episode.support_x.shape  # [meta_batch_size, ways*shots, 1, size, size]  # doctest: +SKIP
         torch.Size([32, 5, 1, 28, 28])
     """
 

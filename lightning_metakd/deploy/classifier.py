@@ -59,7 +59,7 @@ class PrototypeClassifier(nn.Module):
         >>> import torch
         >>> net = PrototypeClassifier(torch.nn.Flatten(), ways=2, num_features=2)
         >>> with torch.no_grad():
-        ...     net.prototypes.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+        ...     _ = net.prototypes.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
         >>> net(torch.tensor([[1.0, 1.0]])).tolist()
         [[-2.0, -2.0]]
     """
