@@ -7,6 +7,12 @@ together) from their results. :func:`distillation_learners` names the rows of a 
 the teacher and the distilled student or, with several teachers, each teacher, their ensemble
 (:class:`~lightning_metakd.modules.distillation.TeacherEnsemble`) and the student.
 
+Because every learner answers the same episodes, "B beats A" is a *paired* question: per test
+episode the accuracy difference ``acc_B − acc_A``, then its mean ± 95% CI. The episodes' own
+difficulty moves both accuracies together and cancels in the difference, so its CI is much
+narrower than the two learners' CIs: two learners whose CIs overlap can still differ
+significantly. :func:`compare` reports that difference against a reference learner.
+
 Example::
 
     rows = compare({"teacher": teacher, "student": distiller.student_learner()}, datamodule, "out")
@@ -35,7 +41,16 @@ from lightning_metakd.modules.meta_learner import MetaLearnerModule
 #: What :func:`compare` measures: a meta-learner, or several that vote.
 Learner = MetaLearnerModule | TeacherEnsemble
 
-COLUMNS = ("name", "accuracy", "ci95", "parameters", "flops", "latency_ms")
+COLUMNS = (
+    "name",
+    "accuracy",
+    "ci95",
+    "diff_vs_reference",
+    "diff_ci95",
+    "parameters",
+    "flops",
+    "latency_ms",
+)
 
 
 def _episode_cost(learner: Learner, support_x, support_y, query_x) -> None:
@@ -49,12 +64,14 @@ def measure(
     datamodule: EpisodicDataModule,
     warmup: int = 2,
     repeats: int = 10,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
 
     - ``accuracy``, ``ci95``: :meth:`MetaLearnerModule.evaluate` on every fixed test episode of
       ``datamodule`` (the same numbers as ``Trainer.test``), through
       :func:`~lightning_metakd.evaluation.mean_ci95`.
+    - ``episode_accuracy``: those per-episode accuracies, a float tensor ``[episodes]`` in test
+      order, for :func:`compare`'s paired differences (it strips them from its rows).
     - ``parameters``: elements of the adapted network's parameters (``learner.model``; the
       algorithm's own meta-parameters, e.g. Meta-SGD's learning rates, are not counted); for a
       :class:`~lightning_metakd.modules.distillation.TeacherEnsemble`, of every member's network.
@@ -86,6 +103,7 @@ def measure(
     return {
         "accuracy": mean,
         "ci95": ci95,
+        "episode_accuracy": torch.cat(accuracies).detach().float().flatten(),
         "parameters": sum(p.numel() for m in _models(learner) for p in m.parameters()),
         "flops": counter.get_total_flops(),
         "latency_ms": 1000 * statistics.median(times),
@@ -103,8 +121,16 @@ def compare(
     warmup: int = 2,
     repeats: int = 10,
     plot: bool = True,
+    reference: str | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every learner (:func:`measure`) and write ``report.json``, ``report.md``, ``report.png``.
+
+    Besides each learner's accuracy ± 95% CI, every row other than ``reference`` gets the *paired*
+    difference against it: per test episode ``acc_row − acc_reference`` (both ``[episodes]``, the
+    same fixed episodes), its mean and 95% CI half-width through
+    :func:`~lightning_metakd.evaluation.mean_ci95`. Pairing removes the episodes' shared
+    difficulty, so this CI is much narrower than the two accuracies' CIs; a difference is
+    significant when its CI excludes 0, even where the two accuracies' CIs overlap.
 
     Args:
         learners: ``{name: learner}``, e.g. the teacher, the distilled student
@@ -116,10 +142,19 @@ def compare(
         warmup, repeats: latency runs (see :func:`measure`).
         plot: write ``report.png`` (accuracy with its 95% CI against parameters, log scale); needs
             matplotlib (the ``dev`` extra).
+        reference: the name of the learner the paired differences are taken against (default:
+            the first of ``learners``).
 
     Returns:
-        One row per learner: ``{"name", "accuracy", "ci95", "parameters", "flops",
-        "latency_ms"}``, in the order of ``learners``.
+        One row per learner: ``{"name", "accuracy", "ci95", "diff_vs_reference", "diff_ci95",
+        "parameters", "flops", "latency_ms"}`` (:data:`COLUMNS`), in the order of ``learners``;
+        ``diff_vs_reference`` and ``diff_ci95`` are the mean paired accuracy difference
+        ``acc_row − acc_reference`` and its 95% CI half-width (fractions, like ``accuracy``), and
+        ``None`` in the reference's own row. The same rows are written to ``report.json`` (no
+        per-episode accuracies, to keep it compact).
+
+    Raises:
+        KeyError: ``reference`` is not one of ``learners``.
     """
     if not learners:
         raise ValueError("compare needs at least one learner: {name: MetaLearnerModule}.")
@@ -131,11 +166,25 @@ def compare(
             f"compare takes MetaLearnerModules (or TeacherEnsembles); {wrong} are not (for a "
             "DistillationModule pass its student_learner(), or distillation_learners(it))."
         )
+    reference = next(iter(learners)) if reference is None else reference
+    if reference not in learners:
+        raise KeyError(f"reference {reference!r} is not one of the learners {list(learners)}.")
     if plot:
         pyplot = _pyplot()
-    rows = [
-        {"name": name, **measure(m, datamodule, warmup, repeats)} for name, m in learners.items()
-    ]
+    measured = {name: measure(m, datamodule, warmup, repeats) for name, m in learners.items()}
+    episodes = {name: m.pop("episode_accuracy") for name, m in measured.items()}
+    rows = []
+    for name, m in measured.items():
+        diff, diff_ci95 = None, None
+        if name != reference:
+            if episodes[name].shape != episodes[reference].shape:
+                raise ValueError(
+                    f"{name!r} and {reference!r} were measured on different numbers of test "
+                    f"episodes ({episodes[name].numel()} and {episodes[reference].numel()})."
+                )
+            diff, diff_ci95 = mean_ci95(episodes[name] - episodes[reference])
+        row = {"name": name, "accuracy": m.pop("accuracy"), "ci95": m.pop("ci95")}
+        rows.append({**row, "diff_vs_reference": diff, "diff_ci95": diff_ci95, **m})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -179,14 +228,41 @@ def distillation_learners(
 
 
 def markdown_table(rows: list[Mapping[str, Any]]) -> str:
-    """The Markdown table of :func:`compare`'s rows (accuracy in %, FLOPs in millions)."""
+    """The Markdown table of :func:`compare`'s rows (accuracy in %, FLOPs in millions).
+
+    The column ``Δ vs <reference> (points, paired)`` shows the paired accuracy difference against
+    the reference learner (the row whose ``diff_vs_reference`` is ``None``), mean ± 95% CI in
+    percentage points, e.g. ``+0.35 ± 0.21``: the same test episodes make it a per-episode
+    difference, whose CI is much narrower than the accuracies' (see :func:`compare`). The
+    reference's row, and every row of rows without the diff keys, shows ``—``.
+
+    Example:
+        >>> row = {"parameters": 516, "flops": 2e6, "latency_ms": 1.0}
+        >>> print(markdown_table([
+        ...     {"name": "a", "accuracy": 0.5, "ci95": 0.02, **row,
+        ...      "diff_vs_reference": None, "diff_ci95": None},
+        ...     {"name": "b", "accuracy": 0.51, "ci95": 0.02, **row,
+        ...      "diff_vs_reference": 0.0035, "diff_ci95": 0.0021}]))
+        | learner | accuracy (%) | Δ vs a (points, paired) | parameters | MFLOPs / episode | CPU latency (ms) |
+        |---|---:|---:|---:|---:|---:|
+        | a | 50.00 ± 2.00 | — | 516 | 2.00 | 1.00 |
+        | b | 51.00 ± 2.00 | +0.35 ± 0.21 | 516 | 2.00 | 1.00 |
+        <BLANKLINE>
+    """
+    reference = next(
+        (r["name"] for r in rows if "diff_vs_reference" in r and r["diff_vs_reference"] is None),
+        rows[0]["name"] if rows else "",
+    )
     lines = [
-        "| learner | accuracy (%) | parameters | MFLOPs / episode | CPU latency (ms) |",
-        "|---|---:|---:|---:|---:|",
+        f"| learner | accuracy (%) | Δ vs {reference} (points, paired) | parameters | "
+        "MFLOPs / episode | CPU latency (ms) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        diff = r.get("diff_vs_reference")
+        paired = "—" if diff is None else f"{100 * diff:+.2f} ± {100 * r['diff_ci95']:.2f}"
         lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | "
+            f"| {r['name']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {paired} | "
             f"{r['parameters']:,} | {r['flops'] / 1e6:.2f} | {r['latency_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -309,7 +385,8 @@ def report_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="metakd report",
-        description="Accuracy ± 95%% CI, parameters, FLOPs and CPU latency per adapted episode of "
+        description="Accuracy ± 95%% CI, the paired per-episode accuracy difference against a "
+        "reference row (± 95%% CI), parameters, FLOPs and CPU latency per adapted episode of "
         "trained learners on the same fixed test episodes; writes report.json, .md and .png.",
     )
     parser.add_argument(
@@ -331,6 +408,13 @@ def report_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", required=True, help="folder for report.json/.md/.png")
     parser.add_argument("--repeats", type=int, default=10, help="latency runs per learner")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="NAME",
+        help="the row (learner name) the paired per-episode accuracy differences are taken "
+        "against (default: the first row)",
+    )
     opts = parser.parse_args(argv)
     try:
         config = yaml.safe_load(Path(opts.config).read_text()) or {}
@@ -346,7 +430,9 @@ def report_main(argv: list[str]) -> int:
         datamodule = report_datamodule(data)
         datamodule.prepare_data()
         learners = _learners_from_checkpoints(opts.checkpoint)
-        rows = compare(learners, datamodule, opts.out, repeats=opts.repeats)
+        rows = compare(
+            learners, datamodule, opts.out, repeats=opts.repeats, reference=opts.reference
+        )
     except (OSError, ValueError, TypeError, KeyError) as err:
         print(f"metakd report: error: {err}", file=sys.stderr)
         return 2

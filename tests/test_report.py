@@ -9,10 +9,12 @@ import pytest
 import torch
 from conftest import TinyDataModule
 
+import lightning_metakd.report as report
 from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.evaluation import mean_ci95
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import MetaLearnerModule
-from lightning_metakd.report import ablation, compare
+from lightning_metakd.report import ablation, compare, markdown_table
 
 
 def conv4_parameters(hidden: int, in_channels: int = 1) -> int:
@@ -42,11 +44,24 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
     assert rows[0]["parameters"] == conv4_parameters(16) == 7_248
     assert rows[1]["parameters"] == conv4_parameters(4) == 516
     assert rows[0]["flops"] > rows[1]["flops"] > 0
+    # The paired difference is over the per-episode accuracies of the same test episodes.
+    dm.setup("test")
+    episodes = [
+        torch.cat([learner.evaluate(batch).accuracy for batch in dm.test_dataloader()])
+        for learner in learners.values()
+    ]
+    diff, diff_ci95 = mean_ci95(episodes[1] - episodes[0])
+    assert rows[0]["diff_vs_reference"] is None and rows[0]["diff_ci95"] is None
+    assert rows[1]["diff_vs_reference"] == pytest.approx(diff, abs=1e-6)
+    assert rows[1]["diff_ci95"] == pytest.approx(diff_ci95, abs=1e-6)
+    assert list(rows[0]) == list(report.COLUMNS)
 
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == rows
     table = (out / "report.md").read_text().splitlines()
-    assert table[0].startswith("| learner | accuracy (%)") and len(table) == 4
+    assert table[0].startswith("| learner | accuracy (%) | Δ vs wide (points, paired) |")
+    assert len(table) == 4 and "| — |" in table[2]
+    assert f"| {100 * diff:+.2f} ± {100 * diff_ci95:.2f} |" in table[3]
     assert f"| wide | {100 * rows[0]['accuracy']:.2f} ± " in table[2]
     assert "| 7,248 |" in table[2] and "| 516 |" in table[3]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -55,6 +70,85 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
 def test_compare_needs_meta_learners(tmp_path):
     with pytest.raises(TypeError, match="compare takes MetaLearnerModules"):
         compare({"x": torch.nn.Linear(2, 2)}, None, tmp_path)
+
+
+def compare_given(accuracies: dict[str, list[float]], monkeypatch, tmp_path, **kwargs):
+    """``compare`` on learners whose per-episode test accuracies are ``accuracies``."""
+    learners = {name: MetaLearnerModule(Conv4(hidden=2), ProtoNet(), ways=2) for name in accuracies}
+
+    def measure(learner, datamodule, warmup, repeats):
+        name = next(n for n, m in learners.items() if m is learner)
+        episode_accuracy = torch.tensor(accuracies[name])
+        mean, ci95 = mean_ci95(episode_accuracy)
+        return {"accuracy": mean, "ci95": ci95, "episode_accuracy": episode_accuracy,
+                "parameters": 10, "flops": 1e6, "latency_ms": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(report, "measure", measure)
+    rows = compare(learners, None, tmp_path, plot=False, **kwargs)
+    return {r["name"]: r for r in rows}
+
+
+def test_paired_difference_by_hand(monkeypatch, tmp_path):
+    # Per-episode differences b − a = [0.1, 0.0, 0.2, 0.1]: mean 0.1, sample variance 0.02 / 3.
+    a = [0.5, 0.6, 0.4, 0.7]
+    rows = compare_given({"a": a, "b": [0.6, 0.6, 0.6, 0.8]}, monkeypatch, tmp_path)
+    ci95 = 1.96 * (0.02 / 3) ** 0.5 / 4**0.5
+    assert rows["a"]["diff_vs_reference"] is None and rows["a"]["diff_ci95"] is None
+    assert rows["b"]["diff_vs_reference"] == pytest.approx(0.1, abs=1e-6)
+    assert rows["b"]["diff_ci95"] == pytest.approx(ci95, abs=1e-6)
+    # report.json holds the rows without the per-episode accuracies.
+    assert json.loads((tmp_path / "report.json").read_text()) == list(rows.values())
+    assert "episode_accuracy" not in (tmp_path / "report.json").read_text()
+
+
+def test_paired_difference_is_significant_where_the_accuracy_cis_overlap(monkeypatch, tmp_path):
+    # Episodes differ a lot in difficulty; b is better by about 0.05 on every one of them.
+    a = [0.2, 0.9, 0.4, 0.7, 0.3, 0.8]
+    b = [x + d for x, d in zip(a, [0.04, 0.06, 0.05, 0.05, 0.04, 0.06], strict=True)]
+    rows = compare_given({"a": a, "b": b}, monkeypatch, tmp_path)
+    ra, rb = rows["a"], rows["b"]
+    assert rb["accuracy"] - rb["ci95"] < ra["accuracy"] + ra["ci95"]  # the CIs overlap
+    assert rb["diff_vs_reference"] == pytest.approx(0.05, abs=1e-6)
+    assert rb["diff_vs_reference"] - rb["diff_ci95"] > 0  # the paired CI excludes 0
+    assert rb["diff_ci95"] < 0.01 < 0.2 < ra["ci95"]
+
+
+def test_paired_difference_against_a_named_reference(monkeypatch, tmp_path):
+    accuracies = {"a": [0.5, 0.6, 0.4, 0.7], "b": [0.6, 0.6, 0.6, 0.8], "c": [0.5, 0.5, 0.5, 0.5]}
+    rows = compare_given(accuracies, monkeypatch, tmp_path, reference="b")
+    assert rows["b"]["diff_vs_reference"] is None and rows["b"]["diff_ci95"] is None
+    assert rows["a"]["diff_vs_reference"] == pytest.approx(-0.1, abs=1e-6)
+    assert rows["a"]["diff_ci95"] == pytest.approx(1.96 * (0.02 / 3) ** 0.5 / 2, abs=1e-6)
+    assert rows["c"]["diff_vs_reference"] == pytest.approx(-0.15, abs=1e-6)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert "| Δ vs b (points, paired) |" in lines[0]
+    assert "| a | 55.00 ± " in lines[2] and "| -10.00 ± 8.00 |" in lines[2]
+    assert "| b | 65.00 ± " in lines[3] and "| — |" in lines[3]
+    # An unknown reference fails before anything is measured.
+    learners = {name: MetaLearnerModule(Conv4(hidden=2), ProtoNet(), ways=2) for name in "abc"}
+    monkeypatch.setattr(report, "measure", lambda *args: pytest.fail("measured before the check"))
+    with pytest.raises(KeyError, match=r"reference 'd' is not one of the learners \['a', 'b', 'c'"):
+        compare(learners, None, tmp_path, reference="d")
+
+
+def test_markdown_table_paired_column():
+    common = {"accuracy": 0.5, "ci95": 0.02, "parameters": 1_000, "flops": 2e6, "latency_ms": 1.5}
+    rows = [
+        {"name": "teacher", **common, "diff_vs_reference": None, "diff_ci95": None},
+        {"name": "student", **common, "diff_vs_reference": 0.0035, "diff_ci95": 0.0021},
+        {"name": "worse", **common, "diff_vs_reference": -0.0123, "diff_ci95": 0.004},
+    ]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == ("| learner | accuracy (%) | Δ vs teacher (points, paired) | parameters | "
+                        "MFLOPs / episode | CPU latency (ms) |")  # fmt: skip
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| teacher | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
+    assert lines[3] == "| student | 50.00 ± 2.00 | +0.35 ± 0.21 | 1,000 | 2.00 | 1.50 |"
+    assert lines[4] == "| worse | 50.00 ± 2.00 | -1.23 ± 0.40 | 1,000 | 2.00 | 1.50 |"
+    # Rows of old callers, without the diff keys: the column is there, every cell "—".
+    old = markdown_table([{"name": "x", **common}, {"name": "y", **common}]).splitlines()
+    assert "| Δ vs x (points, paired) |" in old[0]
+    assert old[3] == "| y | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
 
 
 def test_ablation_table():

@@ -44,10 +44,17 @@ def test_report_command_compares_teacher_student_and_baseline(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": data}))
     args = ["report", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "out"),
             "--repeats", "1", "--checkpoint", distilled,
-            "--checkpoint", f"baseline student={baseline}"]  # fmt: skip
+            "--checkpoint", f"baseline student={baseline}",
+            "--reference", "baseline student"]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["name"] for r in rows] == ["teacher", "distilled student", "baseline student"]
+    # Paired differences against the named reference (their mean is the difference of means).
+    assert rows[2]["diff_vs_reference"] is None
+    for row in rows[:2]:
+        expected_diff = row["accuracy"] - rows[2]["accuracy"]
+        assert row["diff_vs_reference"] == pytest.approx(expected_diff, abs=1e-6)
+        assert row["diff_ci95"] >= 0
     assert rows[0]["parameters"] > rows[1]["parameters"] == rows[2]["parameters"]
     # The teacher row is the teacher's own test accuracy on these episodes.
     expected = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(
@@ -56,8 +63,11 @@ def test_report_command_compares_teacher_student_and_baseline(tmp_path, capsys):
         verbose=False,
     )[0]["test/acc"]
     assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-6)
-    assert "| teacher |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| teacher |" in out and "| Δ vs baseline student (points, paired) |" in out
     assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*args[:-1], "nobody"]) == 2
+    assert "reference 'nobody' is not one of the learners" in capsys.readouterr().err
 
 
 def test_report_command_errors_are_clear(tmp_path, capsys):
