@@ -1,5 +1,6 @@
 """LightningModules: wiring of data, models, algorithms and losses; logging."""
 
+from lightning_metakd.modules.allocator import tune_cpu_allocator
 from lightning_metakd.modules.distillation import (
     DistillationLoss,
     DistillationModule,
@@ -15,4 +16,5 @@ __all__ = [
     "MetaLoss",
     "NonFiniteLossError",
     "TeacherEnsemble",
+    "tune_cpu_allocator",
 ]

@@ -32,6 +32,7 @@ from lightning_metakd.distill import (
 )
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.models.vit import Attention
+from lightning_metakd.modules.allocator import configure_cpu_allocator
 from lightning_metakd.modules.distributed import destroy_process_group_at_exit
 from lightning_metakd.modules.finite import check_finite_loss
 from lightning_metakd.modules.meta_learner import (
@@ -285,6 +286,7 @@ class DistillationModule(L.LightningModule):
             an optional scheduler, as callables (LightningCLI: ``class_path``).
         allow_tf32: as for :class:`MetaLearnerModule` (TF32 is turned off on CUDA for a
             gradient-based student inner loop unless this is ``True``).
+        tune_cpu_allocator: as for :class:`MetaLearnerModule` (glibc malloc tuned for CPU runs).
 
     Example — a Conv4-16 ProtoNet student of a Conv4-64 teacher, soft labels on::
 
@@ -318,9 +320,10 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         allow_tf32: bool = False,
+        tune_cpu_allocator: bool = True,
     ) -> None:
         super().__init__()
-        self.allow_tf32 = allow_tf32
+        self.allow_tf32, self.tune_cpu_allocator = allow_tf32, tune_cpu_allocator
         given = dict(
             task_weight=task_weight, soft_label_weight=soft_label_weight,
             feature_weight=feature_weight, attention_transfer_weight=attention_transfer_weight,
@@ -543,6 +546,7 @@ class DistillationModule(L.LightningModule):
             teacher.check_data(self._trainer, stage, self._who(k), training_only=True)
         self.student.check_data(self._trainer, stage, "student")
         configure_tf32(self._trainer, self.student.algorithm, self.allow_tf32)
+        configure_cpu_allocator(self._trainer, self.tune_cpu_allocator)
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
