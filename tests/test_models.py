@@ -76,6 +76,21 @@ def test_resnet12_default_shapes(channels: int, size: int, side: int) -> None:
     assert 12.3e6 < sum(p.numel() for p in net.parameters()) < 12.5e6
 
 
+def test_resnet12_without_the_last_pool_averages_the_whole_last_map() -> None:
+    torch.manual_seed(0)
+    pooled = ResNet12(in_channels=1, image_size=28, width=0.25)
+    torch.manual_seed(0)
+    whole = ResNet12(in_channels=1, image_size=28, width=0.25, pool_last_block=False)
+    whole.load_state_dict(pooled.state_dict())  # same parameters: only the pooling differs
+    x = torch.randn(2, 1, 28, 28)
+    last_map = whole.forward_features(x)
+    assert last_map.shape == (2, 160, 3, 3)
+    torch.testing.assert_close(whole(x), last_map.mean((2, 3)))
+    # Floor max-pooling of the 3x3 map keeps only its top-left 2x2 window.
+    torch.testing.assert_close(pooled(x), last_map[..., :2, :2].amax((2, 3)))
+    assert [isinstance(b.pool, torch.nn.MaxPool2d) for b in whole.features] == [1, 1, 1, 0]
+
+
 @pytest.mark.parametrize(
     ("channels", "size", "patch"), [(1, 28, 4), (3, 84, 12)], ids=["28px", "84px"]
 )

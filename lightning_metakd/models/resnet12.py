@@ -19,12 +19,15 @@ class ResidualBlock12(nn.Module):
 
     ``out = maxpool2(lrelu(body(x) + shortcut(x)))`` where ``body`` is
     conv-BN-LeakyReLU, conv-BN-LeakyReLU, conv-BN (LeakyReLU slope 0.1), as in MetaOptNet
-    (Lee et al. 2019) and RFS (Tian et al. 2020). Halves the spatial side (floor).
+    (Lee et al. 2019) and RFS (Tian et al. 2020). Halves the spatial side (floor), or keeps it
+    with ``pool=False``.
 
     Shapes: ``[B, in_channels, H, W]`` → ``[B, out_channels, H // 2, W // 2]``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float = 0.0, pool: bool = True
+    ):
         super().__init__()
         self.body = nn.Sequential(
             *_conv_bn(in_channels, out_channels, 3),
@@ -35,7 +38,7 @@ class ResidualBlock12(nn.Module):
         )
         self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1))
         self.activation = nn.LeakyReLU(0.1, inplace=False)
-        self.pool = nn.MaxPool2d(2, ceil_mode=False)
+        self.pool = nn.MaxPool2d(2, ceil_mode=False) if pool else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -50,7 +53,13 @@ class ResNet12(nn.Module):
     Optimization") and RFS (Tian et al. 2020, "Rethinking Few-Shot Image Classification").
     Each block (:class:`ResidualBlock12`) halves the spatial side: 84 → 42 → 21 → 10 → 5 on
     mini-ImageNet and 28 → 14 → 7 → 3 → 1 on Omniglot/KanjiVG; the final average pool makes the
-    embedding ``[B, num_features]`` for any input size of at least 16 pixels.
+    embedding ``[B, num_features]`` for any input size of at least 16 pixels. On 28-pixel images
+    the last max-pool (floor mode) keeps only the top-left 2x2 window of the 3x3 map: 5 of its 9
+    positions never reach the embedding. ``pool_last_block=False`` skips that pool, so the
+    average pool sees the whole 3x3 map (same parameters, same FLOPs up to the pooling): on
+    KanjiVG within a radical group it raised the ProtoNet teacher from 98.49 to 99.24% (5-way
+    1-shot) and from 96.45 to 98.10% (10-way) with the same training (README,
+    ``configs/kanji/resnet12_protonet.yaml``).
 
     BatchNorm uses the statistics of the batch it sees (``track_running_stats=False``), the same
     transductive policy as :class:`~lightning_metakd.models.Conv4`: training and evaluation give
@@ -65,6 +74,8 @@ class ResNet12(nn.Module):
         image_size: nominal input side length (at least 16). The embedding size does not depend on
             it thanks to the average pool; it is kept so every backbone takes the same arguments.
         dropout: dropout probability after each block (0 disables it; RFS uses DropBlock instead).
+        pool_last_block: max-pool after the fourth block (the published architecture); ``False``
+            keeps its map whole for the average pool (better for 28-pixel images, see above).
 
     Example:
         >>> import torch
@@ -82,6 +93,7 @@ class ResNet12(nn.Module):
         width: float = 1.0,
         image_size: int = 84,
         dropout: float = 0.0,
+        pool_last_block: bool = True,
     ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -105,19 +117,21 @@ class ResNet12(nn.Module):
             image_size,
             dropout,
         )
-        self.widths = widths
+        self.widths, self.pool_last_block = widths, pool_last_block
         self.channels = tuple(max(1, round(w * width)) for w in widths)
         blocks: list[nn.Module] = []
         previous = in_channels
-        for channels in self.channels:
-            blocks.append(ResidualBlock12(previous, channels, dropout))
+        for k, channels in enumerate(self.channels):
+            pool = pool_last_block or k < len(self.channels) - 1
+            blocks.append(ResidualBlock12(previous, channels, dropout, pool))
             previous = channels
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = self.channels[-1]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """The last feature map ``[B, channels[-1], h, w]`` (``h = w = 5`` at 84 px, 1 at 28 px)."""
+        """The last feature map ``[B, channels[-1], h, w]`` (``h = w = 5`` at 84 px, 1 at 28 px;
+        10 and 3 with ``pool_last_block=False``)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ResNet12 expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}; "
