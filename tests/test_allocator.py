@@ -63,7 +63,9 @@ def test_tuning_removes_most_page_faults_of_maml_steps():
     faults = {}
     for tuned in (False, True):
         setup = "from lightning_metakd.modules import allocator\n"
-        setup += "assert allocator.tune_cpu_allocator() and allocator.tune_cpu_allocator()\n" * tuned
+        setup += (
+            "assert allocator.tune_cpu_allocator() and allocator.tune_cpu_allocator()\n" * tuned
+        )
         out = run(setup + WORKLOAD + REPORT)
         assert out["tuned"] is tuned
         faults[tuned] = out["faults"]
