@@ -14,27 +14,30 @@ steps, second and first order.
   backward per task (which frees each task's graph early).
 
 Timing: ``ours-loop`` and ``learn2learn`` run in one process, in turns — one warm-up step each,
-then ``--repeats`` rounds of one step each, the order rotated every round — so the steps of a
-round share the machine's conditions (on a shared machine single runs move by ±15%). Their speed
-ratio is the median over rounds of the paired ratio (learn2learn's step time over ours; > 1 is
-faster), with its interquartile range. ``ours-vmap`` is timed in a process of its own (its
-gigabytes of allocations would move glibc's adaptive malloc thresholds for the others too); its
-ratio is one of medians. Peak memory: each
-implementation in its own fresh process (a warm-up step and one more), so the peak is its own: on
-CPU the rise of ``ru_maxrss`` over the value after setup, on CUDA
-``torch.cuda.max_memory_allocated``. Results: a Markdown table on stdout and JSON in ``--out``.
+then ``--repeats`` steps each, the order rotated every step — so the steps they are compared by
+share the machine's conditions (on a shared machine single runs move by ±15%). That is one round;
+``--rounds`` rounds each start a fresh process per malloc setting, back to back.
 
-malloc: on CPU every configuration runs twice, with glibc malloc's defaults and with the setting
-that ``MetaLearnerModule.setup`` applies to CPU runs (``tune_cpu_allocator``: freed activations
-are reused instead of page-faulted in again). Both settings speed every implementation in the
-process alike, so the paired ratios compare the algorithms; "vs l2l default malloc" compares our
-default path as shipped with learn2learn as its users run it.
+- "speed vs l2l, same malloc": learn2learn's step time over ours, paired step by step within a
+  process: the algorithms compared under the same allocator.
+- "speed vs l2l with default malloc": per round, learn2learn's median step under glibc's default
+  malloc (as its users run it) over this row's median step in the same round: our default path
+  as shipped (``MetaLearnerModule.setup`` tunes malloc on CPU, ``tune_cpu_allocator``) against
+  learn2learn as documented. Both as median and interquartile range; > 1 is faster.
+- ``ours-vmap`` runs in a process of its own under the shipped setting (its gigabytes of
+  allocations move glibc's adaptive thresholds for everything else in the process); its ratios
+  are ratios of medians.
+
+Peak memory: each implementation in fresh processes (a warm-up step and one more; the median of
+``--memory-runs``), so the peak is its own: on CPU the rise of ``ru_maxrss`` over the value after
+setup (it moves by ±15 MB between identical runs), on CUDA ``torch.cuda.max_memory_allocated``.
+Results: a Markdown table on stdout and JSON in ``--out``. On CUDA only the default malloc runs.
 
 Usage::
 
     python benchmarks/maml_step.py                 # full run, CPU
     python benchmarks/maml_step.py --device cuda
-    python benchmarks/maml_step.py --quick         # smoke run: tiny meta-batch, two rounds
+    python benchmarks/maml_step.py --quick         # smoke run: tiny meta-batch, short rounds
 """
 
 from __future__ import annotations
@@ -178,74 +181,111 @@ def run_one(config: dict) -> dict:
     return {"times": times}
 
 
-def summarise(
-    config: dict, times: dict[str, list[float]], peaks: dict[str, float], paired: list[str]
-) -> list[dict]:
-    """One result per implementation: median time and speed ratio against learn2learn.
+def _ratio_stats(ratios: list[float]) -> dict:
+    """Median and interquartile range of ratios (> 1: faster than learn2learn)."""
+    ratios = sorted(ratios)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "iqr": [quartiles[0], quartiles[-1]],
+            "values": ratios}  # fmt: skip
 
-    For the implementations in ``paired`` (timed in turns with learn2learn in one process) the
-    ratio ``speed_vs_l2l`` is the median of the rounds' paired ratios, with its IQR; for the
-    others, learn2learn's median step time over theirs.
+
+def summarise(
+    config: dict,
+    rounds: list[dict[str, dict[str, list[float]]]],
+    vmap_times: dict[str, list[float]],
+    peaks: dict[tuple[str, str], list[float]],
+) -> list[dict]:
+    """One row per implementation and malloc setting, with speed and memory against learn2learn.
+
+    Args:
+        rounds: per round, ``{malloc: {impl: step times}}`` of the processes that timed
+            ``ours-loop`` and ``learn2learn`` in turns.
+        vmap_times: ``{malloc: step times}`` of ``ours-vmap`` (a process of its own).
+        peaks: ``{(impl, malloc): peak MB of each memory run}``.
+
+    ``speed_vs_l2l_same_malloc`` pairs the steps of one process (learn2learn's time over ours);
+    ``speed_vs_l2l_default_malloc`` pairs, round by round, the median step of learn2learn in its
+    default-malloc process with this row's median step in the process of the same round. For
+    ``ours-vmap`` both are ratios of medians over all its steps (not paired).
     """
-    base = times.get("learn2learn")
     results = []
-    for impl, impl_times in times.items():
-        seconds = statistics.median(impl_times)
-        result = {
-            **{k: v for k, v in config.items() if k not in ("impls", "mode")},
-            "impl": impl,
-            "seconds_per_step": seconds,
-            "steps_per_s": 1 / seconds,
-            "tasks_per_s": config["tasks"] / seconds,
-            "times": impl_times,
-            "peak_mb": peaks.get(impl, float("nan")),
-        }
-        if base is not None and impl in paired:
-            # Per round: learn2learn's step time over this implementation's (> 1: faster).
-            ratios = sorted(b / t for b, t in zip(base, impl_times, strict=True))
-            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            result["speed_vs_l2l"] = statistics.median(ratios)
-            result["speed_vs_l2l_iqr"] = [quartiles[0], quartiles[-1]]
-            result["speed_vs_l2l_rounds"] = ratios
-        elif base is not None:  # timed in another process: a ratio of medians, not paired
-            result["speed_vs_l2l"] = statistics.median(base) / seconds
-        result["paired_with_l2l"] = base is not None and impl in paired
-        results.append(result)
+    mallocs = list(rounds[0]) if rounds else list(vmap_times)
+    for malloc in mallocs:
+        rows = (
+            {impl: [t for r in rounds for t in r[malloc][impl]] for impl in rounds[0][malloc]}
+            if rounds
+            else {}
+        )
+        if malloc in vmap_times:
+            rows["ours-vmap"] = vmap_times[malloc]
+        for impl, impl_times in rows.items():
+            seconds = statistics.median(impl_times)
+            peak_runs = peaks.get((impl, malloc), [])
+            result = {
+                **{k: v for k, v in config.items() if k not in ("impls", "mode", "malloc")},
+                "impl": impl, "malloc": malloc, "seconds_per_step": seconds,
+                "steps_per_s": 1 / seconds, "tasks_per_s": config["tasks"] / seconds,
+                "times": impl_times,
+                "peak_mb": statistics.median(peak_runs) if peak_runs else float("nan"),
+                "peak_mb_runs": peak_runs,
+            }  # fmt: skip
+            l2l_default = peaks.get(("learn2learn", "default"))
+            if l2l_default and peak_runs:
+                result["memory_vs_l2l_default_malloc"] = result["peak_mb"] / statistics.median(
+                    l2l_default
+                )
+            if impl == "ours-vmap":
+                for key, ref in (("same", malloc), ("default", "default")):
+                    base = [t for r in rounds for t in r.get(ref, {}).get("learn2learn", [])]
+                    if base:
+                        result[f"speed_vs_l2l_{key}_malloc"] = {
+                            "median": statistics.median(base) / seconds, "paired": False,
+                        }  # fmt: skip
+            elif "learn2learn" in rows:
+                same = [
+                    b / t
+                    for r in rounds
+                    for b, t in zip(r[malloc]["learn2learn"], r[malloc][impl], strict=True)
+                ]
+                result["speed_vs_l2l_same_malloc"] = {**_ratio_stats(same), "paired": True}
+                if "default" in rounds[0]:
+                    across = [
+                        statistics.median(r["default"]["learn2learn"])
+                        / statistics.median(r[malloc][impl])
+                        for r in rounds
+                    ]
+                    result["speed_vs_l2l_default_malloc"] = {
+                        **_ratio_stats(across), "paired": True,
+                    }  # fmt: skip
+            results.append(result)
     return results
 
 
-def table(results: list[dict]) -> str:
-    """Markdown table: paired speed ratios within a process, and ratios against learn2learn as shipped.
+def _ratio_cell(ratio: dict | None) -> str:
+    if ratio is None:
+        return "n/a"
+    if not ratio["paired"]:
+        return f"{ratio['median']:.2f}x (unpaired)"
+    low, high = ratio["iqr"]
+    return f"{ratio['median']:.2f}x ({low:.2f}-{high:.2f})"
 
-    "vs l2l, same malloc" pairs the rounds of one process (same allocator setting for both);
-    "vs l2l default malloc" divides medians of two processes (learn2learn run as its users run
-    it, with glibc's defaults) and compares peak memory the same way.
-    """
-    base = {
-        (r["inner_steps"], r["first_order"]): r
-        for r in results
-        if r["impl"] == "learn2learn" and r["malloc"] == "default"
-    }
+
+def table(results: list[dict]) -> str:
+    """Markdown table: speed against learn2learn under the same malloc and under its default."""
     lines = [
         "| inner steps | order | implementation | malloc | tasks/s | peak MB "
-        "| speed vs l2l, same malloc (IQR) | speed vs l2l default malloc "
-        "| memory vs l2l default malloc |",
+        "| speed vs l2l, same malloc (IQR) | speed vs l2l with default malloc (IQR) "
+        "| memory vs l2l with default malloc |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = base.get((r["inner_steps"], r["first_order"]))
-        paired = "n/a"
-        if "speed_vs_l2l_iqr" in r:
-            low, high = r["speed_vs_l2l_iqr"]
-            paired = f"{r['speed_vs_l2l']:.2f}x ({low:.2f}-{high:.2f})"
-        elif "speed_vs_l2l" in r:
-            paired = f"{r['speed_vs_l2l']:.2f}x (unpaired)"
-        speed = f"{r['tasks_per_s'] / ref['tasks_per_s']:.2f}x" if ref else "n/a"
-        memory = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else "n/a"
+        memory = r.get("memory_vs_l2l_default_malloc")
         lines.append(
             f"| {r['inner_steps']} | {'first' if r['first_order'] else 'second'} | {r['impl']} | "
-            f"{r['malloc']} | {r['tasks_per_s']:.1f} | {r['peak_mb']:.0f} | {paired} | {speed} "
-            f"| {memory} |"
+            f"{r['malloc']} | {r['tasks_per_s']:.1f} | {r['peak_mb']:.0f} | "
+            f"{_ratio_cell(r.get('speed_vs_l2l_same_malloc'))} | "
+            f"{_ratio_cell(r.get('speed_vs_l2l_default_malloc'))} | "
+            f"{'n/a' if memory is None else f'{memory:.2f}x'} |"
         )
     return "\n".join(lines)
 
@@ -263,8 +303,10 @@ def worker(config: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, 2 rounds")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, 2 short rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="timing processes per setting")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per process")
+    parser.add_argument("--memory-runs", type=int, default=3, help="memory processes per row")
     parser.add_argument("--meta-batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--inner-steps", type=int, nargs="+", default=[1, 5])
@@ -286,36 +328,53 @@ def main() -> None:
         print(json.dumps(run_one(json.loads(args.worker))))
         return
 
-    tasks, repeats = (4, 2) if args.quick else (args.meta_batch_size, args.repeats)
+    tasks, n_rounds, repeats, memory_runs = (
+        (4, 2, 1, 1)
+        if args.quick
+        else (args.meta_batch_size, args.rounds, args.repeats, args.memory_runs)
+    )
     mallocs = args.malloc or (["default", "tuned"] if args.device == "cpu" else ["default"])
+    shipped = "tuned" if "tuned" in mallocs else mallocs[0]  # what a user's fit gets
+    paired = [impl for impl in args.impl if impl != "ours-vmap"]
     results = []
     for steps in args.inner_steps:
         for first_order in (False, True):
+            config = {
+                "impls": paired, "mode": "time", "inner_steps": steps,
+                "first_order": first_order, "device": args.device, "tasks": tasks,
+                "repeats": repeats, "hidden": args.hidden, "ways": 5, "shots": 1,
+                "queries": 15, "threads": args.threads,
+            }  # fmt: skip
+            rounds: list[dict[str, dict[str, list[float]]]] = []
+            for r in range(n_rounds if paired else 0):
+                order = mallocs if r % 2 == 0 else mallocs[::-1]  # cancels drift within a round
+                rounds.append({m: worker({**config, "malloc": m})["times"] for m in order})
+            # ours-vmap is timed in a process of its own, under the setting users get: its
+            # gigabytes of allocations move glibc's adaptive thresholds for the whole process.
+            vmap_times = {}
+            if "ours-vmap" in args.impl:
+                vmap_config = {**config, "impls": ["ours-vmap"], "malloc": shipped}
+                vmap_times[shipped] = worker(vmap_config)["times"]["ours-vmap"]
+            peaks: dict[tuple[str, str], list[float]] = {}
             for malloc in mallocs:
-                config = {
-                    "impls": list(args.impl), "mode": "time", "inner_steps": steps,
-                    "first_order": first_order, "malloc": malloc, "device": args.device,
-                    "tasks": tasks, "repeats": repeats, "hidden": args.hidden, "ways": 5,
-                    "shots": 1, "queries": 15, "threads": args.threads,
-                }  # fmt: skip
-                # ours-vmap is timed in a process of its own: its gigabytes of allocations move
-                # glibc's adaptive thresholds, which would tune malloc for the others' steps too.
-                paired = [impl for impl in args.impl if impl != "ours-vmap"]
-                times = worker({**config, "impls": paired})["times"] if paired else {}
-                if "ours-vmap" in args.impl:
-                    times.update(worker({**config, "impls": ["ours-vmap"]})["times"])
-                peaks = {
-                    impl: worker({**config, "impls": [impl], "mode": "memory"})["peak_mb"][impl]
-                    for impl in args.impl
-                }
-                for result in summarise(config, times, peaks, paired):
-                    print(
-                        f"{result['impl']:12s} steps={steps} first_order={first_order} "
-                        f"malloc={malloc}: {result['tasks_per_s']:.1f} tasks/s, "
-                        f"peak {result['peak_mb']:.0f} MB",
-                        file=sys.stderr,
-                    )
-                    results.append(result)
+                for impl in args.impl:
+                    if impl == "ours-vmap" and malloc != shipped:
+                        continue
+                    runs = 1 if impl == "ours-vmap" else memory_runs
+                    peaks[(impl, malloc)] = [
+                        worker({**config, "impls": [impl], "mode": "memory", "malloc": malloc})[
+                            "peak_mb"
+                        ][impl]
+                        for _ in range(runs)
+                    ]
+            for result in summarise({**config, "rounds": n_rounds}, rounds, vmap_times, peaks):
+                print(
+                    f"{result['impl']:12s} steps={steps} first_order={first_order} "
+                    f"malloc={result['malloc']}: {result['tasks_per_s']:.1f} tasks/s, "
+                    f"peak {result['peak_mb']:.0f} MB",
+                    file=sys.stderr,
+                )
+                results.append(result)
 
     import torch
 
