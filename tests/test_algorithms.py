@@ -113,6 +113,26 @@ def test_inner_loop_lowers_support_loss_and_zero_steps_is_identity():
     assert F.cross_entropy(functional_call(model, fast, (sx,)), sy) < before
 
 
+def test_loop_and_vmap_inner_gradients_agree_on_a_parameter_the_loss_never_reaches():
+    # The loop takes inner gradients with torch.autograd.grad, vmap with torch.func.grad: an
+    # unused parameter must get a zero gradient on both paths (not an error, not None).
+    model = tiny_classifier()
+    model.register_parameter("unused", nn.Parameter(torch.ones(3)))
+    params = dict(model.named_parameters())
+    sx, sy, _, _ = task_batch(2)
+    loop = [
+        inner_loop(model, params, x, y, inner_lr=0.3, inner_steps=2)
+        for x, y in zip(sx, sy, strict=True)
+    ]
+    mapped = torch.func.vmap(
+        lambda x, y: inner_loop(model, params, x, y, inner_lr=0.3, inner_steps=2)
+    )(sx, sy)
+    for t, fast in enumerate(loop):
+        torch.testing.assert_close(fast["unused"], params["unused"])
+        for name in params:
+            torch.testing.assert_close(mapped[name][t], fast[name])
+
+
 def test_anil_adapts_only_the_head():
     model = tiny_classifier()
     params = dict(model.named_parameters())
