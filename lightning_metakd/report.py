@@ -89,7 +89,8 @@ def measure(
     for batch in datamodule.test_dataloader():
         accuracies.append(learner.evaluate(batch).accuracy)
         first = batch if first is None else first
-    mean, ci95 = mean_ci95(torch.cat(accuracies))
+    episode_accuracy = torch.cat(accuracies).detach().float().flatten()
+    mean, ci95 = mean_ci95(episode_accuracy)
     task = (first.support_x[0], first.support_y[0], first.query_x[0])
     with FlopCounterMode(display=False) as counter:
         _episode_cost(learner, *task)
@@ -103,7 +104,7 @@ def measure(
     return {
         "accuracy": mean,
         "ci95": ci95,
-        "episode_accuracy": torch.cat(accuracies).detach().float().flatten(),
+        "episode_accuracy": episode_accuracy,
         "parameters": sum(p.numel() for m in _models(learner) for p in m.parameters()),
         "flops": counter.get_total_flops(),
         "latency_ms": 1000 * statistics.median(times),

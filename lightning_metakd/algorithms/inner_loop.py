@@ -40,9 +40,10 @@ def inner_loop(
     under :func:`torch.func.vmap`, and an outer ``loss.backward()`` differentiates through the
     inner gradients (the second-order meta-gradient of MAML). The inner gradient is
     :func:`torch.func.grad` under vmap and :func:`torch.autograd.grad` in the loop (same values;
-    the transform's per-call cost made the loop 2-5% slower than learn2learn's). With ``first_order=True`` the inner gradients are treated as constants
-    (first-order MAML, Finn et al. 2017 §5.2): the outer gradient then flows only through the
-    ``θ`` term and, for Meta-SGD, into the learning rates.
+    the transform's per-call cost made the loop 2-5% slower than learn2learn's). With
+    ``first_order=True`` the inner gradients are treated as constants (first-order MAML, Finn et
+    al. 2017 §5.2): the outer gradient then flows only through the ``θ`` term and, for Meta-SGD,
+    into the learning rates.
 
     Gradient checkpointing (``checkpoint_steps=True``, second order only): a second-order step
     keeps the activations of its support forward *and* of its inner backward until the outer

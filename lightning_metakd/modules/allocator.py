@@ -9,9 +9,10 @@ to this pattern. Every step then page-faults and zeroes much of its working set 
 threshold at 8 MiB and a trim threshold of 256 MiB, blocks up to 8 MiB are reused from the heap:
 about 130,000 faults and steps 1.06-1.2x faster (``benchmarks/maml_step.py``, 1 and 5 inner
 steps, paired rounds), for any implementation in the process (learn2learn's included), and a
-lower, steadier peak in six runs of one step (176-181 MB against 177-209 with the defaults). A 32 MiB threshold (glibc's maximum) removes nearly every fault (1.35x) but
-fragments the heap: a peak of 193-208 MB. Measured with ``benchmarks/maml_step.py``'s workload
-on a 2-core x86-64 CPU, one thread, 2026-11-28.
+lower, steadier peak in six runs of one step (176-181 MB against 177-209 with the defaults).
+A 32 MiB threshold (glibc's maximum) removes nearly every fault (1.35x) but fragments the heap:
+a peak of 193-208 MB. Measured with ``benchmarks/maml_step.py``'s workload on a 2-core x86-64
+CPU, one thread, 2026-11-28.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def configure_cpu_allocator(trainer: L.Trainer | None, tune: bool) -> None:
         rank_zero_info(
             "lightning-metakd: glibc malloc tuned for CPU meta-training (mmap threshold "
             f"{MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB): freed "
-            "activations are reused instead of page-faulted in again (1.06-1.2x faster MAML steps). "
-            "Pass tune_cpu_allocator=False to the module to keep malloc's defaults."
+            "activations are reused instead of page-faulted in again (1.06-1.2x faster MAML "
+            "steps). Pass tune_cpu_allocator=False to the module to keep malloc's defaults."
         )
 
 
