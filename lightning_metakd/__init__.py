@@ -2,10 +2,18 @@
 
 Meta-train a teacher on few-shot tasks (:class:`MetaLearnerModule`), then distil its
 meta-knowledge into a smaller student that still adapts. Public API only; the pieces live in
-``data/``, ``models/``, ``algorithms/``, ``distill/`` and ``modules/``.
+``data/``, ``models/``, ``algorithms/``, ``distill/`` and ``modules/`` (docs/architecture.md).
 """
 
-from lightning_metakd.algorithms import ANIL, MAML, MatchingNet, MetaAlgorithm, MetaSGD, ProtoNet
+from lightning_metakd.algorithms import (
+    ANIL,
+    MAML,
+    Learner,
+    MatchingNet,
+    MetaAlgorithm,
+    MetaSGD,
+    ProtoNet,
+)
 from lightning_metakd.data import (
     ClassDataset,
     Episode,
@@ -19,7 +27,12 @@ from lightning_metakd.data import (
     TaskSpec,
 )
 from lightning_metakd.models import Conv4, ResNet12, VisionTransformer
-from lightning_metakd.modules import DistillationModule, MetaLearnerModule, NonFiniteLossError
+from lightning_metakd.modules import (
+    DistillationModule,
+    MetaLearnerModule,
+    NonFiniteLossError,
+    load_learner,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +48,7 @@ __all__ = [
     "FolderDataModule",
     "KanjiDataModule",
     "Learn2LearnDataModule",
+    "Learner",
     "MatchingNet",
     "MetaAlgorithm",
     "MetaLearnerModule",
@@ -47,4 +61,5 @@ __all__ = [
     "TaskSpec",
     "VisionTransformer",
     "__version__",
+    "load_learner",
 ]

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lightning_metakd.data import Episode, EpisodicDataModule
 from lightning_metakd.models import VisionTransformer
+from lightning_metakd.spec import component_spec
 
 
 def tensorboard_experiment(trainer: L.Trainer) -> Any | None:
@@ -206,9 +207,9 @@ class AttentionMaps(Callback):
         self._query: Tensor | None = None
 
     def _backbones(self, pl_module: L.LightningModule) -> tuple[Any, Any] | None:
-        teacher = getattr(pl_module, "teacher", None)
+        teachers = getattr(pl_module, "teachers", None)
         student = getattr(pl_module, "student", None)
-        t, s = _vit(teacher), _vit(student)
+        t, s = _vit(teachers[0] if teachers else None), _vit(student)
         return (t, s) if t is not None and s is not None else None
 
     def on_validation_batch_start(
@@ -258,17 +259,21 @@ def run_hyperparameters(pl_module: L.LightningModule, datamodule: Any = None) ->
     """Flat ``{name: value}`` of a module's hyperparameters, its components and its data.
 
     Keys: ``model/<hparam>``, ``model/<component>/class_path`` and ``.../init_args/<arg>`` (the
-    backbone and algorithm specs of a :class:`~lightning_metakd.modules.MetaLearnerModule`, and the
-    student's of a distiller), ``data/<hparam>``; values are numbers, booleans or strings.
+    learner's backbone and algorithm specs — ``model/backbone/...`` for a
+    :class:`~lightning_metakd.modules.MetaLearnerModule`, ``model/student_backbone/...`` for a
+    distiller — and a distiller's ``model/terms/<i>/...``), ``data/<hparam>``; values are
+    numbers, booleans or strings.
     """
     out: dict[str, Any] = {}
     _flatten("model", dict(pl_module.hparams), out)
-    components = getattr(pl_module, "components", None)
-    student = getattr(pl_module, "student", None)
-    if components is None and student is not None:
-        components = {f"student_{k}": v for k, v in getattr(student, "components", {}).items()}
-    if components:
-        _flatten("model", components, out)
+    learner = getattr(pl_module, "learner", None)
+    if learner is not None and hasattr(learner, "components"):
+        prefix = "student_" if getattr(pl_module, "learner_name", "") == "student" else ""
+        specs = {f"{prefix}{k}": v for k, v in learner.components().items() if k != "ways"}
+        _flatten("model", specs, out)
+    terms = getattr(pl_module, "terms", None)
+    if terms:
+        _flatten("model", {"terms": {str(i): component_spec(t) for i, t in enumerate(terms)}}, out)
     if datamodule is not None and hasattr(datamodule, "hparams"):
         _flatten("data", dict(datamodule.hparams), out)
     return out

@@ -1,82 +1,72 @@
-"""The ``metakd`` command: LightningCLI stages for every module and data source.
+"""The ``metakd`` command: one table of subcommands, each loaded only when it runs.
 
-``metakd fit|validate|test --config configs/kanji/protonet.yaml`` runs a stage from YAML; the model
-(any ``LightningModule``, users' subclasses included) and the data (any
-:class:`~lightning_metakd.data.EpisodicDataModule`) are named with ``class_path``/``init_args``.
-``metakd episodes`` draws episodes from the embedded KanjiVG data and prints their shapes and speed.
-``metakd pipeline --config configs/kanji/pipeline.yaml`` chains teacher, baseline student,
-distillation and the comparison report (:mod:`lightning_metakd.pipeline`).
-``metakd report --config <cfg> --checkpoint [NAME=]<ckpt> ...`` compares trained learners on the
-same fixed test episodes (:mod:`lightning_metakd.report`).
-``metakd finetune --config configs/kanji/finetune.yaml`` adapts a learner (or distilled student) to
-the classes of a folder and writes a fixed classifier (:mod:`lightning_metakd.deploy.finetune`).
-``metakd export --classifier <classifier.pt>`` writes it as ``model.pt2`` and ``model.onnx``;
-``metakd classify --model DIR IMAGE ...`` labels image files with an exported classifier
-(:mod:`lightning_metakd.deploy.predict`).
+``metakd fit|validate|test|predict --config <yaml>`` are the LightningCLI stages
+(:mod:`lightning_metakd.lightning_cli`); the other subcommands are listed in :data:`COMMANDS` with
+the function that runs them. ``metakd`` alone or ``metakd --help`` lists them all, with the shipped
+configs, without importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
-from typing import Any
+from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
-
-from lightning_metakd.callbacks import BestAndLastCheckpoint
-from lightning_metakd.data import EpisodicDataModule
-
-#: Trainer defaults that suit meta-learning; every one can be overridden in a config or flag.
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "metakd", "default_hp_metric": False},
-    },
-    # The inner loop needs gradients in validation and test; the modules also guard this themselves.
-    "inference_mode": False,
-    "log_every_n_steps": 10,
+#: ``{subcommand: (module:function or "lightning", one-line description)}``, in help order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": (
+        "lightning_metakd.pipeline:pipeline_main",
+        "teacher -> baseline student -> distilled student -> report, resumable",
+    ),
+    "fit": ("lightning", "meta-train a learner or distil a student from a YAML config"),
+    "validate": ("lightning", "evaluate a checkpoint on the validation episodes"),
+    "test": ("lightning", "evaluate a checkpoint on the fixed test episodes"),
+    "predict": ("lightning", "label the query images of the test episodes"),
+    "report": (
+        "lightning_metakd.report:report_main",
+        "compare checkpoints on the same test episodes: accuracy, paired differences, size, FLOPs",
+    ),
+    "finetune": (
+        "lightning_metakd.deploy.finetune:finetune_main",
+        "adapt a learner to a folder of class folders and write a fixed classifier",
+    ),
+    "export": (
+        "lightning_metakd.deploy.export:export_main",
+        "write a fixed classifier as torch.export and ONNX programs",
+    ),
+    "classify": (
+        "lightning_metakd.deploy.predict:classify_main",
+        "label image files with an exported classifier",
+    ),
+    "episodes": (
+        "lightning_metakd.cli:episodes_main",
+        "draw KanjiVG episodes and print their shapes and speed",
+    ),
 }
 
-#: The default ``trainer.callbacks``: the TensorBoard extras of :mod:`lightning_metakd.callbacks`.
-#: A config's ``trainer.callbacks`` replaces the list; ``trainer.callbacks+:`` appends to it.
-DEFAULT_CALLBACKS: list[dict[str, Any]] = [
-    {"class_path": "lightning_metakd.callbacks.EpisodeImages"},
-    {"class_path": "lightning_metakd.callbacks.AttentionMaps"},
-    {"class_path": "lightning_metakd.callbacks.HyperparameterMetrics"},
-]
 
-
-class MetaKDCLI(LightningCLI):
-    """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on."""
-
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best",
-                "trainer.callbacks": DEFAULT_CALLBACKS,
-            }
-        )
-
-
-def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKDCLI:
-    """Run (or, with ``run=False``, only build) the LightningCLI on ``args``."""
-    return MetaKDCLI(
-        L.LightningModule,
-        EpisodicDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+def usage() -> str:
+    """``metakd --help``: every subcommand with one line, and the shipped configs."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: metakd <command> [options]   (metakd <command> --help for its options)",
+        "",
+        "Meta-knowledge distillation: meta-train a teacher on few-shot tasks, distil it into a",
+        "small student that still adapts.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()),
+    ]
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    if configs.is_dir():
+        found = sorted(p.relative_to(configs.parent).as_posix() for p in configs.rglob("*.yaml"))
+        first = "configs/kanji/pipeline.yaml"
+        found = [first, *(p for p in found if p != first)] if first in found else found
+        lines += ["", "shipped configs (start with the first: metakd pipeline --config ...):"]
+        lines += [f"  {p}" for p in found]
+    return "\n".join(lines) + "\n"
 
 
 def episodes_main(argv: list[str]) -> int:
@@ -134,28 +124,18 @@ def episodes_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``metakd`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "episodes":
-        return episodes_main(args[1:])
-    if args and args[0] == "pipeline":
-        from lightning_metakd.pipeline import pipeline_main
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0
+    entry = COMMANDS.get(args[0])
+    if entry is None and not args[0].startswith("-"):
+        print(f"metakd: error: unknown command {args[0]!r}.\n\n{usage()}", end="", file=sys.stderr)
+        return 2
+    if entry is not None and entry[0] != "lightning":
+        module, _, function = entry[0].partition(":")
+        return getattr(importlib.import_module(module), function)(args[1:])
+    from lightning_metakd.lightning_cli import run_lightning_cli
 
-        return pipeline_main(args[1:])
-    if args and args[0] == "finetune":
-        from lightning_metakd.deploy.finetune import finetune_main
-
-        return finetune_main(args[1:])
-    if args and args[0] == "report":
-        from lightning_metakd.report import report_main
-
-        return report_main(args[1:])
-    if args and args[0] == "export":
-        from lightning_metakd.deploy.export import export_main
-
-        return export_main(args[1:])
-    if args and args[0] == "classify":
-        from lightning_metakd.deploy.predict import classify_main
-
-        return classify_main(args[1:])
     # From the console, LightningCLI reads sys.argv itself (passing it too only earns a warning).
     run_lightning_cli(argv)
     return 0

@@ -33,7 +33,7 @@ folders and writes ``<run>/finetune/{classifier.pt,finetune.json}``
 required, e.g. ``finetune: {data_root: runs/my_kanji, holdout: 2, epochs: 20}``). It depends on
 ``distill`` and reruns when the section or the files under ``data_root`` change.
 
-Each training stage goes through the ``metakd`` LightningCLI (:func:`~lightning_metakd.cli.
+Each training stage goes through the ``metakd`` LightningCLI (:func:`~lightning_metakd.lightning_cli.
 run_lightning_cli` with ``run=False``, then ``trainer.fit`` and ``trainer.test`` on the same
 Trainer), so ``class_path`` names any module or data module, users' subclasses included. Its
 folder ``<run>/<stage>/`` holds ``stage_config.yaml`` (what was passed to the CLI),
@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -387,11 +386,6 @@ def read_marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
 
 
 # -- stages -----------------------------------------------------------------------------------------
-def _import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def _test_results(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
@@ -403,7 +397,7 @@ def run_training_stage(stage: str, config: dict[str, Any], stage_dir: Path) -> d
     resolved ``config.yaml`` there. The test uses the best checkpoint (``val/acc``), or the last one
     when no validation ran.
     """
-    from lightning_metakd.cli import run_lightning_cli
+    from lightning_metakd.lightning_cli import run_lightning_cli
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "stage_config.yaml"
@@ -446,31 +440,6 @@ def run_finetune_stage(
     return {"classes": len(report["classes"]), **{k: report[k] for k in keys}}
 
 
-def _load_module(marker: Mapping[str, Any]) -> Any:
-    """The LightningModule a stage trained, from its best checkpoint, on the CPU."""
-    cls = _import_class(marker["model_class"])
-    return cls.load_from_checkpoint(marker["checkpoint"], map_location="cpu")
-
-
-def _as_learner(module: Any, marker: Mapping[str, Any], stage: str) -> Any:
-    """A stage's module as a ``MetaLearnerModule`` (a distiller's ``student_learner()``)."""
-    from lightning_metakd.modules import DistillationModule, MetaLearnerModule
-
-    if isinstance(module, DistillationModule):
-        return module.student_learner()
-    if not isinstance(module, MetaLearnerModule):
-        raise TypeError(
-            f"the report compares MetaLearnerModules, but the {stage} stage trained a "
-            f"{marker['model_class']}; use a MetaLearnerModule (or DistillationModule) config."
-        )
-    return module
-
-
-def _load_learner(marker: Mapping[str, Any], stage: str) -> Any:
-    """The stage's learner as a ``MetaLearnerModule`` (a distiller's ``student_learner()``)."""
-    return _as_learner(_load_module(marker), marker, stage)
-
-
 def log_report_to_tensorboard(log_dir: Path, rows: list[dict[str, Any]], table: str, png: Path):
     """The report's plot (``report/accuracy_vs_parameters``), table and accuracies in TensorBoard."""
     import numpy as np
@@ -494,10 +463,10 @@ def log_report_to_tensorboard(log_dir: Path, rows: list[dict[str, Any]], table: 
 
 def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]]) -> dict:
     """Compare the three learners on the distill stage's fixed test episodes; returns marker fields."""
-    from lightning_metakd.modules import DistillationModule
+    from lightning_metakd.modules import read_checkpoint
     from lightning_metakd.report import (
+        checkpoint_learners,
         compare,
-        distillation_learners,
         markdown_table,
         report_datamodule,
     )
@@ -506,14 +475,14 @@ def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]
     data_config = merge_config(resolved.get("data") or {}, spec.report.get("data") or {})
     datamodule = report_datamodule(data_config)
     datamodule.prepare_data()
-    distiller = _load_module(markers["distill"])
-    baseline = _load_learner(markers["student_baseline"], "student_baseline")
-    if isinstance(distiller, DistillationModule):
-        learners = distillation_learners(distiller, baseline)
+    distilled = read_checkpoint(markers["distill"]["checkpoint"])
+    baseline = read_checkpoint(markers["student_baseline"]["checkpoint"]).learner()
+    if distilled.kind == "distillation":
+        learners = checkpoint_learners(distilled, baseline)
     else:  # a distill stage without a teacher inside: the teacher stage gives that row
         learners = {
-            REPORT_NAMES["teacher"]: _load_learner(markers["teacher"], "teacher"),
-            REPORT_NAMES["distill"]: _as_learner(distiller, markers["distill"], "distill"),
+            REPORT_NAMES["teacher"]: read_checkpoint(markers["teacher"]["checkpoint"]).learner(),
+            REPORT_NAMES["distill"]: distilled.learner(),
             REPORT_NAMES["student_baseline"]: baseline,
         }
     rows = compare(

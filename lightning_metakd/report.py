@@ -33,13 +33,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_metakd.algorithms import Learner
 from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.distill import TeacherEnsemble, ensemble_weights
 from lightning_metakd.evaluation import mean_ci95
-from lightning_metakd.modules.distillation import DistillationModule, TeacherEnsemble
-from lightning_metakd.modules.meta_learner import MetaLearnerModule
+from lightning_metakd.modules import Checkpoint, DistillationModule, read_checkpoint
 
-#: What :func:`compare` measures: a meta-learner, or several that vote.
-Learner = MetaLearnerModule | TeacherEnsemble
+#: What :func:`compare` measures: a learner, or several that vote.
+Measured = Learner | TeacherEnsemble
 
 COLUMNS = (
     "name",
@@ -53,21 +54,21 @@ COLUMNS = (
 )
 
 
-def _episode_cost(learner: Learner, support_x, support_y, query_x) -> None:
+def _episode_cost(learner: Measured, support_x, support_y, query_x) -> None:
     """One adapted episode: adaptation on the support set, then prediction of the queries."""
     state = learner.adapt(support_x, support_y)
     learner.predict(state, query_x)
 
 
 def measure(
-    learner: Learner,
+    learner: Measured,
     datamodule: EpisodicDataModule,
     warmup: int = 2,
     repeats: int = 10,
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
 
-    - ``accuracy``, ``ci95``: :meth:`MetaLearnerModule.evaluate` on every fixed test episode of
+    - ``accuracy``, ``ci95``: :meth:`Learner.evaluate <lightning_metakd.algorithms.Learner.evaluate>` on every fixed test episode of
       ``datamodule`` (the same numbers as ``Trainer.test``), through
       :func:`~lightning_metakd.evaluation.mean_ci95`.
     - ``episode_accuracy``: those per-episode accuracies, a float tensor ``[episodes]`` in test
@@ -111,12 +112,12 @@ def measure(
     }
 
 
-def _models(learner: Learner) -> list[torch.nn.Module]:
+def _models(learner: Measured) -> list[torch.nn.Module]:
     return learner.models if isinstance(learner, TeacherEnsemble) else [learner.model]
 
 
 def compare(
-    learners: Mapping[str, Learner],
+    learners: Mapping[str, Measured],
     datamodule: EpisodicDataModule,
     out_dir: str | Path,
     warmup: int = 2,
@@ -158,14 +159,12 @@ def compare(
         KeyError: ``reference`` is not one of ``learners``.
     """
     if not learners:
-        raise ValueError("compare needs at least one learner: {name: MetaLearnerModule}.")
-    wrong = [
-        n for n, m in learners.items() if not isinstance(m, MetaLearnerModule | TeacherEnsemble)
-    ]
+        raise ValueError("compare needs at least one learner: {name: Learner}.")
+    wrong = [n for n, m in learners.items() if not isinstance(m, Learner | TeacherEnsemble)]
     if wrong:
         raise TypeError(
-            f"compare takes MetaLearnerModules (or TeacherEnsembles); {wrong} are not (for a "
-            "DistillationModule pass its student_learner(), or distillation_learners(it))."
+            f"compare takes Learners (or TeacherEnsembles); {wrong} are not (a module's learner is "
+            "module.learner; for a DistillationModule pass distillation_learners(it))."
         )
     reference = next(iter(learners)) if reference is None else reference
     if reference not in learners:
@@ -196,8 +195,8 @@ def compare(
 
 
 def distillation_learners(
-    distiller: DistillationModule, baseline: MetaLearnerModule | None = None
-) -> dict[str, Learner]:
+    distiller: DistillationModule, baseline: Learner | None = None
+) -> dict[str, Measured]:
     """The rows of a distillation report, for :func:`compare`, in order.
 
     One teacher: ``teacher``, ``distilled student`` (and ``baseline student``), the names of the
@@ -214,15 +213,26 @@ def distillation_learners(
         baseline: the same student trained without distillation, if any.
     """
     teachers = [copy.deepcopy(t) for t in distiller.teacher_ensemble().learners]
+    return _distillation_rows(
+        teachers, distiller.teacher_weights, distiller.student_learner(), baseline
+    )
+
+
+def _distillation_rows(
+    teachers: list[Learner],
+    teacher_weights: list[float],
+    student: Learner,
+    baseline: Learner | None = None,
+) -> dict[str, Measured]:
     if len(teachers) == 1:
-        learners: dict[str, Learner] = {"teacher": teachers[0]}
+        learners: dict[str, Measured] = {"teacher": teachers[0]}
     else:
         learners = {
             f"teacher {k} ({type(t.algorithm).__name__} {type(t.backbone).__name__})": t
             for k, t in enumerate(teachers)
         }
-        learners["ensemble of teachers"] = TeacherEnsemble(teachers, distiller.teacher_weights)
-    learners["distilled student"] = distiller.student_learner()
+        learners["ensemble of teachers"] = TeacherEnsemble(teachers, teacher_weights)
+    learners["distilled student"] = student
     if baseline is not None:
         learners["baseline student"] = baseline
     return learners
@@ -357,23 +367,30 @@ def report_datamodule(data_config: Mapping[str, Any]) -> EpisodicDataModule:
     return parser.instantiate_classes(parsed)["data"]
 
 
-def _learners_from_checkpoints(specs: list[str]) -> dict[str, Learner]:
-    """``[NAME=]CHECKPOINT`` entries -> rows; a distillation checkpoint gives its teachers too."""
-    from lightning_metakd.modules.meta_learner import read_components
+def checkpoint_learners(
+    checkpoint: Checkpoint, baseline: Learner | None = None
+) -> dict[str, Measured]:
+    """The rows of a distillation checkpoint (its teachers, their ensemble, the student) for
+    :func:`compare`, as :func:`distillation_learners` names them, read without building the module."""
+    teachers = checkpoint.teachers()
+    weights = ensemble_weights(checkpoint.hyper_parameters.get("teacher_weights"), len(teachers))
+    return _distillation_rows(teachers, weights, checkpoint.student(), baseline)
 
-    learners: dict[str, Learner] = {}
+
+def _learners_from_checkpoints(specs: list[str]) -> dict[str, Measured]:
+    """``[NAME=]CHECKPOINT`` entries -> rows; a distillation checkpoint gives its teachers too."""
+    learners: dict[str, Measured] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         name, path = (name, path) if sep else ("", spec)
-        components = read_components(path, "MetaLearnerModule or DistillationModule", ())
-        if "student_backbone" in components:
-            rows = distillation_learners(DistillationModule.load_from_checkpoint(path, "cpu"))
+        checkpoint = read_checkpoint(path)
+        if checkpoint.kind == "distillation":
+            rows = checkpoint_learners(checkpoint)
             if name:  # the student's row takes the given name
                 rows[name] = rows.pop("distilled student")
             learners.update(rows)
         else:
-            learner = MetaLearnerModule.load_from_checkpoint(path, "cpu")
-            learners[name or Path(path).parent.parent.name] = learner
+            learners[name or Path(path).parent.parent.name] = checkpoint.learner()
     return learners
 
 
@@ -444,8 +461,9 @@ def report_main(argv: list[str]) -> int:
 
 __all__ = [
     "COLUMNS",
-    "Learner",
+    "Measured",
     "ablation",
+    "checkpoint_learners",
     "compare",
     "distillation_learners",
     "markdown_table",

@@ -3,9 +3,9 @@
 
 Every run distils the Conv4-64 ProtoNet teacher of ``configs/kanji/protonet.yaml`` into a Conv4-16
 ProtoNet student with ``configs/kanji/distill_protonet.yaml`` (6 epochs of 250 20-way 1-shot
-within-radical episodes) and changes only the loss weights and ``init_from_teacher``; the student is
+within-radical episodes) and changes only the distillation terms and ``init_from_teacher``; the student is
 then tested on the same 600 fixed within-radical episodes, 5-way and 10-way 1-shot. ``task only``
-(every distillation weight 0, random initialisation) is the undistilled twin inside the same module.
+(the task loss alone, random initialisation) is the undistilled twin inside the same module.
 
 Each training run is a real ``metakd fit`` in a subprocess (``--jobs`` at a time, one thread each);
 runs whose ``best.ckpt`` exists are not retrained. Results: a Markdown table per test shape on
@@ -29,30 +29,37 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CONFIG = "configs/kanji/distill_protonet.yaml"
-OFF = {
-    "soft_label_weight": 0.0,
-    "feature_weight": 0.0,
-    "attention_transfer_weight": 0.0,
-    "anchor_weight": 0.0,
-    "init_from_teacher": False,
+#: The terms of the variants, by short name (the task loss is always on, weight 1).
+TERMS = {
+    "task": ("TaskLoss", {"weight": 1.0}),
+    "soft": ("SoftLabels", {"weight": 1.0, "temperature": 4.0}),
+    "features": ("FeatureHints", {"weight": 1.0}),
+    "attention transfer": ("AttentionTransfer", {"weight": 1.0}),
+    "anchor": ("ParameterAnchor", {"weight": 0.01}),
 }
-#: run name -> what differs from OFF (the task term is always on, weight 1).
-VARIANTS: dict[str, dict[str, float | bool]] = {
-    "task only (undistilled)": {},
-    "θ* init (sliced teacher)": {"init_from_teacher": True},
-    "soft labels": {"soft_label_weight": 1.0},
-    "features (FitNets)": {"feature_weight": 1.0},
-    "attention transfer": {"attention_transfer_weight": 1.0},
-    "θ* init + anchor": {"init_from_teacher": True, "anchor_weight": 0.01},
-    "θ* init + soft labels (default config)": {"init_from_teacher": True, "soft_label_weight": 1.0},
-    "all terms": {
-        "init_from_teacher": True,
-        "soft_label_weight": 1.0,
-        "feature_weight": 1.0,
-        "attention_transfer_weight": 1.0,
-        "anchor_weight": 0.01,
-    },
+#: run name -> (the terms besides the task loss, init_from_teacher).
+VARIANTS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "task only (undistilled)": ((), False),
+    "θ* init (sliced teacher)": ((), True),
+    "soft labels": (("soft",), False),
+    "features (FitNets)": (("features",), False),
+    "attention transfer": (("attention transfer",), False),
+    "θ* init + anchor": (("anchor",), True),
+    "θ* init + soft labels (default config)": (("soft",), True),
+    "all terms": (("soft", "features", "attention transfer", "anchor"), True),
 }
+
+
+def variant_args(name: str) -> dict:
+    """The ``model.init_args`` a variant sets: its ``terms`` (YAML/JSON) and ``init_from_teacher``."""
+    names, init = VARIANTS[name]
+    terms = [
+        {"class_path": f"lightning_metakd.distill.{TERMS[t][0]}", "init_args": TERMS[t][1]}
+        for t in ("task", *names)
+    ]
+    return {"terms": terms, "init_from_teacher": init}
+
+
 TESTS = {"5-way 1-shot": 5, "10-way 1-shot": 10}
 
 
@@ -71,10 +78,9 @@ def fit(root: Path, name: str) -> Path:
     if ckpt.exists():
         print(f"[ablation] {name}: {ckpt} exists, not retrained", flush=True)
         return ckpt
-    weights = {**OFF, **VARIANTS[name]}
     args = [sys.executable, "-m", "lightning_metakd.cli", "fit", "--config", CONFIG]
-    for key, value in weights.items():
-        args += [f"--model.init_args.{key}", str(value).lower()]
+    for key, value in variant_args(name).items():
+        args += [f"--model.init_args.{key}", json.dumps(value)]
     args += [
         "--trainer.logger.init_args.save_dir", str(root),
         "--trainer.logger.init_args.name", "kanji-ablation",
@@ -130,7 +136,7 @@ def main() -> int:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": CONFIG,
-        "variants": {n: {**OFF, **VARIANTS[n]} for n in names},
+        "variants": {n: variant_args(n) for n in names},
         "results": results,
         "date": time.strftime("%Y-%m-%d"),
     }

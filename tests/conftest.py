@@ -3,6 +3,7 @@ that the suite leaves no new files behind in the repository, the working directo
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import leftovers
@@ -62,6 +63,61 @@ class TinyDataModule(EpisodicDataModule):
             )
             for i, (split, n) in enumerate(zip(("train", "val", "test"), self.classes, strict=True))
         }
+
+
+def make_terms(
+    task: float = 1.0, soft_labels: float = 1.0, temperature: float = 4.0, **weights: float
+) -> list:
+    """Distillation terms by logged name and weight, in a fixed order (a weight of 0 leaves a term
+    out): ``make_terms(soft_labels=0.7, feature_hints=0.3)`` is TaskLoss, SoftLabels, FeatureHints."""
+    from lightning_metakd.distill import (
+        AttentionDistillation,
+        AttentionTransfer,
+        FeatureHints,
+        ParameterAnchor,
+        SoftLabels,
+        TaskLoss,
+    )
+
+    kinds = {
+        "task": TaskLoss,
+        "soft_labels": functools.partial(SoftLabels, temperature=temperature),
+        "feature_hints": FeatureHints,
+        "attention_transfer": AttentionTransfer,
+        "attention": AttentionDistillation,
+        "anchor": ParameterAnchor,
+    }
+    unknown = set(weights) - set(kinds)
+    assert not unknown, f"no term named {unknown}"
+    weights = {"task": task, "soft_labels": soft_labels, **weights}
+    return [kinds[name](weight=weights[name]) for name in kinds if weights.get(name)]
+
+
+TERM_NAMES = {"task", "soft_labels", "temperature", "feature_hints", "attention_transfer",
+              "attention", "anchor"}  # fmt: skip
+
+
+def make_distiller(teacher, backbone=None, algorithm=None, seed: int = 1, terms=None, **kwargs):
+    """A DistillationModule of a Conv4-4 ProtoNet student (3-way, 16 px) by default.
+
+    ``backbone`` may be a factory, built after seeding so ``seed`` sets the student's
+    initialisation; keyword arguments named after terms (:data:`TERM_NAMES`) build ``terms`` with
+    :func:`make_terms`, the others go to the module (Adam, lr 5e-3, unless given).
+    """
+    from lightning_metakd.algorithms import ProtoNet
+    from lightning_metakd.models import Conv4
+    from lightning_metakd.modules import DistillationModule
+
+    torch.manual_seed(seed)
+    if backbone is None:
+        backbone = Conv4(hidden=4, image_size=16)
+    elif not isinstance(backbone, torch.nn.Module):
+        backbone = backbone()
+    weights = {k: kwargs.pop(k) for k in list(kwargs) if k in TERM_NAMES}
+    kwargs.setdefault("optimizer", functools.partial(torch.optim.Adam, lr=5e-3))
+    terms = make_terms(**weights) if terms is None else terms
+    return DistillationModule(teacher, backbone, algorithm or ProtoNet(), ways=3, terms=terms,
+                              **kwargs)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -285,12 +285,12 @@ def test_composite_normalization_gives_the_fused_values():
 
 
 def test_episode_logits_picks_the_loop_on_cpu(monkeypatch):
-    import lightning_metakd.algorithms.base as base
+    import lightning_metakd.algorithms.engine as engine
 
     def no_vmap(*args, **kwargs):
         raise AssertionError("vmap should not be used on CPU by default")
 
-    monkeypatch.setattr(base, "vmap", no_vmap)
+    monkeypatch.setattr(engine, "vmap", no_vmap)
     model = tiny_backbone()
     sx, sy, qx, _ = task_batch(2)
     logits = ProtoNet().episode_logits(

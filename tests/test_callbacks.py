@@ -22,7 +22,8 @@ from lightning_metakd.callbacks import (
     episode_grid,
     run_hyperparameters,
 )
-from lightning_metakd.cli import run_lightning_cli
+from lightning_metakd.distill import AttentionDistillation, TaskLoss
+from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.models import Conv4, VisionTransformer
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
@@ -125,8 +126,9 @@ def test_attention_maps_of_a_vit_distiller(tmp_path):
     vit = dict(image_size=8, patch_size=4, embed_dim=8, heads=2)
     teacher = MetaLearnerModule(VisionTransformer(depth=2, **vit), ProtoNet(), ways=3)
     distiller = DistillationModule(
-        teacher, VisionTransformer(depth=1, **vit), ProtoNet(), ways=3, attention_weight=1.0
-    )
+        teacher, VisionTransformer(depth=1, **vit), ProtoNet(), ways=3,
+        terms=[TaskLoss(), AttentionDistillation(weight=1.0)],
+    )  # fmt: skip
     run = trainer(tmp_path, num_sanity_val_steps=0)
     run.fit(distiller, dm)
     log = events(run.logger.log_dir)
@@ -134,7 +136,7 @@ def test_attention_maps_of_a_vit_distiller(tmp_path):
     pixels = image_pixels(log, "attention/teacher_vs_student")
     assert pixels.shape == (2 + 4 * 10, 2 + 3 * 10, 3)
     query = next(iter(dm.val_dataloader())).query_x[0, :4]
-    for column, learner in ((1, distiller.teacher), (2, distiller.student)):
+    for column, learner in ((1, distiller.teachers[0]), (2, distiller.student)):
         maps = class_token_attention(learner.backbone, query)  # [4, 2, 2]
         low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
         expected = ((maps - low) / (high - low)).repeat_interleave(4, 1).repeat_interleave(4, 2)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_metakd.cli import run_lightning_cli
 from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +85,37 @@ def test_fit_then_test_through_the_command(tmp_path):
     )  # fmt: skip
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/acc_ci95" in test.stdout
-    learner = MetaLearnerModule.load_from_checkpoint(best)
+    learner = MetaLearnerModule.load_from_checkpoint(best).learner
     assert learner.ways == 5
     predict = subprocess.run(
         [sys.executable, "-m", "lightning_metakd.cli", "predict", *common, "--ckpt_path", str(best)],
         capture_output=True, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert predict.returncode == 0, predict.stderr[-3000:]
+
+
+def test_a_0_1_distillation_config_fails_with_the_new_yaml(tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump({"model": {
+        "class_path": "lightning_metakd.modules.DistillationModule",
+        "init_args": {"teacher": "t.ckpt", "soft_label_weight": 1.0, "temperature": 2.0},
+    }}))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        run_lightning_cli(["fit", "--config", str(config)], run=False)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "soft_label_weight, temperature are arguments of lightning-metakd 0.1" in err
+    assert "    terms:\n    - class_path: lightning_metakd.distill.TaskLoss" in err
+    assert "      init_args:\n        weight: 1.0\n        temperature: 2.0" in err
+
+
+def test_help_lists_every_command_and_the_quickstart_config(capsys):
+    from lightning_metakd.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert f"\n  {name} " in out, name
+    assert out.index("configs/kanji/pipeline.yaml") < out.index("configs/kanji/protonet.yaml")
+    assert main(["nosuch"]) == 2
+    assert "unknown command 'nosuch'" in capsys.readouterr().err

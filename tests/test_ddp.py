@@ -32,6 +32,7 @@ import torch
 from conftest import TinyDataModule
 
 from lightning_metakd.algorithms import MAML, MetaSGD, ProtoNet
+from lightning_metakd.distill import FeatureHints, SoftLabels, TaskLoss
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
@@ -111,8 +112,9 @@ def make_module(name: str) -> L.LightningModule:
     teacher = MetaLearnerModule(Conv4(hidden=8, image_size=16), ProtoNet(), ways=3)
     torch.manual_seed(1)
     return DistillationModule(
-        teacher, Conv4(hidden=4, image_size=16), ProtoNet(), ways=3, soft_label_weight=1.0,
-        feature_weight=0.5, init_from_teacher=True, optimizer=sgd,
+        teacher, Conv4(hidden=4, image_size=16), ProtoNet(), ways=3,
+        terms=[TaskLoss(), SoftLabels(weight=1.0), FeatureHints(weight=0.5)],
+        init_from_teacher=True, optimizer=sgd,
     )  # fmt: skip
 
 
@@ -120,7 +122,8 @@ def worker(out: Path, devices: int) -> None:
     """Fit one epoch and test each module of ``RUNS``; every rank saves ``<name>-rank<r>.pt``."""
     for name in RUNS:
         model = make_module(name)
-        teacher = getattr(model, "teacher", None)
+        teachers = getattr(model, "teachers", None)
+        teacher = teachers[0] if teachers else None
         if teacher is not None:
             teacher_before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
         recorder = EpisodeRecorder()
@@ -178,9 +181,9 @@ def test_ddp_steps_match_one_process(runs, algorithm):
     assert len(single["params"]) == len(ddp[0]["params"]) == STEPS
     names = set(single["params"][0])
     if algorithm == "metasgd":
-        assert any(n.startswith("algorithm.inner_lrs.") for n in names)
-    if algorithm == DISTILL:  # the student, its feature projector, and the frozen teacher
-        assert {n.split(".")[0] for n in names} == {"student", "feature_distillation", "teacher"}
+        assert any(n.startswith("learner.algorithm.inner_lrs.") for n in names)
+    if algorithm == DISTILL:  # the student, its feature projector (a term), and the frozen teacher
+        assert {n.split(".")[0] for n in names} == {"student", "terms", "teachers"}
     for step in range(STEPS):
         for rank in (0, 1):
             assert set(ddp[rank]["params"][step]) == names
@@ -199,7 +202,7 @@ def test_ddp_distillation_moves_student_and_projector_never_the_teacher(runs):
     single, ddp = runs[0][DISTILL][0], runs[1][DISTILL]
     for run in (single, *ddp):
         first, last = run["params"][0], run["params"][-1]
-        for part in ("student.", "feature_distillation."):
+        for part in ("student.", "terms."):
             moved = [(last[n] - first[n]).abs().max().item() for n in first if n.startswith(part)]
             assert moved and max(moved) > 1e-4, part
         before, after = run["teacher_before"], run["teacher_after"]
@@ -209,8 +212,8 @@ def test_ddp_distillation_moves_student_and_projector_never_the_teacher(runs):
             assert torch.equal(after[name], value.double() if value.is_floating_point() else value)
         for step in run["params"]:
             for name, value in step.items():
-                if name.startswith("teacher."):
-                    assert torch.equal(value, after[name.removeprefix("teacher.")]), name
+                if name.startswith("teachers.0."):
+                    assert torch.equal(value, after[name.removeprefix("teachers.0.")]), name
     for name, value in single["teacher_after"].items():  # the same teacher on every rank
         for rank in (0, 1):
             assert torch.equal(ddp[rank]["teacher_after"][name], value), name

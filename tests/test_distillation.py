@@ -7,10 +7,18 @@ import functools
 import lightning as L
 import pytest
 import torch
-from conftest import TinyDataModule
+from conftest import TinyDataModule, make_distiller
 
-from lightning_metakd.algorithms import MAML, ProtoNet
-from lightning_metakd.distill import slice_state
+from lightning_metakd.algorithms import MAML, Learner, ProtoNet
+from lightning_metakd.distill import (
+    AttentionDistillation,
+    AttentionTransfer,
+    FeatureHints,
+    ParameterAnchor,
+    SoftLabels,
+    TaskLoss,
+    slice_state,
+)
 from lightning_metakd.models import Conv4, VisionTransformer
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
@@ -54,22 +62,16 @@ def vit(depth: int = 4, heads: int = 4, embed_dim: int = 16) -> VisionTransforme
     )
 
 
-def distiller(teacher, backbone=None, algorithm=None, seed: int = 1, **kwargs):
-    torch.manual_seed(seed)
-    if backbone is None:
-        backbone = Conv4(hidden=4, image_size=16)
-    elif not isinstance(backbone, torch.nn.Module):
-        backbone = backbone()  # a factory, so the seed above sets the student's initialisation
-    kwargs.setdefault("optimizer", ADAM)
-    return DistillationModule(teacher, backbone, algorithm or ProtoNet(), ways=3, **kwargs)
+def distiller(teacher, backbone=None, algorithm=None, **kwargs):
+    return make_distiller(teacher, backbone, algorithm, **kwargs)
 
 
 # -- the objective ---------------------------------------------------------------------------------
 CONV_TERMS = {
-    "soft": dict(soft_label_weight=0.7),
-    "feature": dict(feature_weight=0.3),
-    "attention_transfer": dict(attention_transfer_weight=2.0),
-    "anchor": dict(anchor_weight=0.01, init_from_teacher=True),
+    "soft_labels": dict(soft_labels=0.7),
+    "feature_hints": dict(feature_hints=0.3),
+    "attention_transfer": dict(attention_transfer=2.0),
+    "anchor": dict(anchor=0.01, init_from_teacher=True),
 }
 
 
@@ -78,9 +80,7 @@ CONV_TERMS = {
 )
 def test_each_term_adds_exactly_its_value(episode, algorithm):
     teacher = conv_teacher(algorithm())
-    base = distiller(teacher, algorithm=algorithm(), soft_label_weight=0.0).distillation_loss(
-        episode
-    )
+    base = distiller(teacher, algorithm=algorithm(), soft_labels=0.0).episode_loss(episode)
     assert set(base.terms) == {"task"}
     assert base.loss.item() == base.terms["task"].item()
     for term, kwargs in CONV_TERMS.items():
@@ -88,11 +88,11 @@ def test_each_term_adds_exactly_its_value(episode, algorithm):
         reference = base
         if kwargs.get("init_from_teacher"):
             reference = distiller(
-                teacher, algorithm=algorithm(), soft_label_weight=0.0, init_from_teacher=True
-            ).distillation_loss(episode)
+                teacher, algorithm=algorithm(), soft_labels=0.0, init_from_teacher=True
+            ).episode_loss(episode)
         out = distiller(
-            teacher, algorithm=algorithm(), **{"soft_label_weight": 0.0, **kwargs}
-        ).distillation_loss(episode)
+            teacher, algorithm=algorithm(), **{"soft_labels": 0.0, **kwargs}
+        ).episode_loss(episode)
         assert set(out.terms) == {"task", term}
         torch.testing.assert_close(out.terms["task"], reference.terms["task"])
         torch.testing.assert_close(out.loss - reference.loss, out.terms[term])
@@ -103,29 +103,30 @@ def test_attention_term_adds_exactly_its_value(episode):
     torch.manual_seed(0)
     teacher = MetaLearnerModule(vit(), ProtoNet(), ways=3)
     student = functools.partial(vit, depth=2, heads=2)
-    base = distiller(teacher, student, soft_label_weight=0.0)
-    out = distiller(teacher, student, soft_label_weight=0.0, attention_weight=5.0)
-    base, out = base.distillation_loss(episode), out.distillation_loss(episode)
+    base = distiller(teacher, student, soft_labels=0.0)
+    out = distiller(teacher, student, soft_labels=0.0, attention=5.0)
+    base, out = base.episode_loss(episode), out.episode_loss(episode)
     assert out.terms["attention"].item() > 0
     torch.testing.assert_close(out.loss - base.loss, out.terms["attention"])
 
 
 def test_training_step_logs_only_the_terms_that_are_on(tmp_path):
-    model = distiller(conv_teacher(), feature_weight=0.5)
+    model = distiller(conv_teacher(), feature_hints=0.5, terms=None)
+    model.terms.append(AttentionTransfer(weight=0.0))  # off: neither computed nor logged
     t = trainer(tmp_path, max_steps=1)
     t.fit(model, tiny_data())
     logged = {k for k in t.callback_metrics if k.startswith("train/")}
-    assert logged == {"train/loss", "train/acc", "train/loss_task", "train/loss_soft",
-                      "train/loss_feature"}  # fmt: skip
+    assert logged == {"train/loss", "train/acc", "train/loss_task", "train/loss_soft_labels",
+                      "train/loss_feature_hints"}  # fmt: skip
     m = t.callback_metrics
-    total = m["train/loss_task"] + m["train/loss_soft"] + m["train/loss_feature"]
+    total = m["train/loss_task"] + m["train/loss_soft_labels"] + m["train/loss_feature_hints"]
     torch.testing.assert_close(total, m["train/loss"])
 
 
 def test_chunked_training_step_equals_the_whole_batch(episode):
     losses, grads = {}, {}
     for chunk in (1, 4):
-        model = distiller(conv_teacher(), feature_weight=0.5, anchor_weight=0.01,
+        model = distiller(conv_teacher(), feature_hints=0.5, anchor=0.01,
                           init_from_teacher=True, task_chunk_size=chunk)  # fmt: skip
         loss = model.training_step(episode, 0)
         loss.backward()
@@ -143,10 +144,10 @@ def test_student_that_is_the_teacher_has_zero_distillation_loss(episode, algorit
     teacher = conv_teacher(algorithm())
     model = distiller(
         teacher, Conv4(hidden=8, image_size=16), algorithm(), init_from_teacher=True,
-        feature_weight=1.0, attention_transfer_weight=1.0, anchor_weight=1.0,
+        feature_hints=1.0, attention_transfer=1.0, anchor=1.0,
     )  # fmt: skip
-    terms = model.distillation_loss(episode).terms
-    for term in ("soft", "feature", "attention_transfer", "anchor"):
+    terms = model.episode_loss(episode).terms
+    for term in ("soft_labels", "feature_hints", "attention_transfer", "anchor"):
         assert terms[term].item() == pytest.approx(0.0, abs=1e-6), term
     assert terms["task"].item() > 0
 
@@ -154,10 +155,10 @@ def test_student_that_is_the_teacher_has_zero_distillation_loss(episode, algorit
 def test_vit_student_that_is_the_teacher_has_zero_attention_loss(episode):
     torch.manual_seed(0)
     teacher = MetaLearnerModule(vit(), ProtoNet(), ways=3)
-    model = distiller(teacher, vit(), init_from_teacher=True, attention_weight=1.0,
-                      feature_weight=1.0, anchor_weight=1.0)  # fmt: skip
-    terms = model.distillation_loss(episode).terms
-    for term in ("soft", "feature", "attention", "anchor"):
+    model = distiller(teacher, vit(), init_from_teacher=True, attention=1.0,
+                      feature_hints=1.0, anchor=1.0)  # fmt: skip
+    terms = model.episode_loss(episode).terms
+    for term in ("soft_labels", "feature_hints", "attention", "anchor"):
         assert terms[term].item() == pytest.approx(0.0, abs=1e-6), term
 
 
@@ -166,11 +167,12 @@ def test_init_from_teacher_at_full_width_reproduces_the_teacher(episode):
     model = distiller(teacher, Conv4(hidden=8, image_size=16), MAML(inner_lr=0.5),
                       init_from_teacher=True)  # fmt: skip
     student = model.student_learner()
-    assert torch.equal(student.evaluate(episode).logits, teacher.evaluate(episode).logits)
+    assert torch.equal(student.evaluate(episode).logits, teacher.learner.evaluate(episode).logits)
     narrow = distiller(teacher, Conv4(hidden=4, image_size=16), MAML(inner_lr=0.5),
-                       init_from_teacher=True, anchor_weight=0.1)  # fmt: skip
-    sliced = slice_state(teacher.model, narrow.student.model)
-    for name, value in narrow.anchor.theta_star.items():
+                       init_from_teacher=True, anchor=0.1)  # fmt: skip
+    sliced = slice_state(teacher.learner.model, narrow.student.model)
+    (anchor,) = [t for t in narrow.terms if isinstance(t, ParameterAnchor)]
+    for name, value in anchor.theta_star.items():
         assert torch.equal(value, sliced[name]), name
         assert torch.equal(narrow.student.model.get_parameter(name), sliced[name]), name
 
@@ -179,25 +181,27 @@ def test_init_from_teacher_at_full_width_reproduces_the_teacher(episode):
 def test_gradients_reach_the_student_and_projector_never_the_teacher(tmp_path):
     teacher = conv_teacher(MAML(inner_lr=0.5))
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
-    model = distiller(teacher, algorithm=MAML(inner_lr=0.5), feature_weight=1.0)
+    model = distiller(teacher, algorithm=MAML(inner_lr=0.5), feature_hints=1.0)
     student = {k: v.clone() for k, v in model.student.state_dict().items()}
-    projector = [p.clone() for p in model.feature_distillation.parameters()]
+    (hints,) = [t for t in model.terms if isinstance(t, FeatureHints)]
+    projector = [p.clone() for p in hints.parameters()]
     assert len(projector) == 2  # a 1x1 conv from 4 to 8 channels
     trainer(tmp_path, max_steps=3).fit(model, tiny_data())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert not teacher.training
+    assert not teacher.learner.training  # the teacher module's learner is what distils
     for name, value in teacher.state_dict().items():
         assert torch.equal(value, frozen[name]), name
     assert any(not torch.equal(v, student[k]) for k, v in model.student.state_dict().items())
-    for before, after in zip(projector, model.feature_distillation.parameters(), strict=True):
+    for before, after in zip(projector, hints.parameters(), strict=True):
         assert not torch.equal(before, after)
 
 
 def test_vit_attention_with_depth_and_head_mismatch_trains(episode):
     torch.manual_seed(0)
     teacher = MetaLearnerModule(vit(depth=4, heads=4), ProtoNet(), ways=3)
-    model = distiller(teacher, vit(depth=2, heads=2, embed_dim=8), attention_weight=1.0)
-    assert model.layer_map == [1, 3]
+    model = distiller(teacher, vit(depth=2, heads=2, embed_dim=8), attention=1.0)
+    (attention,) = [t for t in model.terms if isinstance(t, AttentionDistillation)]
+    assert attention.layer_maps() == [[1, 3]]
     loss = model.training_step(episode, 0)
     loss.backward()
     assert torch.isfinite(loss)
@@ -206,14 +210,14 @@ def test_vit_attention_with_depth_and_head_mismatch_trains(episode):
 
 def conv_maml_distiller():
     return distiller(conv_teacher(MAML(inner_lr=0.5)), algorithm=MAML(inner_lr=0.5),
-                     feature_weight=0.5, attention_transfer_weight=1.0)  # fmt: skip
+                     feature_hints=0.5, attention_transfer=1.0)  # fmt: skip
 
 
 def vit_distiller():
     torch.manual_seed(0)
     teacher = MetaLearnerModule(vit(), ProtoNet(), ways=3)
-    return distiller(teacher, functools.partial(vit, depth=2, heads=2), attention_weight=1.0,
-                     feature_weight=0.5)  # fmt: skip
+    return distiller(teacher, functools.partial(vit, depth=2, heads=2), attention=1.0,
+                     feature_hints=0.5)  # fmt: skip
 
 
 @pytest.mark.parametrize("make", [conv_maml_distiller, vit_distiller], ids=["Conv4-MAML", "ViT"])
@@ -222,7 +226,7 @@ def test_vmap_path_equals_loop_path(episode, make):
     for vmap_tasks in (False, True):
         model = make()
         model.student.vmap_tasks = vmap_tasks
-        out = model.distillation_loss(episode)
+        out = model.episode_loss(episode)
         out.loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         results[vmap_tasks] = out, grads
@@ -240,7 +244,7 @@ def test_checkpoint_round_trip_without_the_teacher_file(tmp_path):
     teacher_trainer = trainer(tmp_path, max_steps=1)
     teacher_trainer.fit(conv_teacher(), dm)
     teacher_trainer.save_checkpoint(teacher_path)
-    model = distiller(str(teacher_path), feature_weight=0.5, anchor_weight=0.1,
+    model = distiller(str(teacher_path), feature_hints=0.5, anchor=0.1,
                       init_from_teacher=True)  # fmt: skip
     assert model.hparams["teacher"] == str(teacher_path)
     t = trainer(tmp_path, max_steps=2)
@@ -249,9 +253,14 @@ def test_checkpoint_round_trip_without_the_teacher_file(tmp_path):
     t.save_checkpoint(path)
     teacher_path.unlink()  # the distilled checkpoint holds the teacher
     raw = torch.load(path, weights_only=True)
-    assert raw["metakd_components"]["student_backbone"]["init_args"]["hidden"] == 4
+    components = raw["metakd_components"]
+    assert components["student"]["backbone"]["init_args"]["hidden"] == 4
+    assert [t["class_path"].rpartition(".")[2] for t in components["terms"]] == [
+        "TaskLoss", "SoftLabels", "FeatureHints", "ParameterAnchor"
+    ]  # fmt: skip
     loaded = DistillationModule.load_from_checkpoint(path)
-    assert loaded.weights == model.weights and loaded.teacher is not None
+    assert [(t.name, t.weight) for t in loaded.terms] == [(t.name, t.weight) for t in model.terms]
+    assert len(loaded.teachers) == 1
     state, restored = model.state_dict(), loaded.state_dict()
     assert set(state) == set(restored)
     for name, value in state.items():
@@ -266,8 +275,10 @@ def test_student_learner_has_the_same_test_accuracy(tmp_path):
     trainer(tmp_path, max_steps=2).fit(model, dm)
     distilled = trainer(tmp_path).test(model, dm, verbose=False)[0]
     student = model.student_learner()
-    assert isinstance(student, MetaLearnerModule) and not hasattr(student, "teacher")
-    alone = trainer(tmp_path).test(student, dm, verbose=False)[0]
+    assert isinstance(student, Learner)
+    module = MetaLearnerModule(student.backbone, student.algorithm, ways=3)
+    module.learner.load_state_dict(student.state_dict())
+    alone = trainer(tmp_path).test(module, dm, verbose=False)[0]
     assert set(distilled) == set(alone) == {"test/acc", "test/acc_ci95", "test/loss"}
     assert alone == distilled
 
@@ -283,7 +294,7 @@ def test_distilled_student_beats_its_undistilled_twin(tmp_path):
     twin = MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3, optimizer=ADAM)
     L.seed_everything(1)
     trainer(tmp_path, max_steps=5).fit(twin, dm)
-    model = distiller(teacher, init_from_teacher=True, soft_label_weight=1.0)
+    model = distiller(teacher, init_from_teacher=True, soft_labels=1.0)
     L.seed_everything(1)
     trainer(tmp_path, max_steps=5).fit(model, dm)
     undistilled = trainer(tmp_path).test(twin, dm, verbose=False)[0]["test/acc"]
@@ -292,41 +303,54 @@ def test_distilled_student_beats_its_undistilled_twin(tmp_path):
 
 
 # -- bad input ----------------------------------------------------------------------------------
-def test_bad_weights_and_temperature_are_clear_errors():
+def test_bad_terms_are_clear_errors():
     teacher = conv_teacher()
-    with pytest.raises(ValueError, match="soft_label_weight must be a non-negative"):
-        distiller(teacher, soft_label_weight=-1.0)
-    with pytest.raises(ValueError, match="anchor_weight must be a non-negative"):
-        distiller(teacher, anchor_weight=float("nan"))
+    with pytest.raises(ValueError, match="weight must be a non-negative"):
+        SoftLabels(weight=-1.0)
+    with pytest.raises(ValueError, match="weight must be a non-negative"):
+        ParameterAnchor(weight=float("nan"))
     with pytest.raises(ValueError, match="temperature must be a positive"):
-        distiller(teacher, temperature=0)
-    with pytest.raises(ValueError, match="every loss weight is 0"):
-        distiller(teacher, task_weight=0.0, soft_label_weight=0.0)
+        SoftLabels(temperature=0)
+    with pytest.raises(ValueError, match="every term's weight is 0"):
+        distiller(teacher, terms=[TaskLoss(weight=0.0), SoftLabels(weight=0.0)])
+    with pytest.raises(ValueError, match=r"both named \['soft_labels'\].*name"):
+        distiller(teacher, terms=[TaskLoss(), SoftLabels(), SoftLabels(temperature=2)])
+    distiller(teacher, terms=[TaskLoss(), SoftLabels(), SoftLabels(temperature=2, name="soft_t2")])
+    with pytest.raises(TypeError, match="terms must be DistillationTerm objects"):
+        distiller(teacher, terms=[torch.nn.MSELoss()])
+    with pytest.raises(ValueError, match="temperatures list has 2 entries for 1 teacher"):
+        distiller(teacher, terms=[TaskLoss(), SoftLabels(teacher_temperatures=[1.0, 2.0])])
 
 
 def test_bad_teacher_is_a_clear_error(tmp_path, episode):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
-    with pytest.raises(ValueError, match="is not a MetaLearnerModule checkpoint"):
+    with pytest.raises(ValueError, match="is not a lightning-metakd checkpoint"):
         distiller(str(path)).setup("fit")  # a path is read when the Trainer starts
     missing = distiller(str(tmp_path / "not-yet.ckpt"))  # a config written before the teacher
     with pytest.raises(FileNotFoundError, match="No teacher checkpoint at .*train the teacher"):
         missing.setup("fit")
-    with pytest.raises(TypeError, match="teacher must be a MetaLearnerModule"):
+    with pytest.raises(TypeError, match="teacher must be a Learner, a MetaLearnerModule"):
         distiller(Conv4())
     head = MetaLearnerModule(Conv4(hidden=8, image_size=16), MAML(), ways=5)
     with pytest.raises(ValueError, match="teacher's MAML head is 5-way but this module trains"):
         distiller(head, algorithm=MAML())
     wrong_size = MetaLearnerModule(Conv4(hidden=8, image_size=28), ProtoNet(), ways=3)
-    with pytest.raises(ValueError, match="teacher does not fit the episode.*28x28"):
-        distiller(wrong_size).distillation_loss(episode)
+    with pytest.raises(ValueError, match="28x28 images but the episode \\(teacher\\)"):
+        distiller(wrong_size).episode_loss(episode)
 
 
 def test_anchor_between_incompatible_shapes_is_a_clear_error():
     teacher = conv_teacher()
-    with pytest.raises(ValueError, match="parameter shapes differ from the anchor"):
-        distiller(teacher, Conv4(hidden=4, image_size=16), anchor_weight=0.1)
+    with pytest.raises(ValueError, match="ParameterAnchor needs θ\\* .*init_from_teacher"):
+        distiller(teacher, Conv4(hidden=4, image_size=16), anchor=0.1)
     with pytest.raises(ValueError, match="slice_state supports a Conv4 or ResNet12"):
         distiller(teacher, vit(), init_from_teacher=True)
-    with pytest.raises(ValueError, match="no VisionTransformer attention layers"):
-        distiller(teacher, attention_weight=1.0)
+    with pytest.raises(
+        ValueError, match="AttentionDistillation .*needs the 'attention' tap points"
+    ):
+        distiller(teacher, attention=1.0)
+    with pytest.raises(
+        ValueError, match=r"AttentionTransfer compares conv feature maps.*give \(2, 17, 16\)"
+    ):
+        distiller(MetaLearnerModule(vit(), ProtoNet(), ways=3), vit(), attention_transfer=1.0)

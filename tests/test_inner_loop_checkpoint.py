@@ -16,7 +16,7 @@ from lightning_metakd.data import Episode
 from lightning_metakd.models import Conv4
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.modules.meta_learner import MetaLearnerModule
-from lightning_metakd.modules.spec import component_spec
+from lightning_metakd.spec import component_spec
 
 WAYS, SHOTS, QUERIES, SIZE, TASKS = 3, 2, 2, 16, 2
 
@@ -201,7 +201,7 @@ def test_training_step_updates_the_same_parameters(task_chunk_size):
             module.training_step(batch, 0).backward()
         optimizer.step()
         updated[checkpoint_steps] = [p.detach().clone() for p in module.parameters()]
-        evaluated[checkpoint_steps] = module.evaluate(batch).logits
+        evaluated[checkpoint_steps] = module.learner.evaluate(batch).logits
     moved = max((a - b).abs().max() for a, b in zip(updated[False], initial, strict=True))
     assert moved > 1e-3  # the step did something, so equality below is not vacuous
     for a, b in zip(updated[True], updated[False], strict=True):

@@ -82,7 +82,9 @@ def test_ci95_matches_the_per_episode_accuracies(tmp_path):
     model, dm = learner(ProtoNet()), tiny_data()
     metrics = trainer(tmp_path).test(model, dm, verbose=False)[0]
     dm.setup()
-    accs = torch.cat([model.meta_loss(ep, training=False).accuracy for ep in dm.test_dataloader()])
+    accs = torch.cat(
+        [model.episode_loss(ep, training=False).accuracy for ep in dm.test_dataloader()]
+    )
     assert len(accs) == 12
     assert metrics["test/acc"] == pytest.approx(accs.mean().item(), abs=1e-6)
     assert metrics["test/acc_ci95"] == pytest.approx(1.96 * accs.std().item() / 12**0.5, abs=1e-6)
@@ -101,13 +103,13 @@ def test_evaluation_adapts_without_growing_memory(tmp_path, inference_mode):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_meta_loss_is_the_training_objective(episode16):
+def test_episode_loss_is_the_training_objective(episode16):
     model = learner(MAML(inner_lr=0.5, inner_steps=1))
-    out = model.meta_loss(episode16)
+    out = model.episode_loss(episode16)
     assert out.loss.requires_grad and out.accuracy.shape == (4,)
     assert out.logits.shape == (4, 9, 3)
     out.loss.backward()
-    assert all(p.grad is not None for p in model.model.parameters())
+    assert all(p.grad is not None for p in model.learner.model.parameters())
 
 
 def test_checkpoint_rebuilds_learner_and_theta_star(tmp_path):
@@ -117,12 +119,13 @@ def test_checkpoint_rebuilds_learner_and_theta_star(tmp_path):
     path = tmp_path / "learner.ckpt"
     t.save_checkpoint(path)
     raw = torch.load(path, weights_only=True)  # no pickled code in our checkpoints
-    assert raw["metakd_components"]["backbone"]["init_args"]["hidden"] == 8
+    assert raw["metakd_components"]["learner"]["backbone"]["init_args"]["hidden"] == 8
     loaded = MetaLearnerModule.load_from_checkpoint(path)
-    assert isinstance(loaded.algorithm, MetaSGD) and loaded.ways == 3
-    for name, value in model.theta_star().items():
-        assert torch.equal(loaded.theta_star()[name], value), name
-    for a, b in zip(model.algorithm.parameters(), loaded.algorithm.parameters(), strict=True):
+    assert isinstance(loaded.learner.algorithm, MetaSGD) and loaded.learner.ways == 3
+    for name, value in model.learner.theta_star().items():
+        assert torch.equal(loaded.learner.theta_star()[name], value), name
+    before, after = model.learner.algorithm, loaded.learner.algorithm
+    for a, b in zip(before.parameters(), after.parameters(), strict=True):
         assert torch.equal(a, b)  # the learned inner learning rates come back too
     first = trainer(tmp_path).test(model, dm, verbose=False)[0]
     second = trainer(tmp_path).test(loaded, dm, verbose=False)[0]
@@ -133,36 +136,36 @@ def test_adapt_a_new_task_in_three_lines(tmp_path, episode16):
     model, dm = learner(MAML(inner_lr=0.5, inner_steps=1)), tiny_data()
     trainer(tmp_path, max_epochs=3).fit(model, dm)
     task = episode16.task(0)
-    state = model.adapt(task.support_x[0], task.support_y[0])
-    predicted = model.predict(state, task.query_x[0]).argmax(-1)
+    state = model.learner.adapt(task.support_x[0], task.support_y[0])
+    predicted = model.learner.predict(state, task.query_x[0]).argmax(-1)
     assert predicted.shape == (9,)
     accuracy = (predicted == task.query_y[0]).float().mean()
-    assert accuracy == model.meta_loss(task, training=False).accuracy[0]
+    assert accuracy == model.episode_loss(task, training=False).accuracy[0]
 
 
 def test_not_a_learner_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, path)
-    with pytest.raises(ValueError, match="is not a MetaLearnerModule checkpoint"):
+    with pytest.raises(ValueError, match="is not a lightning-metakd checkpoint"):
         MetaLearnerModule.load_from_checkpoint(path)
     (tmp_path / "junk.ckpt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         MetaLearnerModule.load_from_checkpoint(tmp_path / "junk.ckpt")
-    with pytest.raises(FileNotFoundError, match="No checkpoint at"):
+    with pytest.raises(ValueError, match="No checkpoint at"):
         MetaLearnerModule.load_from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_mismatched_episode_is_a_clear_error(episode16):
-    with pytest.raises(ValueError, match="5-way head but the episode is 3-way"):
-        learner(MAML(), ways=5).meta_loss(episode16)
+    with pytest.raises(ValueError, match="learner's MAML head is 5-way but the episode is 3-way"):
+        learner(MAML(), ways=5).episode_loss(episode16)
     wrong_size = MetaLearnerModule(Conv4(hidden=8, image_size=28), ProtoNet(), ways=3)
-    with pytest.raises(ValueError, match="built for 28x28 images but the episode has"):
-        wrong_size.meta_loss(episode16)
+    with pytest.raises(ValueError, match=r"built for 28x28 images but the episode \(learner\) has"):
+        wrong_size.episode_loss(episode16)
     wrong_channels = MetaLearnerModule(
         Conv4(in_channels=3, hidden=8, image_size=16), ProtoNet(), ways=3
     )
     with pytest.raises(ValueError, match="expects 3-channel images"):
-        wrong_channels.meta_loss(episode16)
+        wrong_channels.episode_loss(episode16)
 
 
 @pytest.mark.parametrize(
@@ -175,12 +178,12 @@ def test_chunked_training_step_gives_the_same_gradients(episode16, make_algorith
     grads = {}
     for chunk in (1, 3, 4):
         model = learner(make_algorithm())
-        model.task_chunk_size = chunk
+        model.learner.task_chunk_size = chunk
         loss = model.training_step(episode16, 0)
         loss.backward()
         grads[chunk] = [p.grad.clone() for p in model.parameters()]
         if chunk == 4:
-            assert loss.item() == pytest.approx(model.meta_loss(episode16).loss.item(), rel=1e-6)
+            assert loss.item() == pytest.approx(model.episode_loss(episode16).loss.item(), rel=1e-6)
     for chunk in (1, 3):
         for a, b in zip(grads[chunk], grads[4], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -192,6 +195,6 @@ def test_predict_labels_the_queries_of_the_test_episodes(tmp_path):
     assert sum(b["predictions"].shape[0] for b in batches) == 12  # every fixed test episode
     dm.setup()
     for batch, episode in zip(batches, dm.test_dataloader(), strict=True):
-        logits = model.meta_loss(episode, training=False).logits
+        logits = model.episode_loss(episode, training=False).logits
         assert torch.equal(batch["predictions"], logits.argmax(-1))
         assert torch.equal(batch["classes"], episode.classes.gather(1, batch["predictions"]))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lightning_metakd import pipeline
-from lightning_metakd.cli import run_lightning_cli
+from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 from lightning_metakd.pipeline import (
     STAGES,
@@ -67,9 +67,9 @@ def test_pipeline_configs_build_every_stage(path, tmp_path):
     assert isinstance(distill, DistillationModule)
     assert distill.hparams["teacher"] == str(tmp_path / "teacher.ckpt")
     # The baseline is the distilled student's architecture and algorithm, trained without a teacher.
-    assert baseline.components == distill.student.components
+    assert baseline.learner.components() == distill.student.components()
     params = lambda m: sum(p.numel() for p in m.model.parameters())  # noqa: E731
-    assert params(distill.student) < params(teacher)
+    assert params(distill.student) < params(teacher.learner)
     # Every learner is tested on the same fixed episodes.
     test_keys = ("test_ways", "test_shots", "test_queries", "test_episodes", "seed", "grouping")
     episodes = [{k: built[s].datamodule.hparams[k] for k in test_keys} for s in built]
@@ -354,4 +354,4 @@ def test_fit_picks_up_a_user_subclass(tmp_path, kanji_cache):
     finally:
         sys.path.remove(str(tmp_path / "user"))
         sys.modules.pop("my_learners", None)
-    assert type(learner).__name__ == "CountingLearner" and learner.ways == 5
+    assert type(learner).__name__ == "CountingLearner" and learner.learner.ways == 5

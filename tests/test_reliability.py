@@ -25,8 +25,8 @@ Where each bad-input case of issue #7 is tested (one clear error each, naming pr
   ``test_meta_learner.py::test_not_a_learner_checkpoint_is_a_clear_error``; whose ways or image
   size do not match the data: here (``test_teacher_that_does_not_fit_the_data_fails_at_setup``,
   ``test_teacher_checkpoint_records_what_the_data_is_checked_against``)
-- negative loss weights or temperature:
-  ``test_distillation.py::test_bad_weights_and_temperature_are_clear_errors``,
+- negative loss weights or temperature, repeated term names:
+  ``test_distillation.py::test_bad_terms_are_clear_errors``,
   ``test_distill_losses.py::test_soft_label_loss_bad_input`` (and the other ``*_bad_input`` tests)
 - parameter anchoring between incompatible shapes:
   ``test_distill_losses.py::test_parameter_anchor_errors_name_the_parameters``,
@@ -35,7 +35,7 @@ Where each bad-input case of issue #7 is tested (one clear error each, naming pr
   ``test_pipeline.py::test_bad_pipeline_configs_are_clear_errors``
 - no loader executes pickled code: ``test_real_data.py::test_restricted_unpickler_refuses_code``,
   ``::test_mini_imagenet_refuses_a_malicious_cache``; checkpoints load with
-  ``torch.load(weights_only=True)`` (``modules/meta_learner.py::read_components``), here too.
+  ``torch.load(weights_only=True)`` (``modules/checkpoint.py::read_checkpoint``), here too.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_metakd import NonFiniteLossError
 from lightning_metakd.algorithms import MAML, ProtoNet
-from lightning_metakd.cli import run_lightning_cli
+from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 from lightning_metakd.modules.finite import check_finite_loss
@@ -164,7 +164,7 @@ def test_teacher_checkpoint_records_what_the_data_is_checked_against(tmp_path):
     run.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # no pickled code in our checkpoints
     assert checkpoint["hyper_parameters"]["ways"] == 5
-    assert checkpoint["metakd_components"]["backbone"]["init_args"]["image_size"] == 16
+    assert checkpoint["metakd_components"]["learner"]["backbone"]["init_args"]["image_size"] == 16
     fit_fails(
         tmp_path, distiller(str(path), ways=5), tiny_data(),
         r"teacher's MAML head is 5-way but the data module has ways=3; set the data's ways to 5",
@@ -243,7 +243,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         run=False,
     )  # fmt: skip
     model, k = learner(), 3
-    poison_from(k, model, model.algorithm, "episode_logits", monkeypatch)
+    poison_from(k, model, model.learner.algorithm, "episode_logits", monkeypatch)
     before = CheckpointsBefore(tmp_path, k)
     cli.trainer.callbacks.append(before)
     expected = rf"global step {k} \(batch_idx 0\): train/loss=nan"
@@ -255,7 +255,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         checkpoint = torch.load(path, weights_only=True)
         assert 1 <= checkpoint["global_step"] <= k and finite_parameters(checkpoint["state_dict"])
         restored = MetaLearnerModule.load_from_checkpoint(path)
-        assert torch.isfinite(restored.meta_loss(first_episode()).loss)
+        assert torch.isfinite(restored.episode_loss(first_episode()).loss)
 
 
 def first_episode():
@@ -267,7 +267,7 @@ def first_episode():
 def test_nan_distillation_term_is_named_and_the_last_checkpoint_kept(tmp_path, monkeypatch):
     model, k = distiller(learner(hidden=8)), 2
     # NaN teacher logits make the soft-label term (and the sum) NaN; the task term stays finite.
-    poison_from(k, model, model.teacher.algorithm, "logits", monkeypatch)
+    poison_from(k, model, model.teachers[0].algorithm, "logits", monkeypatch)
     before = CheckpointsBefore(tmp_path, k)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     run = trainer(
@@ -276,8 +276,9 @@ def test_nan_distillation_term_is_named_and_the_last_checkpoint_kept(tmp_path, m
     with pytest.raises(NonFiniteLossError) as err:
         run.fit(model, tiny_data())
     assert (err.value.step, err.value.batch_idx) == (k, k)
-    assert set(err.value.terms) == {"train/loss", "train/loss_soft"}
-    assert "train/loss_soft=nan" in str(err.value) and "train/loss_task" not in str(err.value)
+    assert set(err.value.terms) == {"train/loss", "train/loss_soft_labels"}
+    assert "train/loss_soft_labels=nan" in str(err.value)
+    assert "train/loss_task" not in str(err.value)
     assert before.files and checkpoint_files(tmp_path) == before.files  # nothing written on error
     last = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
@@ -287,7 +288,7 @@ def test_nan_distillation_term_is_named_and_the_last_checkpoint_kept(tmp_path, m
     for name, value in model.state_dict().items():
         torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=0, atol=0)
     restored = DistillationModule.load_from_checkpoint(last)
-    out = restored.distillation_loss(first_episode())
+    out = restored.episode_loss(first_episode())
     assert all(torch.isfinite(v) for v in (out.loss, *out.terms.values()))
 
 
@@ -303,13 +304,13 @@ from lightning_metakd.modules import MetaLearnerModule
 
 torch.manual_seed(0)
 model = MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3)
-original = model.algorithm.episode_logits
+original = model.learner.algorithm.episode_logits
 
 def poisoned(*args, **kwargs):  # NaN on rank 1 only, from step 2
     logits = original(*args, **kwargs)
     return logits * math.nan if model.global_rank == 1 and model.global_step >= 2 else logits
 
-model.algorithm.episode_logits = poisoned
+model.learner.algorithm.episode_logits = poisoned
 data = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=2, steps_per_epoch=6,
                       val_episodes=2, test_episodes=2, image_size=16)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,

@@ -10,7 +10,7 @@ import torch
 from conftest import TinyDataModule
 
 import lightning_metakd.report as report
-from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.algorithms import Learner, ProtoNet
 from lightning_metakd.evaluation import mean_ci95
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import MetaLearnerModule
@@ -32,7 +32,8 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
         "wide": MetaLearnerModule(Conv4(hidden=16, image_size=16), ProtoNet(), ways=3),
         "narrow": MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3),
     }
-    rows = compare(learners, dm, tmp_path / "out", warmup=1, repeats=3)
+    rows = compare({n: m.learner for n, m in learners.items()}, dm, tmp_path / "out", warmup=1,
+                   repeats=3)  # fmt: skip
     assert [r["name"] for r in rows] == ["wide", "narrow"]
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
@@ -47,7 +48,7 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
     # The paired difference is over the per-episode accuracies of the same test episodes.
     dm.setup("test")
     episodes = [
-        torch.cat([learner.evaluate(batch).accuracy for batch in dm.test_dataloader()])
+        torch.cat([learner.learner.evaluate(batch).accuracy for batch in dm.test_dataloader()])
         for learner in learners.values()
     ]
     diff, diff_ci95 = mean_ci95(episodes[1] - episodes[0])
@@ -68,13 +69,13 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
 
 
 def test_compare_needs_meta_learners(tmp_path):
-    with pytest.raises(TypeError, match="compare takes MetaLearnerModules"):
+    with pytest.raises(TypeError, match="compare takes Learners"):
         compare({"x": torch.nn.Linear(2, 2)}, None, tmp_path)
 
 
 def compare_given(accuracies: dict[str, list[float]], monkeypatch, tmp_path, **kwargs):
     """``compare`` on learners whose per-episode test accuracies are ``accuracies``."""
-    learners = {name: MetaLearnerModule(Conv4(hidden=2), ProtoNet(), ways=2) for name in accuracies}
+    learners = {name: Learner(Conv4(hidden=2), ProtoNet(), ways=2) for name in accuracies}
 
     def measure(learner, datamodule, warmup, repeats):
         name = next(n for n, m in learners.items() if m is learner)
@@ -125,7 +126,7 @@ def test_paired_difference_against_a_named_reference(monkeypatch, tmp_path):
     assert "| a | 55.00 ± " in lines[2] and "| -10.00 ± 8.00 |" in lines[2]
     assert "| b | 65.00 ± " in lines[3] and "| — |" in lines[3]
     # An unknown reference fails before anything is measured.
-    learners = {name: MetaLearnerModule(Conv4(hidden=2), ProtoNet(), ways=2) for name in "abc"}
+    learners = {name: Learner(Conv4(hidden=2), ProtoNet(), ways=2) for name in "abc"}
     monkeypatch.setattr(report, "measure", lambda *args: pytest.fail("measured before the check"))
     with pytest.raises(KeyError, match=r"reference 'd' is not one of the learners \['a', 'b', 'c'"):
         compare(learners, None, tmp_path, reference="d")

@@ -12,6 +12,7 @@ from conftest import TinyDataModule
 
 from lightning_metakd.algorithms import ProtoNet
 from lightning_metakd.cli import main
+from lightning_metakd.distill import SoftLabels, TaskLoss
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import DistillationModule, MetaLearnerModule
 
@@ -30,8 +31,9 @@ def test_report_command_compares_teacher_student_and_baseline(tmp_path, capsys):
     teacher = MetaLearnerModule(Conv4(hidden=8, image_size=16), ProtoNet(), ways=3)
     teacher_ckpt = _save(teacher, tmp_path / "teacher.ckpt")
     distiller = DistillationModule(
-        teacher_ckpt, Conv4(hidden=4, image_size=16), ProtoNet(), ways=3, soft_label_weight=1.0
-    )
+        teacher_ckpt, Conv4(hidden=4, image_size=16), ProtoNet(), ways=3,
+        terms=[TaskLoss(), SoftLabels(weight=1.0)],
+    )  # fmt: skip
     distilled = _save(distiller, tmp_path / "distilled.ckpt")
     baseline = _save(
         MetaLearnerModule(Conv4(hidden=4, image_size=16), ProtoNet(), ways=3),

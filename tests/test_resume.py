@@ -467,7 +467,6 @@ def pipeline_config(folder: Path) -> Path:
                 "student_backbone": student["backbone"],
                 "student_algorithm": student["algorithm"],
                 "ways": 3,
-                "temperature": 4.0,
                 "init_from_teacher": True,
                 "optimizer": student["optimizer"],
             },  # fmt: skip

@@ -7,6 +7,10 @@ meta-gradient). Everything is written with :mod:`torch.func` (``functional_call`
 task function runs in a Python loop over tasks (the default on CPU) or under ``torch.func.vmap``
 (the default on GPUs), with identical numbers.
 
+- :class:`Learner`: a backbone, an algorithm and ``ways``: what adapts, predicts and evaluates
+  (shared by the LightningModules, the report, fine-tuning and export).
+- :func:`map_tasks`: the episode engine, a per-task function over an episode's tasks in a loop
+  or under ``vmap``.
 - :func:`inner_loop`: θ' = θ − α ∇θ L(support), shared by MAML, FOMAML, ANIL and Meta-SGD.
 - :class:`MAML` (``first_order=True`` for FOMAML), :class:`ANIL`, :class:`MetaSGD`: the model is a
   ``Classifier(backbone, ways)``; ``needs_head = True``.
@@ -42,28 +46,41 @@ Example:
 
 from lightning_metakd.algorithms.anil import ANIL
 from lightning_metakd.algorithms.base import MetaAlgorithm
+from lightning_metakd.algorithms.engine import map_tasks, use_vmap
 from lightning_metakd.algorithms.inner_loop import Params, inner_loop, inner_step
+from lightning_metakd.algorithms.learner import EpisodeLoss, Learner
 from lightning_metakd.algorithms.maml import MAML
-from lightning_metakd.algorithms.matchingnet import MatchingNet, matching_logits
+from lightning_metakd.algorithms.matchingnet import MatchingClassifier, MatchingNet, matching_logits
 from lightning_metakd.algorithms.meta_gradient import memory_bounded_loss
 from lightning_metakd.algorithms.metasgd import MetaSGD
 from lightning_metakd.algorithms.normalization import composite_normalization, prepare_model
-from lightning_metakd.algorithms.protonet import ProtoNet, class_means, prototype_logits
+from lightning_metakd.algorithms.protonet import (
+    ProtoNet,
+    PrototypeClassifier,
+    class_means,
+    prototype_logits,
+)
 
 __all__ = [
     "ANIL",
     "MAML",
+    "EpisodeLoss",
+    "Learner",
+    "MatchingClassifier",
     "MatchingNet",
     "MetaAlgorithm",
     "MetaSGD",
     "Params",
+    "PrototypeClassifier",
     "ProtoNet",
     "class_means",
     "composite_normalization",
     "inner_loop",
     "inner_step",
+    "map_tasks",
     "matching_logits",
     "memory_bounded_loss",
     "prepare_model",
     "prototype_logits",
+    "use_vmap",
 ]

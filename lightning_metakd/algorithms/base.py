@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
+from lightning_metakd.algorithms.engine import map_tasks
 from lightning_metakd.algorithms.inner_loop import Params
-from lightning_metakd.algorithms.normalization import composite_normalization
 
 
 class MetaAlgorithm(nn.Module):
@@ -123,6 +121,9 @@ class MetaAlgorithm(nn.Module):
     ) -> Tensor:
         """Query logits of all ``T`` tasks of an episode: ``[T, N*Q, ways]``.
 
+        :meth:`task_logits` mapped over the tasks by the episode engine
+        (:func:`~lightning_metakd.algorithms.engine.map_tasks`).
+
         Args:
             model, params: the network and its parameters (``dict(model.named_parameters())``).
             support_x, support_y, query_x: ``[T, N*K, C, H, W]``, ``[T, N*K]``,
@@ -130,13 +131,9 @@ class MetaAlgorithm(nn.Module):
             ways: N.
             training: use ``inner_steps`` (and keep the second-order graph) rather than
                 ``inner_steps_test``.
-            vmap_tasks: ``True`` maps :meth:`task_logits` over tasks with :func:`torch.func.vmap`
-                (``randomness="different"``, so dropout differs per task); ``False`` runs a
-                Python loop; ``None`` picks per device: the loop on CPU (where the per-task
-                weights of a vmapped inner loop become grouped convolutions, measured 2.7x
-                slower) and vmap elsewhere. Both give the same numbers: the vmap path computes
-                batch/instance/layer norm from elementary ops, because the fused kernels' second
-                derivatives are wrong under vmap (see ``algorithms/normalization.py``).
+            vmap_tasks: ``True``: :func:`torch.func.vmap` over tasks; ``False``: a Python loop;
+                ``None``: the loop on CPU, vmap elsewhere
+                (:func:`~lightning_metakd.algorithms.engine.use_vmap`). Same numbers either way.
             chunk_size: with vmap, process at most this many tasks at once (bounds memory).
         """
         if support_x.dim() < 3 or support_y.dim() != 2 or query_x.dim() != support_x.dim():
@@ -145,24 +142,29 @@ class MetaAlgorithm(nn.Module):
                 f"support_y [T, N*K], query_x [T, N*Q, ...]; got {tuple(support_x.shape)}, "
                 f"{tuple(support_y.shape)}, {tuple(query_x.shape)}. For one task call task_logits."
             )
-        if vmap_tasks is None:
-            vmap_tasks = support_x.device.type != "cpu"
 
-        def one_task(p: Params, sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-            return self.task_logits(model, p, sx, sy, qx, ways, training)
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+            return self.task_logits(model, params, sx, sy, qx, ways, training)
 
-        if vmap_tasks:
-            self.check_vmap()
-            batched = vmap(
-                one_task, in_dims=(None, 0, 0, 0), randomness="different", chunk_size=chunk_size
-            )
-            with composite_normalization():
-                return batched(params, support_x, support_y, query_x)
-        return torch.stack(
-            [
-                one_task(params, sx, sy, qx)
-                for sx, sy, qx in zip(support_x, support_y, query_x, strict=True)
-            ]
+        return map_tasks(
+            one_task,
+            (support_x, support_y, query_x),
+            vmap_tasks=vmap_tasks,
+            chunk_size=chunk_size,
+            algorithms=[self],
+        )
+
+    def fold(self, model: nn.Module, state: Any) -> nn.Module:
+        """A plain module ``images -> [B, ways]`` logits: ``model`` adapted to the task of ``state``.
+
+        What deployment freezes (:class:`~lightning_metakd.deploy.FixedClassifier`): MAML-family
+        algorithms copy θ' into a copy of the model, ProtoNet wraps it with its prototypes,
+        MatchingNet with its support set. The result's constructor arguments are stored on it, so
+        a checkpoint can describe it. ``model`` itself is not modified.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say how to fold its adapted state into a fixed "
+            "classifier; implement fold(model, state) (see MAML.fold, ProtoNet.fold)."
         )
 
 

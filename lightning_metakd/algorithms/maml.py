@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -111,6 +113,14 @@ class MAML(MetaAlgorithm):
     ) -> Tensor:
         """``f_θ'(query_x)``: ``[N*Q, ways]``."""
         return check_logits(functional_call(model, state, (query_x,)), ways, model)
+
+    def fold(self, model: nn.Module, state: Params) -> nn.Module:
+        """A copy of ``model`` holding the adapted parameters θ' of ``state``."""
+        folded = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, param in folded.named_parameters():
+                param.copy_(state[name])
+        return folded
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -87,8 +89,58 @@ class MatchingNet(MetaAlgorithm):
         )
         return matching_logits(queries, support, onehot, self.temperature)
 
+    def fold(self, model: nn.Module, state: tuple[Tensor, Tensor]) -> MatchingClassifier:
+        """``model`` followed by attention over the support set of ``state`` (:class:`MatchingClassifier`)."""
+        support, onehot = state
+        folded = MatchingClassifier(
+            copy.deepcopy(model),
+            onehot.shape[-1],
+            len(support),
+            support.shape[-1],
+            self.temperature,
+        )
+        with torch.no_grad():
+            folded.support.copy_(support)
+            folded.support_labels.copy_(onehot.long().argmax(-1))
+        return folded
+
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
 
-__all__ = ["MatchingNet", "matching_logits"]
+class MatchingClassifier(nn.Module):
+    """``backbone`` followed by attention over a stored support set: a MatchingNet, frozen.
+
+    Logits are the log attention mass of each class, ``logsumexp_{i: y_i = k} s_i −
+    logsumexp_i s_i`` with ``s_i`` the cosine similarity of the query to support embedding ``i``
+    divided by ``temperature`` (Vinyals et al. 2016, eqs. 1-2), as :meth:`MatchingNet.logits
+    <lightning_metakd.algorithms.MatchingNet.logits>` computes them.
+
+    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``support`` is
+    ``[support_size, num_features]`` (normalised in ``forward``), ``support_labels`` ``[support_size]``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        ways: int,
+        support_size: int,
+        num_features: int,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.ways, self.support_size = backbone, ways, support_size
+        self.num_features, self.temperature = num_features, temperature
+        self.support = nn.Parameter(torch.zeros(support_size, num_features))
+        self.register_buffer("support_labels", torch.zeros(support_size, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        queries = nn.functional.normalize(self.backbone(x).flatten(1), dim=-1)
+        support = nn.functional.normalize(self.support, dim=-1)
+        onehot = self.support_labels.unsqueeze(-1) == torch.arange(
+            self.ways, device=self.support_labels.device
+        )
+        return matching_logits(queries, support, onehot, self.temperature)
+
+
+__all__ = ["MatchingClassifier", "MatchingNet", "matching_logits"]

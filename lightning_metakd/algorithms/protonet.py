@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -90,8 +92,52 @@ class ProtoNet(MetaAlgorithm):
         queries = functional_call(model, params, (query_x,)).flatten(1)
         return prototype_logits(queries, state, self.distance)
 
+    def fold(self, model: nn.Module, state: Tensor) -> PrototypeClassifier:
+        """``model`` followed by the prototypes of ``state`` as a layer (:class:`PrototypeClassifier`)."""
+        folded = PrototypeClassifier(copy.deepcopy(model), *state.shape, self.distance)
+        with torch.no_grad():
+            folded.prototypes.copy_(state)
+        return folded
+
     def extra_repr(self) -> str:
         return f"distance={self.distance!r}"
 
 
-__all__ = ["ProtoNet", "class_means", "prototype_logits"]
+class PrototypeClassifier(nn.Module):
+    """``backbone`` followed by a prototype layer: a ProtoNet adapted to one task, frozen.
+
+    Logits are ``−‖f(x) − c_k‖²`` (Snell et al. 2017, eq. 2) or, with ``distance="cosine"``, the
+    cosine similarity to each prototype, exactly as :meth:`ProtoNet.logits
+    <lightning_metakd.algorithms.ProtoNet.logits>` scores queries. The prototypes are a parameter,
+    so further fine-tuning can move them like a linear head.
+
+    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``prototypes`` is ``[ways, num_features]``.
+
+    Example:
+        >>> import torch
+        >>> net = PrototypeClassifier(torch.nn.Flatten(), ways=2, num_features=2)
+        >>> with torch.no_grad():
+        ...     _ = net.prototypes.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+        >>> net(torch.tensor([[1.0, 1.0]])).tolist()
+        [[-2.0, -2.0]]
+    """
+
+    def __init__(
+        self, backbone: nn.Module, ways: int, num_features: int, distance: str = "sqeuclidean"
+    ) -> None:
+        super().__init__()
+        if distance not in ("sqeuclidean", "cosine"):
+            raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
+        self.backbone, self.ways, self.num_features, self.distance = (
+            backbone,
+            ways,
+            num_features,
+            distance,
+        )
+        self.prototypes = nn.Parameter(torch.zeros(ways, num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return prototype_logits(self.backbone(x).flatten(1), self.prototypes, self.distance)
+
+
+__all__ = ["PrototypeClassifier", "ProtoNet", "class_means", "prototype_logits"]

@@ -109,6 +109,10 @@ class Episode:
             out[f.name] = value.to(device=device, dtype=cast, non_blocking=non_blocking)
         return Episode(**out)
 
+    def clone(self) -> Episode:
+        """A copy of every tensor (e.g. so that autograd may use tensors made in inference mode)."""
+        return Episode(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def pin_memory(self) -> Episode:
         return Episode(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 

@@ -7,9 +7,12 @@ time:
 
 - MAML, ANIL, Meta-SGD: the adapted parameters θ' are copied into the backbone and its linear head
   (a :class:`~lightning_metakd.models.classifier.Classifier`).
-- ProtoNet: the prototypes become a layer, :class:`PrototypeClassifier`.
+- ProtoNet: the prototypes become a layer, :class:`~lightning_metakd.algorithms.PrototypeClassifier`.
 - MatchingNet: the normalised support embeddings and their labels become a layer,
-  :class:`MatchingClassifier`.
+  :class:`~lightning_metakd.algorithms.MatchingClassifier`.
+
+Each algorithm says how it folds its own state (:meth:`MetaAlgorithm.fold
+<lightning_metakd.algorithms.MetaAlgorithm.fold>`), so a new algorithm touches only its own file.
 
 The file written by :meth:`FixedClassifier.save` holds only plain values and tensors (the network
 as a ``class_path``/``init_args`` spec, its state dict, the class names and the input format), so it
@@ -18,103 +21,28 @@ loads with ``torch.load(weights_only=True)``: no pickled code.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_metakd.algorithms import (
-    MatchingNet,
-    ProtoNet,
-    matching_logits,
+    Learner,
+    MatchingClassifier,
+    PrototypeClassifier,
     prepare_model,
-    prototype_logits,
 )
 from lightning_metakd.data.dataset import ClassDataset
-from lightning_metakd.modules.meta_learner import MetaLearnerModule
-from lightning_metakd.modules.spec import build_component, component_spec
+from lightning_metakd.distill.taps import tap
+from lightning_metakd.spec import build_component, component_spec
 
 #: The ``format`` entry of a saved classifier file, and its layout version.
 FORMAT = "lightning_metakd.FixedClassifier"
 FORMAT_VERSION = 1
 #: Where BatchNorm layers take their statistics from (see :class:`FixedClassifier`).
 STATISTICS = ("batch", "fixed")
-
-
-class PrototypeClassifier(nn.Module):
-    """``backbone`` followed by a prototype layer: a ProtoNet adapted to one task, frozen.
-
-    Logits are ``−‖f(x) − c_k‖²`` (Snell et al. 2017, eq. 2) or, with ``distance="cosine"``, the
-    cosine similarity to each prototype, exactly as :meth:`ProtoNet.logits
-    <lightning_metakd.algorithms.ProtoNet.logits>` scores queries. The prototypes are a parameter,
-    so further fine-tuning can move them like a linear head.
-
-    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``prototypes`` is ``[ways, num_features]``.
-
-    Example:
-        >>> import torch
-        >>> net = PrototypeClassifier(torch.nn.Flatten(), ways=2, num_features=2)
-        >>> with torch.no_grad():
-        ...     _ = net.prototypes.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
-        >>> net(torch.tensor([[1.0, 1.0]])).tolist()
-        [[-2.0, -2.0]]
-    """
-
-    def __init__(
-        self, backbone: nn.Module, ways: int, num_features: int, distance: str = "sqeuclidean"
-    ) -> None:
-        super().__init__()
-        if distance not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}.")
-        self.backbone, self.ways, self.num_features, self.distance = (
-            backbone,
-            ways,
-            num_features,
-            distance,
-        )
-        self.prototypes = nn.Parameter(torch.zeros(ways, num_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return prototype_logits(self.backbone(x).flatten(1), self.prototypes, self.distance)
-
-
-class MatchingClassifier(nn.Module):
-    """``backbone`` followed by attention over a stored support set: a MatchingNet, frozen.
-
-    Logits are the log attention mass of each class, ``logsumexp_{i: y_i = k} s_i −
-    logsumexp_i s_i`` with ``s_i`` the cosine similarity of the query to support embedding ``i``
-    divided by ``temperature`` (Vinyals et al. 2016, eqs. 1-2), as :meth:`MatchingNet.logits
-    <lightning_metakd.algorithms.MatchingNet.logits>` computes them.
-
-    Shapes: images ``[B, C, H, W]`` → logits ``[B, ways]``; ``support`` is
-    ``[support_size, num_features]`` (normalised in ``forward``), ``support_labels`` ``[support_size]``.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        ways: int,
-        support_size: int,
-        num_features: int,
-        temperature: float = 1.0,
-    ) -> None:
-        super().__init__()
-        self.backbone, self.ways, self.support_size = backbone, ways, support_size
-        self.num_features, self.temperature = num_features, temperature
-        self.support = nn.Parameter(torch.zeros(support_size, num_features))
-        self.register_buffer("support_labels", torch.zeros(support_size, dtype=torch.long))
-
-    def forward(self, x: Tensor) -> Tensor:
-        queries = F.normalize(self.backbone(x).flatten(1), dim=-1)
-        support = F.normalize(self.support, dim=-1)
-        onehot = self.support_labels.unsqueeze(-1) == torch.arange(
-            self.ways, device=self.support_labels.device
-        )
-        return matching_logits(queries, support, onehot, self.temperature)
 
 
 def normalize_images(
@@ -181,24 +109,15 @@ def batch_norm_statistics(network: nn.Module, images: Tensor) -> dict[str, tuple
 
     With these frozen in, ``network`` gives on ``images`` exactly what batch statistics give.
     """
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def hook(name: str):
-        def store(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0]
-            dims = [0, *range(2, x.dim())]
-            captured[name] = (x.mean(dims), x.var(dims, unbiased=False))
-
-        return store
-
-    handles = [bn.register_forward_pre_hook(hook(name)) for name, bn in _batch_norms(network)]
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            network(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    names = [name for name, _ in _batch_norms(network)]
+    with torch.inference_mode(False), torch.no_grad(), tap(network, names, inputs=True) as inputs:
+        network(images)
+    statistics = {}
+    for name in names:
+        x = inputs[name]
+        dims = [0, *range(2, x.dim())]
+        statistics[name] = (x.mean(dims), x.var(dims, unbiased=False))
+    return statistics
 
 
 class FixedClassifier(nn.Module):
@@ -282,7 +201,7 @@ class FixedClassifier(nn.Module):
     @classmethod
     def from_learner(
         cls,
-        learner: MetaLearnerModule,
+        learner: Learner,
         support_x: Tensor,
         support_y: Tensor,
         class_names: Sequence[str],
@@ -295,8 +214,10 @@ class FixedClassifier(nn.Module):
         ``support_y`` labels lie in ``0..N-1`` with ``N = len(class_names)``, every class at least
         once (any number of images per class); ``invert``, ``mean`` and ``std`` record how the
         images were prepared (see the class docstring). The learner adapts as in evaluation
-        (``inner_steps_test`` steps, no dropout); it is not modified. In batch statistics, the
-        returned classifier's logits on any query batch equal ``learner.predict(state, query_x)``.
+        (``inner_steps_test`` steps, no dropout) and folds its state with
+        :meth:`Learner.fold <lightning_metakd.algorithms.Learner.fold>`; it is not modified. In
+        batch statistics, the returned classifier's logits on any query batch equal
+        ``learner.predict(state, query_x)``.
         """
         ways = len(class_names)
         if support_x.dim() != 4 or support_y.dim() != 1 or len(support_x) != len(support_y):
@@ -321,36 +242,7 @@ class FixedClassifier(nn.Module):
             )
         if support_x.shape[-1] != support_x.shape[-2]:
             raise ValueError(f"images must be square, got {tuple(support_x.shape[-2:])}.")
-        was_training = learner.training
-        learner.eval()
-        try:
-            state = learner.adapt(support_x, support_y)
-        finally:
-            learner.train(was_training)
-        model = copy.deepcopy(learner.model)
-        if isinstance(state, dict):  # MAML family: the adapted parameters θ'
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    param.copy_(state[name])
-            network: nn.Module = model
-        elif isinstance(algorithm, ProtoNet):
-            network = PrototypeClassifier(model, ways, state.shape[-1], algorithm.distance)
-            with torch.no_grad():
-                network.prototypes.copy_(state)
-        elif isinstance(algorithm, MatchingNet):
-            support, _ = state
-            network = MatchingClassifier(
-                model, ways, len(support), support.shape[-1], algorithm.temperature
-            )
-            with torch.no_grad():
-                network.support.copy_(support)
-                network.support_labels.copy_(support_y)
-        else:
-            raise TypeError(
-                f"FixedClassifier folds the adapted state of MAML, ANIL, Meta-SGD, ProtoNet and "
-                f"MatchingNet learners; {type(algorithm).__name__} is none of these. Subclass one "
-                "of them, or build the network yourself and pass it to FixedClassifier(...)."
-            )
+        network = learner.fold(support_x, support_y)
         network.to(support_x.device).requires_grad_(True)
         return cls(network, class_names, support_x.shape[-1], support_x.shape[1], invert, mean, std)
 
@@ -483,7 +375,7 @@ class FixedClassifier(nn.Module):
 __all__ = [
     "FORMAT",
     "FixedClassifier",
-    "MatchingClassifier",
+    "MatchingClassifier",  # re-exported: classifier files of 0.1 name them here
     "PrototypeClassifier",
     "batch_norm_statistics",
     "normalize_images",

@@ -32,25 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: Files written by :func:`export_classifier`, by format.
-MODEL_FILES = {"torch_export": "model.pt2", "onnx": "model.onnx"}
-CLASSES_FILE = "classes.json"
-FORMATS = tuple(MODEL_FILES)
-INSTALL_HINT = "pip install 'lightning-metakd[export]'"
-
-
-def require_onnx(*modules: str) -> None:
-    """Import ``modules`` (default: onnx, onnxscript) or fail with the install command."""
-    import importlib
-
-    for name in modules or ("onnx", "onnxscript"):
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ImportError(
-                f"ONNX export and inference need the `{name}` package, which is not installed: "
-                f"{INSTALL_HINT} (installs onnx, onnxscript and onnxruntime)."
-            ) from err
+from lightning_metakd.deploy.predict import (
+    CLASSES_FILE,
+    FORMATS,
+    MODEL_FILES,
+    load_exported,
+    require_onnx,
+)
 
 
 def preprocessing_from_datamodule(datamodule: Any, split: str = "test") -> dict[str, Any]:
@@ -268,7 +256,6 @@ def verify_export(
     ``[B, C, H, W]``. Raises ``AssertionError`` naming the format and the difference if it is over
     ``atol + rtol * max |logits|``; returns ``{format: max_abs_diff}`` otherwise.
     """
-    from lightning_metakd.deploy.predict import load_exported
 
     was_training = model.training
     model.eval()

@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_metakd.algorithms import Learner
 from lightning_metakd.atomic import atomic_write
 from lightning_metakd.deploy.classifier import STATISTICS, FixedClassifier, normalize_images
-from lightning_metakd.distill.losses import parameter_anchor_loss
-from lightning_metakd.modules.meta_learner import MetaLearnerModule
+from lightning_metakd.distill import parameter_anchor_loss
+from lightning_metakd.modules import CheckpointError
+from lightning_metakd.modules import load_learner as read_learner
 
 #: Files written into the output folder.
 CLASSIFIER_FILE = "classifier.pt"
@@ -147,42 +149,19 @@ def holdout_split(
 
 
 # -- the learner ------------------------------------------------------------------------------------
-def load_learner(checkpoint: str | Path) -> MetaLearnerModule:
+def load_learner(checkpoint: str | Path) -> Learner:
     """The learner of a ``MetaLearnerModule`` checkpoint, or the student of a ``DistillationModule``'s.
 
-    Raises:
-        FinetuneError: a missing or unreadable file, or a checkpoint of another kind.
+    :func:`lightning_metakd.modules.load_learner`, with its errors as :class:`FinetuneError`.
     """
-    from lightning_metakd.modules import DistillationModule
-
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FinetuneError(
-            f"No checkpoint at {str(path)!r}; pass checkpoint= the best.ckpt that `metakd fit` "
-            "(or `metakd pipeline`, under <run>/distill/checkpoints/) wrote."
-        )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise FinetuneError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
-    components = raw.get("metakd_components", {}) if isinstance(raw, dict) else {}
-    if {"backbone", "algorithm"} <= set(components):
-        return MetaLearnerModule.load_from_checkpoint(path, map_location="cpu")
-    if {"teacher", "student_backbone", "student_algorithm"} <= set(components):
-        return DistillationModule.load_from_checkpoint(path, map_location="cpu").student_learner()
-    what = (
-        "a FixedClassifier file (already fine-tuned)"
-        if isinstance(raw, dict) and raw.get("format") == "lightning_metakd.FixedClassifier"
-        else "neither a MetaLearnerModule nor a DistillationModule checkpoint"
-    )
-    raise FinetuneError(
-        f"{path} is {what}; pass the checkpoint of a meta-learner or a distilled student "
-        "(e.g. <run>/distill/checkpoints/best.ckpt of `metakd pipeline`)."
-    )
+        return read_learner(checkpoint)
+    except CheckpointError as err:
+        raise FinetuneError(str(err)) from None
 
 
 def input_format(
-    learner: MetaLearnerModule, image_size: int | None = None, channels: int | None = None
+    learner: Learner, image_size: int | None = None, channels: int | None = None
 ) -> tuple[int, int]:
     """``(image_size, channels)`` the learner's backbone takes, checked against the given ones.
 
@@ -207,7 +186,7 @@ def input_format(
     return found["image_size"], found["channels"]
 
 
-def _theta_star(learner: MetaLearnerModule, classifier: FixedClassifier) -> dict[str, Tensor]:
+def _theta_star(learner: Learner, classifier: FixedClassifier) -> dict[str, Tensor]:
     """θ* under the classifier network's parameter names (a metric learner's model is its backbone)."""
     prefix = "" if learner.algorithm.needs_head else "backbone."
     device = next(classifier.parameters()).device
@@ -216,7 +195,7 @@ def _theta_star(learner: MetaLearnerModule, classifier: FixedClassifier) -> dict
 
 # -- adapt, fine-tune -------------------------------------------------------------------------------
 def finetune(
-    learner: MetaLearnerModule,
+    learner: Learner,
     images: Tensor,
     labels: Tensor,
     class_names: Sequence[str],
@@ -280,7 +259,8 @@ def finetune(
             f"{tuple(images.shape)}; read them with read_class_folders(root, {image_size}, "
             f"{channels})."
         )
-    images, labels = images.to(learner.device), labels.to(learner.device).long()
+    device = next(learner.parameters()).device
+    images, labels = images.to(device), labels.to(device).long()
     classifier = FixedClassifier.from_learner(
         learner, images, labels, class_names, invert=invert, mean=mean, std=std
     )

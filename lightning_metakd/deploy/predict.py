@@ -25,7 +25,26 @@ import torch
 from torch import Tensor
 
 from lightning_metakd.deploy.classifier import read_image_files
-from lightning_metakd.deploy.export import CLASSES_FILE, FORMATS, MODEL_FILES, require_onnx
+
+#: Files written by :func:`~lightning_metakd.deploy.export.export_classifier`, by format.
+MODEL_FILES = {"torch_export": "model.pt2", "onnx": "model.onnx"}
+CLASSES_FILE = "classes.json"
+FORMATS = tuple(MODEL_FILES)
+INSTALL_HINT = "pip install 'lightning-metakd[export]'"
+
+
+def require_onnx(*modules: str) -> None:
+    """Import ``modules`` (default: onnx, onnxscript) or fail with the install command."""
+    import importlib
+
+    for name in modules or ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(
+                f"ONNX export and inference need the `{name}` package, which is not installed: "
+                f"{INSTALL_HINT} (installs onnx, onnxscript and onnxruntime)."
+            ) from err
 
 
 class ExportedClassifier:

@@ -1,25 +1,21 @@
-"""Distillation building blocks: losses, taps by module path, and θ* transfer to a narrower student.
+"""Distillation: the terms of the objective, the taps they read, teachers as an ensemble, θ* transfer.
 
-The two objectives at the heart of meta-knowledge distillation:
+The two objectives at the heart of meta-knowledge distillation, each a sum of terms:
 
-- **MAML-anchored distillation**: ``L = L_task(θ − α∇θ L'_task(θ)) + λ‖θ − θ*‖²``, the student's
-  post-adaptation query loss (MAML's inner step on the support loss ``L'_task``) plus a pull of
-  its meta-parameters θ towards the teacher's meta-learned θ*
-  (:func:`maml_anchored_distillation_loss`, :class:`ParameterAnchor`; θ* for a narrower student
-  comes from :func:`slice_state`).
-- **Attention distillation**: ``L = L_task + λ Σ_l ‖A_target^l − A_meta^l‖_F²``, the task loss plus
-  the distance between the student's (target) attention maps and the meta-trained teacher's
-  (:func:`attention_map_loss`, :class:`AttentionDistillation`).
+- **MAML-anchored distillation**: ``L = L_task(θ − α∇θ L'_task(θ)) + λ‖θ − θ*‖²`` —
+  :class:`TaskLoss` (the student's query loss after its inner step on the support loss
+  ``L'_task``) plus :class:`ParameterAnchor` (a pull of its meta-parameters θ towards the teacher's
+  meta-learned θ*; θ* for a narrower student comes from :func:`slice_state`).
+- **Attention distillation**: ``L = L_task + λ Σ_l ‖A_target^l − A_meta^l‖_F²`` —
+  :class:`TaskLoss` plus :class:`AttentionDistillation` (the student's attention maps against the
+  meta-trained teacher's).
 
-Classical terms to combine with them: soft labels (:func:`soft_label_loss`, Hinton et al. 2015;
-of several teachers via :func:`ensemble_probabilities`),
-FitNets feature hints with a learned projector (:func:`feature_loss`,
-:class:`FeatureDistillation`) and activation-based attention transfer
-(:func:`attention_transfer_loss`, Zagoruyko & Komodakis 2017). Intermediate outputs come from
-:func:`tapped_call` (forward hooks by module path, safe under ``torch.func.vmap``).
-
-Every loss is a pure function (called per task, in a loop or under ``vmap``) plus a thin
-``nn.Module`` that holds its weight and other hyper-parameters.
+Classical terms to combine with them: :class:`SoftLabels` (Hinton et al. 2015; several teachers
+through :func:`ensemble_probabilities`), :class:`FeatureHints` (FitNets, with learned projectors)
+and :class:`AttentionTransfer` (Zagoruyko & Komodakis 2017). A term is one class in one file of
+:mod:`lightning_metakd.distill.terms` (:class:`DistillationTerm` says what a term is); your own
+is a subclass anywhere, named by ``class_path``. Intermediate outputs come from :func:`tap`
+(forward hooks by module path, safe under ``torch.func.vmap``).
 
 Example:
     >>> import torch
@@ -28,49 +24,34 @@ Example:
     >>> teacher, student = Classifier(Conv4(hidden=64), 5), Classifier(Conv4(hidden=16), 5)
     >>> theta_star = slice_state(teacher, student)
     >>> _ = student.load_state_dict(theta_star)
-    >>> anchor = ParameterAnchor(theta_star, weight=0.01)
-    >>> anchor(dict(student.named_parameters())).item()
+    >>> float(parameter_anchor_loss(dict(student.named_parameters()), theta_star))
     0.0
 """
 
-from lightning_metakd.distill.losses import (
-    AttentionDistillation,
-    AttentionTransfer,
-    FeatureDistillation,
-    ParameterAnchor,
-    SoftLabelDistillation,
-    attention_map_loss,
-    attention_transfer_loss,
-    default_layer_map,
+from lightning_metakd.distill.ensemble import (
+    TeacherEnsemble,
     ensemble_probabilities,
     ensemble_weights,
-    feature_loss,
-    maml_anchored_distillation_loss,
-    parameter_anchor_loss,
-    soft_label_loss,
-    spatial_attention,
+    teacher_temperatures,
 )
-from lightning_metakd.distill.taps import default_tap, module_paths, tapped_call
+from lightning_metakd.distill.taps import module_paths, tap, tap_points, tapped_call
+from lightning_metakd.distill.term import DistillationTerm, StepContext, TaskContext
+from lightning_metakd.distill.terms import *  # noqa: F403 - every term and its loss function
+from lightning_metakd.distill.terms import __all__ as _terms
 from lightning_metakd.distill.transfer import slice_state
 
 __all__ = [
-    "AttentionDistillation",
-    "AttentionTransfer",
-    "FeatureDistillation",
-    "ParameterAnchor",
-    "SoftLabelDistillation",
-    "attention_map_loss",
-    "attention_transfer_loss",
-    "default_layer_map",
-    "default_tap",
+    "DistillationTerm",
+    "StepContext",
+    "TaskContext",
+    "TeacherEnsemble",
     "ensemble_probabilities",
     "ensemble_weights",
-    "feature_loss",
-    "maml_anchored_distillation_loss",
     "module_paths",
-    "parameter_anchor_loss",
     "slice_state",
-    "soft_label_loss",
-    "spatial_attention",
+    "tap",
+    "tap_points",
     "tapped_call",
+    "teacher_temperatures",
+    *_terms,
 ]

@@ -29,6 +29,13 @@ class Classifier(nn.Module):
         self.ways = ways
         self.head = nn.Linear(backbone.num_features, ways)
 
+    def tap_points(self) -> dict[str, list[str]]:
+        """The backbone's tap points (``backbone.tap_points()``) under this module's ``backbone.`` prefix."""
+        points = getattr(self.backbone, "tap_points", None)
+        if points is None:
+            return {}
+        return {kind: [f"backbone.{p}" for p in paths] for kind, paths in points().items()}
+
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 

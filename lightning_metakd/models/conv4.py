@@ -63,6 +63,15 @@ class Conv4(nn.Module):
         self.channels = channels
         self.num_features = channels * side**2
 
+    def tap_points(self) -> dict[str, list[str]]:
+        """Where distillation taps this network (module paths, see :func:`~lightning_metakd.distill.taps.tap`).
+
+        ``"blocks"``: the output of every conv block ``[B, C, h, w]`` (attention transfer, hints
+        at several depths); ``"features"``: the default hint layer, the last block.
+        """
+        blocks = [f"features.{i}" for i in range(len(self.features))]
+        return {"blocks": blocks, "features": blocks[-1:]}
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``[B, channels, h, w]``."""
         return self.features(x)

@@ -129,6 +129,15 @@ class ResNet12(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = self.channels[-1]
 
+    def tap_points(self) -> dict[str, list[str]]:
+        """Where distillation taps this network (module paths, see :func:`~lightning_metakd.distill.taps.tap`).
+
+        ``"blocks"``: the output of every conv block ``[B, C, h, w]`` (attention transfer, hints
+        at several depths); ``"features"``: the default hint layer, the last block.
+        """
+        blocks = [f"features.{i}" for i in range(len(self.features))]
+        return {"blocks": blocks, "features": blocks[-1:]}
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``[B, channels[-1], h, w]`` (``h = w = 5`` at 84 px, 1 at 28 px;
         10 and 3 with ``pool_last_block=False``)."""

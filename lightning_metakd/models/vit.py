@@ -27,12 +27,17 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # An identity on the probabilities gives them a module path of their own: the tap of
+        # attention distillation (``blocks.<i>.attention.probabilities``).
+        self.probabilities = nn.Identity()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attention = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        attention = self.probabilities(
+            torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        )
         out = (attention @ v).transpose(1, 2).reshape(batch, tokens, dim)
         return self.proj(out), attention
 
@@ -153,6 +158,20 @@ class VisionTransformer(nn.Module):
             tokens, attention = block(tokens)
             attentions.append(attention)
         return self.norm(tokens), attentions
+
+    def tap_points(self) -> dict[str, list[str]]:
+        """Where distillation taps this network (module paths, see :func:`~lightning_metakd.distill.taps.tap`).
+
+        ``"blocks"``: every block's token sequence ``[B, tokens, dim]``; ``"features"``: the
+        final LayerNorm (the default hint layer); ``"attention"``: every block's attention
+        probabilities ``[B, heads, tokens, tokens]`` (attention distillation).
+        """
+        blocks = [f"blocks.{i}" for i in range(len(self.blocks))]
+        return {
+            "blocks": blocks,
+            "features": ["norm"],
+            "attention": [f"{b}.attention.probabilities" for b in blocks],
+        }
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The normalised token sequence ``[B, tokens, dim]``; token 0 is the class token."""

@@ -1,20 +1,27 @@
-"""LightningModules: wiring of data, models, algorithms and losses; logging."""
+"""LightningModules: wiring of learners, distillation terms and a Trainer; logging; checkpoints."""
 
 from lightning_metakd.modules.allocator import tune_cpu_allocator
-from lightning_metakd.modules.distillation import (
-    DistillationLoss,
-    DistillationModule,
-    TeacherEnsemble,
+from lightning_metakd.modules.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_learner,
+    load_module,
+    read_checkpoint,
 )
+from lightning_metakd.modules.distillation import DistillationModule
+from lightning_metakd.modules.episodic import EpisodicModule
 from lightning_metakd.modules.finite import NonFiniteLossError
-from lightning_metakd.modules.meta_learner import MetaLearnerModule, MetaLoss
+from lightning_metakd.modules.meta_learner import MetaLearnerModule
 
 __all__ = [
-    "DistillationLoss",
+    "Checkpoint",
+    "CheckpointError",
     "DistillationModule",
+    "EpisodicModule",
     "MetaLearnerModule",
-    "MetaLoss",
     "NonFiniteLossError",
-    "TeacherEnsemble",
+    "load_learner",
+    "load_module",
+    "read_checkpoint",
     "tune_cpu_allocator",
 ]
