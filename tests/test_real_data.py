@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import pickle
@@ -93,23 +92,6 @@ def assert_disjoint(names: dict[str, set[str]]) -> None:
     assert not names["train"] & names["val"]
     assert not names["train"] & names["test"]
     assert not names["val"] & names["test"]
-
-
-# --- constructor signatures
-
-
-@pytest.mark.parametrize(
-    ("cls", "image_size"),
-    [(FolderDataModule, 84), (OmniglotDataModule, 28), (MiniImageNetDataModule, 84)],
-)
-def test_signatures_repeat_base_parameters_for_lightning_cli(cls, image_size):
-    base = inspect.signature(EpisodicDataModule.__init__).parameters
-    own = inspect.signature(cls.__init__).parameters
-    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in own.values())
-    assert "root" in own and own["root"].default is inspect.Parameter.empty
-    for name, param in base.items():
-        expected = image_size if name == "image_size" else param.default
-        assert own[name].default == expected, name
 
 
 # --- FolderDataModule

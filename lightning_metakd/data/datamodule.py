@@ -42,13 +42,22 @@ class EpisodicDataModule(L.LightningDataModule):
     after the resume. Loaders draw their worker seeds from their own generator, never from the
     global one, so evaluating never shifts the random numbers that training uses.
 
+    A data source's constructor takes its own arguments and forwards the rest with ``**kwargs``
+    (``super().__init__(**kwargs)``): LightningCLI (jsonargparse) follows the forwarding, so
+    ``metakd fit --data.help <Source>`` lists every argument below with its type, default and help.
+
     Args:
-        ways, shots, queries: training task shape (N-way K-shot with Q queries per class).
+        ways: classes per training task (the N of N-way).
+        shots: support images per class in a training task (the K of K-shot).
+        queries: query images per class in a training task.
         meta_batch_size: tasks per optimisation step, over all processes (rounded up to a
             multiple of the number of processes, with a warning; see :meth:`tasks_per_process`).
-        test_ways, test_shots, test_queries: validation/test task shape; default to the training one.
+        test_ways: classes per validation/test task; default: ``ways``.
+        test_shots: support images per class in validation/test tasks; default: ``shots``.
+        test_queries: query images per class in validation/test tasks; default: ``queries``.
         steps_per_epoch: training meta-batches per epoch.
-        val_episodes, test_episodes: number of fixed validation and test tasks.
+        val_episodes: fixed validation tasks, the same list at every validation.
+        test_episodes: fixed test tasks.
         grouping: ``"none"`` draws a task's classes from the whole split; the source's group name
             (``"radical"`` for KanjiVG, ``"alphabet"`` for Omniglot, ``"group"`` always) draws them
             from one group — fine-grained tasks.
@@ -56,7 +65,9 @@ class EpisodicDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the class split (where the source makes one) and every episode list.
         image_size: images are resized to ``image_size x image_size``.
-        train_transform, eval_transform: optional callables on ``[C, H, W]`` float images.
+        train_transform: optional callable on each ``[C, H, W]`` float training image, after
+            resizing.
+        eval_transform: optional callable on each validation/test image, after resizing.
 
     Example:
         >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical")  # doctest: +SKIP

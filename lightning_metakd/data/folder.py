@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lightning_metakd.data.datamodule import EpisodicDataModule
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset
 
 #: File name endings (lower case) read as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -225,7 +225,9 @@ class FolderDataModule(EpisodicDataModule):
         split_fractions: (train, val, test) fractions of the classes when the tree is not split.
         channels: 1 or 3.
         invert: turn dark-on-light drawings into light-on-dark (as Omniglot is usually fed).
-        ways, ..., eval_transform: see :class:`~lightning_metakd.data.EpisodicDataModule`.
+        image_size: images are resized to ``image_size x image_size``.
+        **kwargs: the task shape, episode counts, seed, loader settings and transforms of
+            :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
     Example:
         >>> dm = FolderDataModule("~/data/birds", ways=5, shots=5, queries=10)  # doctest: +SKIP
@@ -240,45 +242,12 @@ class FolderDataModule(EpisodicDataModule):
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         channels: int = 3,
         invert: bool = False,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        meta_batch_size: int = 32,
-        test_ways: int | None = None,
-        test_shots: int | None = None,
-        test_queries: int | None = None,
-        steps_per_epoch: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        grouping: str = "none",
-        rotations: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
         image_size: int = 84,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
+        **kwargs: Any,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
-        super().__init__(
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            meta_batch_size=meta_batch_size,
-            test_ways=test_ways,
-            test_shots=test_shots,
-            test_queries=test_queries,
-            steps_per_epoch=steps_per_epoch,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            grouping=grouping,
-            rotations=rotations,
-            num_workers=num_workers,
-            seed=seed,
-            image_size=image_size,
-            train_transform=train_transform,
-            eval_transform=eval_transform,
-        )
+        super().__init__(image_size=image_size, **kwargs)
         self.root = Path(root).expanduser()
         self.split_fractions = check_fractions(split_fractions)
         self.image_channels = channels

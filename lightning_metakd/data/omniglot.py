@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lightning_metakd.data.datamodule import EpisodicDataModule
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.folder import (
     check_fractions,
     check_root,
@@ -154,7 +154,8 @@ class OmniglotDataModule(EpisodicDataModule):
         root: the folder that holds the data set (see layouts above).
         split: how to split classes (see above).
         split_fractions: (train, val, test) fractions for the seeded splits.
-        ways, ..., eval_transform: see :class:`~lightning_metakd.data.EpisodicDataModule`.
+        **kwargs: the task shape, episode counts, seed, loader settings and transforms of
+            :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
     Example:
         >>> dm = OmniglotDataModule("~/data", ways=20, shots=1, rotations=True)  # doctest: +SKIP
@@ -170,47 +171,13 @@ class OmniglotDataModule(EpisodicDataModule):
         root: str | Path,
         split: OmniglotSplit = "auto",
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        meta_batch_size: int = 32,
-        test_ways: int | None = None,
-        test_shots: int | None = None,
-        test_queries: int | None = None,
-        steps_per_epoch: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        grouping: str = "none",
-        rotations: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        image_size: int = 28,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
+        **kwargs: Any,
     ) -> None:
         if split not in ("auto", "vinyals", "alphabet", "character"):
             raise ValueError(
                 f"split must be 'auto', 'vinyals', 'alphabet' or 'character', got {split!r}."
             )
-        super().__init__(
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            meta_batch_size=meta_batch_size,
-            test_ways=test_ways,
-            test_shots=test_shots,
-            test_queries=test_queries,
-            steps_per_epoch=steps_per_epoch,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            grouping=grouping,
-            rotations=rotations,
-            num_workers=num_workers,
-            seed=seed,
-            image_size=image_size,
-            train_transform=train_transform,
-            eval_transform=eval_transform,
-        )
+        super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         self.split = split
         self.split_fractions = check_fractions(split_fractions)
