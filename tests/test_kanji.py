@@ -280,10 +280,10 @@ def test_concurrent_renders_render_once(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_too_many_ways_for_a_split_is_a_clear_error(cache_dir: Path) -> None:
     dm = KanjiDataModule(cache_dir=str(cache_dir), **{**SMALL, "ways": 10})
-    with pytest.raises(ValueError, match="needs 10 ways but this split has only 6 classes"):
+    with pytest.raises(ValueError, match="needs 10 ways but the val split has only 6 classes"):
         dm.setup()
     dm = KanjiDataModule(cache_dir=str(cache_dir), grouping="radical", **{**SMALL, "ways": 7})
-    with pytest.raises(ValueError, match="No group in this split has 7 classes"):
+    with pytest.raises(ValueError, match="No group in the train split has 7 classes"):
         dm.setup()
 
 

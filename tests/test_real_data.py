@@ -212,7 +212,9 @@ def test_folder_class_with_too_few_images(tmp_path):
     make_class_tree(tmp_path / "test", ["e", "f"], per_class=3)
     (tmp_path / "test" / "f" / "02.png").unlink()
     dm = FolderDataModule(tmp_path, ways=2, shots=1, queries=2, **SMALL_EVAL)
-    with pytest.raises(ValueError, match=r"Class 'f' has 2 images.*shots \+ queries = 1 \+ 2 = 3"):
+    with pytest.raises(
+        ValueError, match=r"Class 'f' of the test split has 2 images.*shots \+ queries = 1 \+ 2 = 3"
+    ):
         dm.setup()
 
 

@@ -162,7 +162,9 @@ class EpisodicDataModule(L.LightningDataModule):
                 if shared:
                     raise ValueError(
                         f"The {a} and {b} splits share {len(shared)} class(es), e.g. "
-                        f"{sorted(shared)[:3]}; class splits must be disjoint."
+                        f"{sorted(shared)[:3]}; class splits must be disjoint. Keep each class in "
+                        "one split (a class folder copied into two split folders is the usual "
+                        "cause)."
                     )
         if self.rotations:
             splits["train"] = splits["train"].with_rotations(4)
@@ -233,6 +235,7 @@ class EpisodicDataModule(L.LightningDataModule):
             grouping=self.grouping != "none",
             num_replicas=world,
             rank=rank,
+            split=split,
         )
 
     def dataloader(self, split: Split) -> DataLoader:

@@ -65,7 +65,10 @@ class ClassDataset(Dataset):
             raise ValueError(f"channels must be 1 or 3, got {channels}.")
         if isinstance(images, Tensor):
             if images.dtype != torch.uint8:
-                raise ValueError(f"In-memory images must be uint8, got {images.dtype}.")
+                raise ValueError(
+                    f"In-memory images must be uint8, got {images.dtype}; convert [0, 1] floats "
+                    "with (images * 255).round().to(torch.uint8)."
+                )
             if images.dim() == 3:
                 images = images.unsqueeze(1)
             if images.dim() != 4:
@@ -75,12 +78,19 @@ class ClassDataset(Dataset):
         self.images = images
         self.base_labels = np.asarray(labels, dtype=np.int64)
         if len(self.base_labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(self.base_labels)} labels.")
+            raise ValueError(
+                f"ClassDataset got {len(images)} images but {len(self.base_labels)} labels; give "
+                "one label per image."
+            )
         self.base_class_names = list(class_names)
         if len(self.base_labels) and (
             self.base_labels.min() < 0 or self.base_labels.max() >= len(self.base_class_names)
         ):
-            raise ValueError("labels must lie in 0..len(class_names)-1.")
+            raise ValueError(
+                f"labels must lie in 0..{len(self.base_class_names) - 1} (one class name each), "
+                f"got {self.base_labels.min()}..{self.base_labels.max()}; give a name for every "
+                "class."
+            )
         self.image_size = image_size
         self.channels = channels
         self.invert = invert
