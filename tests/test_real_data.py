@@ -192,16 +192,16 @@ def test_folder_empty_root(tmp_path):
         FolderDataModule(tmp_path, **SMALL).setup()
 
 
-def test_folder_truncated_image_names_the_file(tmp_path):
+def test_folder_image_damaged_after_setup_names_the_file_when_read(tmp_path):
+    """Setup checks every file (tests/test_image_files.py); a file damaged later is still named."""
     make_class_tree(tmp_path / "train", ["a", "b"])
     make_class_tree(tmp_path / "val", ["c", "d"])
     make_class_tree(tmp_path / "test", ["e", "f"])
-    bad = tmp_path / "train" / "a" / "01.png"
-    bad.write_bytes(bad.read_bytes()[:40])
-    for name in ("00.png", "02.png"):
-        (bad.parent / name).write_bytes(bad.read_bytes())
     dm = FolderDataModule(tmp_path, image_size=8, **SMALL, **SMALL_EVAL)
     dm.setup()
+    for name in ("00.png", "01.png", "02.png"):
+        path = tmp_path / "train" / "a" / name
+        path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(OSError, match=r"Cannot read image file .*train/a/0\d\.png"):
         next(iter(dm.train_dataloader()))
 

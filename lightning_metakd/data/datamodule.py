@@ -10,10 +10,10 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset, Transform, check_image_files
 from lightning_metakd.data.episode import Episode
 from lightning_metakd.data.loader import EpisodeLoader, random_states
 from lightning_metakd.data.sampler import EpisodeSampler
@@ -34,6 +34,11 @@ class EpisodicDataModule(L.LightningDataModule):
     Every batch is an :class:`Episode` of ``meta_batch_size`` tasks (divided over DDP processes).
     Training draws ``steps_per_epoch`` fresh meta-batches per epoch; validation and test use fixed,
     seeded lists of ``val_episodes`` and ``test_episodes`` tasks, the same at every evaluation.
+
+    At :meth:`setup`, once, before any training: every image file of the splits is checked (its
+    header, so a text file named ``.png`` or an empty file is named then, not at some training step;
+    see :func:`~lightning_metakd.data.dataset.check_image_files`), the splits are proved disjoint,
+    and each split's sampler is built, so a task shape the data cannot serve fails there.
 
     Resuming: a run resumed from any checkpoint, mid-epoch included, trains on the episodes the
     uninterrupted run would have, in the same order, with the same random states: the training
@@ -166,6 +171,10 @@ class EpisodicDataModule(L.LightningDataModule):
                         "one split (a class folder copied into two split folders is the usual "
                         "cause)."
                     )
+        check_image_files(
+            [path for s in SPLITS for path in splits[s].image_files()],
+            progress=rank_zero_only.rank == 0,
+        )
         if self.rotations:
             splits["train"] = splits["train"].with_rotations(4)
         splits["train"].transform = self.train_transform or splits["train"].transform
