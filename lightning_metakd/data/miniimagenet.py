@@ -359,6 +359,9 @@ class MiniImageNetDataModule(EpisodicDataModule):
         #: Which layout was read (``"pickle"``, ``"csv"`` or ``"folders"``), set by :meth:`setup`.
         self.layout: str | None = None
 
+    def describe_source(self) -> str:
+        return f"layout {self.layout!r}" if self.layout else ""
+
     def build_splits(self) -> dict[str, ClassDataset]:
         root = check_root(self.root, "MiniImageNetDataModule", _MINI_LAYOUTS)
         self.layout = find_layout(root)
