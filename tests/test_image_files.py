@@ -90,7 +90,7 @@ def test_large_trees_show_a_progress_bar(tmp_path, monkeypatch, capsys):
 
 def test_omniglot_files_are_checked(tmp_path):
     make_alphabets(tmp_path, {"Alpha": 4, "Beta": 3, "Gamma": 4})
-    bad = tmp_path / "Beta" / "character02" / "0001_02.png"
+    bad = tmp_path / "Beta" / "character02" / "0102_02.png"
     bad.write_text("<html>404</html>")
     with pytest.raises(OSError, match=r"1 of 33 image files cannot be read") as err:
         OmniglotDataModule(tmp_path, **SMALL, **SMALL_EVAL).setup()

@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 from conftest import TinyDataModule
-from test_real_data import SMALL, make_class_tree
+from test_real_data import SMALL, SMALL_EVAL, make_alphabets, make_class_tree
 
 from lightning_metakd.algorithms import ProtoNet
-from lightning_metakd.data import FolderDataModule
+from lightning_metakd.data import FolderDataModule, OmniglotDataModule
 from lightning_metakd.data import datamodule as datamodule_module
 from lightning_metakd.data.folder import check_fractions, seeded_split
 from lightning_metakd.models import Conv4
@@ -152,7 +152,46 @@ def test_folder_trains_on_every_class(tmp_path):
     assert {s: ds.num_classes for s, ds in held_out.splits.items()} == {"train": 2, "test": 2}
 
 
+def test_omniglot_split_fractions_one_zero_zero(tmp_path):
+    make_alphabets(tmp_path, {"Alpha": 4, "Beta": 3, "Gamma": 4})
+    for split in ("auto", "alphabet", "character"):
+        dm = OmniglotDataModule(tmp_path, split=split, split_fractions=[1, 0, 0], **SMALL)
+        dm.setup()
+        assert set(dm.splits) == {"train"} and dm.splits["train"].num_classes == 11, split
+    one = OmniglotDataModule(tmp_path / "Alpha", split="character", split_fractions=[1, 0, 0])
+    with pytest.raises(FileNotFoundError, match="looks like a single alphabet"):
+        one.setup()  # the alphabet folder itself is not a tree of alphabets
+
+
+def test_omniglot_vinyals_refuses_zero_fractions(tmp_path):
+    with pytest.raises(ValueError) as err:
+        OmniglotDataModule(tmp_path, split="vinyals", split_fractions=(1, 0, 0))
+    assert str(err.value) == (
+        "split='vinyals' is Vinyals et al.'s fixed 1,100 / 100 / 423 character split and does not "
+        "use split_fractions=(1.0, 0.0, 0.0); for a split without validation or test use "
+        "split='alphabet' or 'character' (or 'auto')."
+    )
+
+
 # --- the summary
+
+
+def test_split_summary_is_printed_once_at_setup(tmp_path, monkeypatch):
+    printed = []
+    monkeypatch.setattr(datamodule_module, "rank_zero_info", printed.append)
+    make_alphabets(tmp_path / "images_background", {"Alpha": 4, "Beta": 3, "Gamma": 4})
+    make_alphabets(tmp_path / "images_evaluation", {"Delta": 3, "Epsilon": 4})
+    dm = OmniglotDataModule(tmp_path, rotations=True, **SMALL, **SMALL_EVAL)
+    dm.setup("fit")
+    dm.setup("test")
+    summary = dm.describe_splits()
+    assert summary == (
+        "OmniglotDataModule (split 'alphabet'): 18 classes, 54 images\n"
+        "  train     11 classes       33 images    3 alphabets  (x4 rotations: 44 classes)\n"
+        "  val        3 classes        9 images    1 alphabets, 1 held out: Delta\n"
+        "  test       4 classes       12 images    1 alphabets, 1 held out: Gamma"
+    )
+    assert printed == [summary]
 
 
 def test_split_summary_counts_groups_held_out_and_rotations():
