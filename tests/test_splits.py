@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,6 +13,7 @@ from conftest import TinyDataModule
 from test_real_data import SMALL, SMALL_EVAL, make_alphabets, make_class_tree
 
 from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.cli import run_lightning_cli
 from lightning_metakd.data import FolderDataModule, OmniglotDataModule
 from lightning_metakd.data import datamodule as datamodule_module
 from lightning_metakd.data.folder import check_fractions, seeded_split
@@ -18,6 +21,7 @@ from lightning_metakd.models import Conv4
 from lightning_metakd.modules import MetaLearnerModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 NO_VAL = (
     "Validation is off: TrainOnly has no val split (a zero val fraction in split_fractions, e.g. "
@@ -137,6 +141,37 @@ def test_lightning_fits_without_a_val_split(tmp_path, limit_val_batches):
     assert trainer.global_step == 4
     assert "val/acc" not in trainer.callback_metrics
     assert (tmp_path / "last.ckpt").is_file()
+
+
+def test_metakd_fit_meta_trains_on_every_omniglot_character(tmp_path):
+    """An Omniglot config with split_fractions [1, 0, 0] runs through the real command."""
+    make_alphabets(tmp_path / "omniglot" / "images_background", {"Alpha": 4, "Beta": 3})
+    common = [
+        "--config", str(ROOT / "configs/omniglot/protonet_5way_1shot.yaml"),
+        "--data.init_args.root", str(tmp_path / "omniglot"),
+        "--data.init_args.split_fractions", "[1, 0, 0]",
+        "--data.init_args.ways", "5", "--model.init_args.ways", "5",
+        "--data.init_args.queries", "2", "--data.init_args.steps_per_epoch", "2",
+        "--data.init_args.num_workers", "0", "--trainer.max_epochs", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    noise = ("Total length of `list` across ranks is zero", "could not find the monitored key")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_lightning_cli(["fit", *common])
+    assert cli.trainer.global_step == 2
+    assert cli.datamodule.splits["train"].num_classes == 4 * 7  # every character, rotated
+    assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
+    assert all(any(n in str(w.message) for w in caught) for n in noise)
+    # What the info line at setup suggests: the same run, without Lightning's two warnings.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet = run_lightning_cli(
+            ["fit", *common, "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null"]
+        )
+    assert (Path(quiet.trainer.log_dir) / "checkpoints" / "best.ckpt").is_file()
+    assert not [w for w in caught if any(n in str(w.message) for n in noise)]
 
 
 # --- sources with zero fractions
