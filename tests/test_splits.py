@@ -223,8 +223,8 @@ def test_split_summary_is_printed_once_at_setup(tmp_path, monkeypatch):
     assert summary == (
         "OmniglotDataModule (split 'alphabet'): 18 classes, 54 images\n"
         "  train     11 classes       33 images    3 alphabets  (x4 rotations: 44 classes)\n"
-        "  val        3 classes        9 images    1 alphabets, 1 held out: Delta\n"
-        "  test       4 classes       12 images    1 alphabets, 1 held out: Gamma"
+        "  val        3 classes        9 images    1 alphabet, 1 held out: Delta\n"
+        "  test       4 classes       12 images    1 alphabet, 1 held out: Gamma"
     )
     assert printed == [summary]
 

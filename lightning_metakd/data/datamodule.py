@@ -243,7 +243,6 @@ class EpisodicDataModule(L.LightningDataModule):
               test     423 classes    8,460 images   13 alphabets, 13 held out: Gurmukhi, ...
         """
         self._require_setup()
-        plural = f"{self.group_name}s"
         classes = sum(len(ds.base_class_names) for ds in self.splits.values())
         images = sum(len(ds.base_labels) for ds in self.splits.values())
         note = f" ({self.describe_source()})" if self.describe_source() else ""
@@ -260,7 +259,8 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"{len(ds.base_labels):7,d} images"
             )
             if ds.base_groups:
-                line += f"  {len(ds.base_groups):3,d} {plural}"
+                count = len(ds.base_groups)
+                line += f"  {count:3,d} {self.group_name}{'' if count == 1 else 's'}"
                 if split != "train":
                     held_out = sorted(set(ds.base_groups) - train_groups)
                     shown = ", ".join(held_out[:3]) + (", ..." if len(held_out) > 3 else "")
