@@ -176,7 +176,7 @@ def test_splits_must_be_disjoint():
             splits["test"] = make_class_dataset(8, 6, 8, prefix="train")
             return splits
 
-    with pytest.raises(ValueError, match="train and test splits share 8 class"):
+    with pytest.raises(ValueError, match="train and test splits share 8 class.*Keep each class"):
         Overlapping(ways=3, shots=1, queries=2).setup()
 
 
@@ -211,19 +211,46 @@ def test_rotations_add_classes():
     assert dm.splits["test"].num_classes == 8  # rotations only enlarge the training classes
 
 
-def test_too_many_ways_is_a_clear_error():
-    with pytest.raises(ValueError, match="needs 9 ways but this split has only 8 classes"):
+def test_too_many_ways_names_the_split_and_the_setting():
+    with pytest.raises(ValueError) as err:
         TinyDataModule(ways=3, test_ways=9, shots=1, queries=2).setup()
-    with pytest.raises(ValueError, match="No group in this split has 7 classes"):
+    assert str(err.value) == (
+        "A task needs 9 ways but the val split has only 8 classes. Lower test_ways to at most 8, "
+        "or give the val split more classes."
+    )
+    with pytest.raises(ValueError) as err:
+        TinyDataModule(ways=13, test_ways=3, shots=1, queries=2).setup()
+    assert str(err.value) == (
+        "A task needs 13 ways but the train split has only 12 classes. Lower ways to at most 12, "
+        "or give the train split more classes."
+    )
+    with pytest.raises(ValueError) as err:
         TinyDataModule(ways=7, shots=1, queries=2, groups=2, grouping="group").setup()
+    assert str(err.value) == (
+        "No group in the train split has 7 classes (the largest has 6); lower ways to at most 6, "
+        "or use grouping='none'."
+    )
 
 
-def test_too_few_images_names_the_class():
-    with pytest.raises(
-        ValueError,
-        match=r"Class 'train0' has 6 images, but a task needs shots \+ queries = 5 \+ 2 = 7",
-    ):
+def test_too_few_images_names_the_class_and_the_split():
+    with pytest.raises(ValueError) as err:
         TinyDataModule(ways=3, shots=5, queries=2).setup()
+    assert str(err.value) == (
+        "Class 'train0' of the train split has 6 images, but a task needs shots + queries = 5 + 2 "
+        "= 7 per class (12 class(es) are short). Lower shots or queries, or remove small classes."
+    )
+    with pytest.raises(ValueError, match=r"of the val split .* Lower test_shots or test_queries"):
+        TinyDataModule(ways=3, shots=1, queries=2, test_shots=5).setup()
+
+
+def test_a_sampler_without_a_split_name_names_both_settings():
+    dataset = make_class_dataset(num_classes=4)
+    with pytest.raises(ValueError) as err:
+        EpisodeSampler(dataset, ways=5, shots=1, queries=1, num_tasks=1)
+    assert str(err.value) == (
+        "A task needs 5 ways but this split has only 4 classes. Lower ways (or test_ways) to at "
+        "most 4, or give this split more classes."
+    )
 
 
 @pytest.mark.parametrize(
@@ -252,8 +279,13 @@ def test_class_dataset_rejects_plain_indices_and_bad_images():
         ds[0]
     with pytest.raises(ValueError, match="must be uint8"):
         ClassDataset(torch.zeros(3, 1, 4, 4), [0, 0, 0], ["a"])
-    with pytest.raises(ValueError, match="3 images but 2 labels"):
+    with pytest.raises(ValueError, match="3 images but 2 labels; give one label per image"):
         ClassDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), [0, 0], ["a"])
+    with pytest.raises(ValueError) as err:
+        ClassDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), [0, 2], ["a", "b"])
+    assert str(err.value) == (
+        "labels must lie in 0..1 (one class name each), got 0..2; give a name for every class."
+    )
 
 
 def test_unreadable_image_file_is_named(tmp_path):

@@ -280,18 +280,18 @@ def test_concurrent_renders_render_once(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_too_many_ways_for_a_split_is_a_clear_error(cache_dir: Path) -> None:
     dm = KanjiDataModule(cache_dir=str(cache_dir), **{**SMALL, "ways": 10})
-    with pytest.raises(ValueError, match="needs 10 ways but this split has only 6 classes"):
+    with pytest.raises(ValueError, match="needs 10 ways but the val split has only 6 classes"):
         dm.setup()
     dm = KanjiDataModule(cache_dir=str(cache_dir), grouping="radical", **{**SMALL, "ways": 7})
-    with pytest.raises(ValueError, match="No group in this split has 7 classes"):
+    with pytest.raises(ValueError, match="No group in the train split has 7 classes"):
         dm.setup()
 
 
 def test_bad_arguments_are_rejected(cache_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="split_fractions"):
         KanjiDataModule(split_fractions=(0.5, 0.2, 0.2))
-    with pytest.raises(ValueError, match="three positive fractions"):
-        KanjiDataModule(split_fractions=(0.8, 0.2, 0.0))
+    with pytest.raises(ValueError, match="with train > 0"):
+        KanjiDataModule(split_fractions=(0.0, 0.5, 0.5))
     with pytest.raises(ValueError, match="samples_per_class must be at least 1"):
         KanjiDataModule(samples_per_class=0)
     with pytest.raises(ValueError, match="grouping must be 'none' or 'radical'"):
@@ -299,6 +299,17 @@ def test_bad_arguments_are_rejected(cache_dir: Path, tmp_path: Path) -> None:
     too_few = KanjiDataModule(cache_dir=str(tmp_path), **{**SMALL, "max_classes": 12})
     with pytest.raises(ValueError, match="2 radical group"):
         too_few.setup()
+
+
+def test_zero_split_fractions_leave_out_val_and_test(cache_dir: Path) -> None:
+    dm = KanjiDataModule(cache_dir=str(cache_dir), split_fractions=(1, 0, 0), **SMALL)
+    dm.setup("fit")
+    assert set(dm.splits) == {"train"}
+    assert dm.splits["train"].num_classes == 36 and len(dm.splits["train"].groups) == 6
+    assert dm.val_dataloader() == []
+    held_out = KanjiDataModule(cache_dir=str(cache_dir), split_fractions=(0.5, 0, 0.5), **SMALL)
+    held_out.setup()
+    assert {s: len(ds.groups) for s, ds in held_out.splits.items()} == {"train": 3, "test": 3}
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import io
+import itertools
 import os
 import pickle
 from pathlib import Path
@@ -48,10 +48,16 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def stroke_png(size: int = 20) -> bytes:
-    """Omniglot-like: a black vertical bar (the stroke) on white, 1-bit PNG."""
+def stroke_png(size: int = 20, mark: int = 0) -> bytes:
+    """Omniglot-like: a black vertical bar (the stroke) on white, 1-bit PNG.
+
+    ``mark``'s bits, as black pixels in the last row, make drawings that differ byte for byte.
+    """
     image = Image.new("L", (size, size), 255)
     ImageDraw.Draw(image).rectangle([size // 2 - 2, 2, size // 2 + 1, size - 3], fill=0)
+    for bit in range(size):
+        if mark >> bit & 1:
+            image.putpixel((bit, size - 1), 0)
     return encode(image.convert("1"))
 
 
@@ -72,13 +78,21 @@ def make_class_tree(root: Path, classes: list[str], per_class: int = 3, ext: str
             write(root / name / f"{i:02d}.{ext}", data)
 
 
-def make_alphabets(root: Path, alphabets: dict[str, int], per_character: int = 3) -> None:
-    """``<root>/<Alphabet>/characterNN/<id>_NN.png`` like Omniglot's zips."""
-    data = stroke_png()
-    for alphabet, characters in alphabets.items():
+def make_alphabets(
+    root: Path, alphabets: dict[str, int], per_character: int = 3, distinct: bool = False
+) -> None:
+    """``<root>/<Alphabet>/characterNN/<id>_NN.png`` like Omniglot's zips.
+
+    Every file has the same bytes, unless ``distinct``: then each (alphabet, character, drawer)
+    gets its own drawing (a mark in the last row encodes it), as in the real data set.
+    """
+    data, marks = stroke_png(), itertools.count(1)
+    for a, (alphabet, characters) in enumerate(alphabets.items()):
         for c in range(1, characters + 1):
             for d in range(1, per_character + 1):
-                write(root / alphabet / f"character{c:02d}" / f"0001_{d:02d}.png", data)
+                if distinct:
+                    data = stroke_png(mark=next(marks))
+                write(root / alphabet / f"character{c:02d}" / f"{a:02d}{c:02d}_{d:02d}.png", data)
 
 
 def alphabet_of(name: str) -> str:
@@ -93,23 +107,6 @@ def assert_disjoint(names: dict[str, set[str]]) -> None:
     assert not names["train"] & names["val"]
     assert not names["train"] & names["test"]
     assert not names["val"] & names["test"]
-
-
-# --- constructor signatures
-
-
-@pytest.mark.parametrize(
-    ("cls", "image_size"),
-    [(FolderDataModule, 84), (OmniglotDataModule, 28), (MiniImageNetDataModule, 84)],
-)
-def test_signatures_repeat_base_parameters_for_lightning_cli(cls, image_size):
-    base = inspect.signature(EpisodicDataModule.__init__).parameters
-    own = inspect.signature(cls.__init__).parameters
-    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in own.values())
-    assert "root" in own and own["root"].default is inspect.Parameter.empty
-    for name, param in base.items():
-        expected = image_size if name == "image_size" else param.default
-        assert own[name].default == expected, name
 
 
 # --- FolderDataModule
@@ -210,16 +207,16 @@ def test_folder_empty_root(tmp_path):
         FolderDataModule(tmp_path, **SMALL).setup()
 
 
-def test_folder_truncated_image_names_the_file(tmp_path):
+def test_folder_image_damaged_after_setup_names_the_file_when_read(tmp_path):
+    """Setup checks every file (tests/test_image_files.py); a file damaged later is still named."""
     make_class_tree(tmp_path / "train", ["a", "b"])
     make_class_tree(tmp_path / "val", ["c", "d"])
     make_class_tree(tmp_path / "test", ["e", "f"])
-    bad = tmp_path / "train" / "a" / "01.png"
-    bad.write_bytes(bad.read_bytes()[:40])
-    for name in ("00.png", "02.png"):
-        (bad.parent / name).write_bytes(bad.read_bytes())
     dm = FolderDataModule(tmp_path, image_size=8, **SMALL, **SMALL_EVAL)
     dm.setup()
+    for name in ("00.png", "01.png", "02.png"):
+        path = tmp_path / "train" / "a" / name
+        path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(OSError, match=r"Cannot read image file .*train/a/0\d\.png"):
         next(iter(dm.train_dataloader()))
 
@@ -230,7 +227,9 @@ def test_folder_class_with_too_few_images(tmp_path):
     make_class_tree(tmp_path / "test", ["e", "f"], per_class=3)
     (tmp_path / "test" / "f" / "02.png").unlink()
     dm = FolderDataModule(tmp_path, ways=2, shots=1, queries=2, **SMALL_EVAL)
-    with pytest.raises(ValueError, match=r"Class 'f' has 2 images.*shots \+ queries = 1 \+ 2 = 3"):
+    with pytest.raises(
+        ValueError, match=r"Class 'f' of the test split has 2 images.*shots \+ queries = 1 \+ 2 = 3"
+    ):
         dm.setup()
 
 
@@ -396,8 +395,116 @@ def test_omniglot_wrong_layouts(tmp_path):
         OmniglotDataModule(tmp_path / "flat", **SMALL).setup()
     assert "images_background/<Alphabet>/characterNN/*.png" in str(err.value)
     (tmp_path / "empty" / "images_background").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="holds no"):
+    with pytest.raises(FileNotFoundError, match="images_background/ is there but holds no"):
         OmniglotDataModule(tmp_path / "empty", **SMALL).setup()
+
+
+def test_omniglot_small_background_sets_side_by_side(tmp_path):
+    """Lake et al.'s images_background_small1/ and _small2/ share alphabets, byte for byte."""
+    small1, small2 = tmp_path / "images_background_small1", tmp_path / "images_background_small2"
+    make_alphabets(small1, {"Alpha": 4, "Beta": 3}, distinct=True)
+    make_alphabets(small2, {"Alpha": 4, "Beta": 3}, distinct=True)  # the same bytes again
+    make_alphabets(small2, {"Gamma": 4}, distinct=True)
+    with pytest.warns(UserWarning) as record:
+        dm = OmniglotDataModule(
+            tmp_path, split="character", split_fractions=(0.6, 0.2, 0.2), **SMALL, **SMALL_EVAL
+        )
+        dm.setup()
+    assert [str(w.message) for w in record] == [
+        f"OmniglotDataModule: 7 character(s) appear in more than one folder, e.g. Alpha/character01 "
+        f"in {small1} and {small2}; each is kept once, and 21 byte-identical copies of their "
+        "images were dropped. Pass one copy of each set to silence this."
+    ]
+    train = dm.splits["train"]
+    names = split_names(dm)
+    assert sum(len(n) for n in names.values()) == 11
+    alpha = train.class_names.index("omniglot:Alpha/character01")
+    assert [Path(train.images[i]).parent.parent.parent for i in train.indices_by_class[alpha]] == [
+        small1
+    ] * 3
+
+
+def test_omniglot_several_roots_are_read_together(tmp_path):
+    make_alphabets(tmp_path / "a", {"Alpha": 4, "Beta": 3}, distinct=True)
+    make_alphabets(tmp_path / "b" / "images_evaluation", {"Delta": 3, "Epsilon": 4})
+    make_alphabets(tmp_path / "c", {"Alpha": 4}, distinct=True)  # a copy of a/Alpha
+    drawing = tmp_path / "c" / "Alpha" / "character01" / "0001_09.png"
+    write(drawing, stroke_png(mark=999))  # a drawer that only this copy has
+    roots = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    with pytest.warns(UserWarning, match="4 character\\(s\\) appear in more than one folder"):
+        dm = OmniglotDataModule(
+            roots, split="character", split_fractions=(0.6, 0.2, 0.2), **SMALL, **SMALL_EVAL
+        )
+        dm.setup()
+    assert dm.root == roots and dm.roots == roots
+    assert sum(len(n) for n in split_names(dm).values()) == 14
+    everything = [p for ds in dm.splits.values() for p in ds.images]
+    assert drawing in everything and len(everything) == 14 * 3 + 1
+    assert (tmp_path / "c" / "Alpha" / "character01" / "0001_01.png") not in everything
+
+
+def test_omniglot_roots_as_a_list_in_a_config(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    make_alphabets(tmp_path / "a", {"Alpha": 4, "Beta": 3, "Gamma": 4})
+    make_alphabets(tmp_path / "b", {"Delta": 3, "Epsilon": 4})
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(OmniglotDataModule, "data")
+    config = {"data": {"root": [str(tmp_path / "a"), str(tmp_path / "b")], **SMALL, **SMALL_EVAL}}
+    dm = parser.instantiate(parser.parse_object(config)).data
+    dm.setup()
+    assert sum(len(n) for n in split_names(dm).values()) == 18
+
+
+def test_omniglot_small_sets_beside_the_full_set_still_give_the_vinyals_split(tmp_path):
+    make_alphabets(tmp_path / "images_background", full_background_alphabets(), per_character=2)
+    make_alphabets(tmp_path / "images_evaluation", EVALUATION_ALPHABETS, per_character=2)
+    make_alphabets(tmp_path / "images_background_small1", {"Background00": 32}, per_character=2)
+    with pytest.warns(UserWarning, match="32 character\\(s\\) appear in more than one folder"):
+        dm = OmniglotDataModule(tmp_path, **SMALL, **SMALL_EVAL)
+        dm.setup()
+    assert dm.split_used == "vinyals"
+    assert [dm.splits[s].num_classes for s in ("train", "val", "test")] == [1100, 100, 423]
+
+
+def test_omniglot_one_alphabet_speaks_of_alphabets_and_characters(tmp_path):
+    make_alphabets(tmp_path, {"Alpha": 2})
+    with pytest.raises(ValueError) as err:
+        OmniglotDataModule(tmp_path, split="alphabet", **SMALL).setup()
+    assert str(err.value) == (
+        "Cannot split 1 alphabet(s) into non-empty train/val/test parts with split_fractions="
+        "(0.7, 0.1, 0.2): at least 3 are needed. Use split='character' to split the characters "
+        "instead of whole alphabets, add alphabets, or set split_fractions to (1, 0, 0) to "
+        "meta-train on every character without validation or test."
+    )
+    with pytest.raises(ValueError) as err:
+        OmniglotDataModule(tmp_path, **SMALL).setup()  # auto: one alphabet -> characters
+    assert str(err.value) == (
+        "Cannot split 2 character(s) into non-empty train/val/test parts with split_fractions="
+        "(0.7, 0.1, 0.2): at least 3 are needed. Add characters (Omniglot has 1,623 in 50 "
+        "alphabets), or set split_fractions to (1, 0, 0) to meta-train on every character "
+        "without validation or test."
+    )
+
+
+def test_omniglot_root_that_is_one_alphabet_says_to_point_above_it(tmp_path):
+    make_alphabets(tmp_path, {"Alpha": 4})
+    with pytest.raises(FileNotFoundError) as err:
+        OmniglotDataModule(tmp_path / "Alpha", **SMALL).setup()
+    message = str(err.value)
+    assert message.startswith(
+        f"OmniglotDataModule: {str(tmp_path / 'Alpha')!r} does not look like any supported layout "
+        "(found 4 entries: character01/, character02/, character03/, character04/). Its "
+        "sub-folders hold images directly, so it looks like a single alphabet "
+        "(<character>/*.png): point root at the folder above it, which holds the alphabet folders "
+        "(root/<alphabet>/<character>/*.png). For a plain class-per-folder tree use "
+        "FolderDataModule. Expected one of:\n"
+    )
+
+
+def test_omniglot_empty_root_list(tmp_path):
+    with pytest.raises(ValueError, match="root is an empty list"):
+        OmniglotDataModule([])
 
 
 def test_omniglot_bad_split_name(tmp_path):

@@ -10,10 +10,10 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset, Transform, check_image_files
 from lightning_metakd.data.episode import Episode
 from lightning_metakd.data.loader import EpisodeLoader, random_states
 from lightning_metakd.data.sampler import EpisodeSampler
@@ -35,6 +35,18 @@ class EpisodicDataModule(L.LightningDataModule):
     Training draws ``steps_per_epoch`` fresh meta-batches per epoch; validation and test use fixed,
     seeded lists of ``val_episodes`` and ``test_episodes`` tasks, the same at every evaluation.
 
+    Absent splits: a source may return no ``val`` or ``test`` split (e.g. ``split_fractions=(1, 0,
+    0)``: meta-train on every class). Without ``val``, :meth:`val_dataloader` returns ``[]`` and
+    Lightning skips validation in ``fit`` (an info line says so at setup), and ``validate`` stops at
+    setup with an error; without ``test``, so do ``test`` and ``predict``. An absent split needs no classes, so ``test_ways``
+    is checked only against the splits that exist.
+
+    At :meth:`setup`, once, before any training: every image file of the splits is checked (its
+    header, so a text file named ``.png`` or an empty file is named then, not at some training step;
+    see :func:`~lightning_metakd.data.dataset.check_image_files`), the splits are proved disjoint,
+    their sizes are printed on rank zero, and each split's sampler is built, so a task shape the
+    data cannot serve fails there.
+
     Resuming: a run resumed from any checkpoint, mid-epoch included, trains on the episodes the
     uninterrupted run would have, in the same order, with the same random states: the training
     :class:`~lightning_metakd.data.loader.EpisodeLoader` is saved and restored by Lightning, and
@@ -42,13 +54,22 @@ class EpisodicDataModule(L.LightningDataModule):
     after the resume. Loaders draw their worker seeds from their own generator, never from the
     global one, so evaluating never shifts the random numbers that training uses.
 
+    A data source's constructor takes its own arguments and forwards the rest with ``**kwargs``
+    (``super().__init__(**kwargs)``): LightningCLI (jsonargparse) follows the forwarding, so
+    ``metakd fit --data.help <Source>`` lists every argument below with its type, default and help.
+
     Args:
-        ways, shots, queries: training task shape (N-way K-shot with Q queries per class).
+        ways: classes per training task (the N of N-way).
+        shots: support images per class in a training task (the K of K-shot).
+        queries: query images per class in a training task.
         meta_batch_size: tasks per optimisation step, over all processes (rounded up to a
             multiple of the number of processes, with a warning; see :meth:`tasks_per_process`).
-        test_ways, test_shots, test_queries: validation/test task shape; default to the training one.
+        test_ways: classes per validation/test task; default: ``ways``.
+        test_shots: support images per class in validation/test tasks; default: ``shots``.
+        test_queries: query images per class in validation/test tasks; default: ``queries``.
         steps_per_epoch: training meta-batches per epoch.
-        val_episodes, test_episodes: number of fixed validation and test tasks.
+        val_episodes: fixed validation tasks, the same list at every validation.
+        test_episodes: fixed test tasks.
         grouping: ``"none"`` draws a task's classes from the whole split; the source's group name
             (``"radical"`` for KanjiVG, ``"alphabet"`` for Omniglot, ``"group"`` always) draws them
             from one group — fine-grained tasks.
@@ -56,7 +77,9 @@ class EpisodicDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seeds the class split (where the source makes one) and every episode list.
         image_size: images are resized to ``image_size x image_size``.
-        train_transform, eval_transform: optional callables on ``[C, H, W]`` float images.
+        train_transform: optional callable on each ``[C, H, W]`` float training image, after
+            resizing.
+        eval_transform: optional callable on each validation/test image, after resizing.
 
     Example:
         >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical")  # doctest: +SKIP
@@ -119,12 +142,21 @@ class EpisodicDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["train_transform", "eval_transform"])
 
     @abstractmethod
-    def build_splits(self) -> dict[str, ClassDataset]:
+    def build_splits(self) -> dict[str, ClassDataset | None]:
         """Return ``{"train": ..., "val": ..., "test": ...}``, each a :class:`ClassDataset`.
 
-        Called from :meth:`setup`. Implementations should honour ``self.image_size`` and
-        ``self.seed``; the base class applies ``rotations`` and the transforms.
+        Called from :meth:`setup`. ``train`` is required; ``val`` and ``test`` may be left out (or
+        ``None``) when the source has no classes for them. Implementations should honour
+        ``self.image_size`` and ``self.seed``; the base class applies ``rotations`` and the
+        transforms.
         """
+
+    def describe_source(self) -> str:
+        """A few words on how this source found and split its data, for the split summary.
+
+        Sources override it (Omniglot: the split rule used; mini-ImageNet: the layout read).
+        """
+        return ""
 
     @property
     def channels(self) -> int:
@@ -132,40 +164,138 @@ class EpisodicDataModule(L.LightningDataModule):
         self._require_setup()
         return self.splits["train"].channels
 
+    def has_split(self, split: Split) -> bool:
+        """Whether the source has classes for ``split`` (after :meth:`setup`)."""
+        self._require_setup()
+        return split in self.splits
+
     def setup(self, stage: str | None = None) -> None:
         # Lightning calls setup before it restores a checkpoint: random states of an older restore
         # (e.g. a `test` with ckpt_path) must not leak into this run.
         self._resumed_random_states = None
-        if self.splits:
-            return
-        splits = self.build_splits()
-        missing = [s for s in SPLITS if s not in splits]
-        if missing:
+        if not self.splits:
+            try:
+                self._set_up_splits()
+            except BaseException:
+                self.splits = {}
+                raise
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn (a str enum)
+        needed = {"validate": "val", "test": "test", "predict": "test"}.get(stage or "")
+        if needed and needed not in self.splits:
+            raise ValueError(self._absent_message(needed, stage))
+
+    def _set_up_splits(self) -> None:
+        """Build, check and summarise the splits (the first :meth:`setup` of this DataModule)."""
+        name = type(self).__name__
+        built = self.build_splits()
+        unknown = sorted(set(built) - set(SPLITS))
+        if unknown:
             raise ValueError(
-                f"{type(self).__name__}.build_splits() returned no {missing} split(s)."
+                f"{name}.build_splits() returned unknown split(s) {unknown}; the splits are "
+                f"{list(SPLITS)}."
             )
-        names = {s: set(splits[s].base_class_names) for s in SPLITS}
-        for i, a in enumerate(SPLITS):
-            for b in SPLITS[i + 1 :]:
+        splits = {s: built[s] for s in SPLITS if built.get(s) is not None and built[s].num_classes}
+        if "train" not in splits:
+            raise ValueError(
+                f"{name}.build_splits() returned no train split (or one without classes); "
+                "meta-training needs one."
+            )
+        names = {s: set(ds.base_class_names) for s, ds in splits.items()}
+        present = list(splits)
+        for i, a in enumerate(present):
+            for b in present[i + 1 :]:
                 shared = names[a] & names[b]
                 if shared:
                     raise ValueError(
                         f"The {a} and {b} splits share {len(shared)} class(es), e.g. "
-                        f"{sorted(shared)[:3]}; class splits must be disjoint."
+                        f"{sorted(shared)[:3]}; class splits must be disjoint. Keep each class in "
+                        "one split (a class folder copied into two split folders is the usual "
+                        "cause)."
                     )
+        check_image_files(
+            [path for ds in splits.values() for path in ds.image_files()],
+            progress=rank_zero_only.rank == 0,
+        )
         if self.rotations:
             splits["train"] = splits["train"].with_rotations(4)
         splits["train"].transform = self.train_transform or splits["train"].transform
         for s in ("val", "test"):
-            splits[s].transform = self.eval_transform or splits[s].transform
+            if s in splits:
+                splits[s].transform = self.eval_transform or splits[s].transform
         self.splits = splits
+        rank_zero_info(self.describe_splits())
+        if "val" not in splits:
+            rank_zero_info(self._absent_message("val"))
         # Build every sampler once so that bad ways/shots fail here, before any training starts.
-        for split in SPLITS:
+        for split in splits:
             self.sampler(split)
+
+    def describe_splits(self) -> str:
+        """The split sizes, as printed at setup: classes, images and groups of each split.
+
+        For each evaluation split, the groups (alphabets, radicals) it holds out from training.
+
+        Example (the full Omniglot, ``rotations=True``)::
+
+            OmniglotDataModule (split 'vinyals'): 1,623 classes, 32,460 images
+              train  1,100 classes   22,000 images   36 alphabets  (x4 rotations: 4,400 classes)
+              val      100 classes    2,000 images    3 alphabets, 2 held out: Glagolitic, Gurmukhi
+              test     423 classes    8,460 images   13 alphabets, 13 held out: Gurmukhi, ...
+        """
+        self._require_setup()
+        classes = sum(len(ds.base_class_names) for ds in self.splits.values())
+        images = sum(len(ds.base_labels) for ds in self.splits.values())
+        note = f" ({self.describe_source()})" if self.describe_source() else ""
+        lines = [f"{type(self).__name__}{note}: {classes:,} classes, {images:,} images"]
+        train_groups = set(self.splits["train"].base_groups)
+        for split in SPLITS:
+            ds = self.splits.get(split)
+            if ds is None:
+                off = "validation is off" if split == "val" else "test and predict are off"
+                lines.append(f"  {split:5s}  none ({off})")
+                continue
+            line = (
+                f"  {split:5s}  {len(ds.base_class_names):5,d} classes  "
+                f"{len(ds.base_labels):7,d} images"
+            )
+            if ds.base_groups:
+                count = len(ds.base_groups)
+                line += f"  {count:3,d} {self.group_name}{'' if count == 1 else 's'}"
+                if split != "train":
+                    held_out = sorted(set(ds.base_groups) - train_groups)
+                    shown = ", ".join(held_out[:3]) + (", ..." if len(held_out) > 3 else "")
+                    line += f", {len(held_out)} held out" + (f": {shown}" if held_out else "")
+            if ds.rotations > 1:
+                line += f"  (x{ds.rotations} rotations: {ds.num_classes:,} classes)"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _absent_message(self, split: Split, stage: str | None = None) -> str:
+        """Why ``split`` is missing and what to change; ``stage=None``: the info line of a fit."""
+        why = (
+            f"{type(self).__name__} has no {split} split (a zero {split} fraction in "
+            "split_fractions, e.g. (1, 0, 0), gives it no classes)"
+        )
+        if stage is None:
+            return (
+                f"Validation is off: {why}. Lightning skips validation, so no val/acc is logged; "
+                "with metakd fit, add --trainer.limit_val_batches 0 --checkpoint.monitor null to "
+                "skip it without warnings (best.ckpt is then the latest)."
+            )
+        example = "(0.8, 0.2, 0)" if split == "val" else "(0.8, 0, 0.2)"
+        return (
+            f"{why}, so there is nothing to {stage}. Give split_fractions a {split} fraction, "
+            f"e.g. {example}, to hold out {split} classes."
+        )
 
     def _require_setup(self) -> None:
         if not self.splits:
             raise RuntimeError(f"Call {type(self).__name__}.setup() before asking for data.")
+
+    def _require_split(self, split: Split) -> None:
+        self._require_setup()
+        if split not in self.splits:
+            raise ValueError(self._absent_message(split, "validate" if split == "val" else "test"))
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -206,7 +336,7 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def sampler(self, split: Split) -> EpisodeSampler:
         """The episode sampler of ``split`` for this process."""
-        self._require_setup()
+        self._require_split(split)
         world, rank = self._world()
         train = split == "train"
         num_tasks = self.num_tasks(split)
@@ -222,6 +352,7 @@ class EpisodicDataModule(L.LightningDataModule):
             grouping=self.grouping != "none",
             num_replicas=world,
             rank=rank,
+            split=split,
         )
 
     def dataloader(self, split: Split) -> DataLoader:
@@ -256,12 +387,17 @@ class EpisodicDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self.dataloader("val")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The fixed validation episodes, or ``[]`` (Lightning skips validation) without a val split."""
+        self._require_setup()
+        return self.dataloader("val") if "val" in self.splits else []
 
     def test_dataloader(self) -> DataLoader:
         return self.dataloader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The fixed test episodes: ``metakd predict`` labels their query sets."""
+        self._require_setup()
+        if "test" not in self.splits:
+            raise ValueError(self._absent_message("test", "predict"))
         return self.dataloader("test")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lightning_metakd.data.datamodule import EpisodicDataModule
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset
 
 #: File name endings (lower case) read as images.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -72,27 +72,41 @@ def find_class_folders(folder: Path) -> dict[str, list[Path]]:
     return classes
 
 
+#: What to change when a class-per-folder tree is too small to split.
+FOLDER_SPLIT_HINT = (
+    "Add class folders, give the tree train/ val/ test/ sub-folders, or set split_fractions to "
+    "(1, 0, 0) to meta-train on every class without validation or test."
+)
+
+
 def seeded_split(
-    items: Sequence[T], fractions: Sequence[float], seed: int
+    items: Sequence[T],
+    fractions: Sequence[float],
+    seed: int,
+    noun: str = "class folders",
+    hint: str = FOLDER_SPLIT_HINT,
 ) -> tuple[list[T], list[T], list[T]]:
     """Split ``items`` into train/val/test by ``fractions``, after a shuffle seeded by ``seed``.
 
-    Sizes are ``round(fraction * n)`` for val and test (at least 1 each) and the rest for train, so
-    every split is non-empty. Each part keeps the input's order. Needs at least 3 items.
+    Sizes are ``round(fraction * n)`` for val and test — at least 1 for a non-zero fraction, 0 for
+    a zero one (no such split) — and the rest for train, which is never empty. Each part keeps the
+    input's order. ``noun`` names the items and ``hint`` the fix in the error for too few items.
 
     Example:
         >>> seeded_split(list("abcdefghij"), (0.7, 0.1, 0.2), seed=0)  # doctest: +SKIP
         (['a', 'b', 'c', 'd', 'f', 'h', 'j'], ['g'], ['e', 'i'])
+        >>> seeded_split(list("abc"), (1, 0, 0), seed=0)
+        (['a', 'b', 'c'], [], [])
     """
     fractions = check_fractions(fractions)
     n = len(items)
-    n_val = max(1, round(fractions[1] * n))
-    n_test = max(1, round(fractions[2] * n))
+    n_val, n_test = (0 if f == 0 else max(1, round(f * n)) for f in fractions[1:])
     if n - n_val - n_test < 1:
+        kept = [s for s, f in zip(("val", "test"), fractions[1:], strict=True) if f]
+        parts, need = "/".join(["train", *kept]), 1 + len(kept)
         raise ValueError(
-            f"Cannot split {n} item(s) into non-empty train/val/test parts with fractions "
-            f"{tuple(fractions)}; at least 3 are needed. Add classes, or give the tree "
-            "train/ val/ test/ sub-folders."
+            f"Cannot split {n} {noun} into non-empty {parts} parts with split_fractions="
+            f"{fractions}: at least {need} are needed. {hint}"
         )
     order = np.random.default_rng(seed).permutation(n)
     part = np.empty(n, dtype=np.int64)
@@ -104,12 +118,16 @@ def seeded_split(
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    """Validate train/val/test fractions: three non-negative numbers that sum to 1."""
+    """Validate train/val/test fractions: three non-negative numbers that sum to 1, train > 0.
+
+    A zero val or test fraction means no such split (see :class:`EpisodicDataModule`).
+    """
     values = tuple(float(f) for f in fractions)
-    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
+    if len(values) != 3 or min(values) < 0 or values[0] == 0 or abs(sum(values) - 1.0) > 1e-6:
         raise ValueError(
             f"split_fractions must be three non-negative numbers (train, val, test) that sum to 1, "
-            f"got {tuple(fractions)}; e.g. (0.7, 0.1, 0.2)."
+            f"with train > 0, got {tuple(fractions)}; e.g. (0.7, 0.1, 0.2), or (1, 0, 0) to "
+            "meta-train on every class."
         )
     return values  # type: ignore[return-value]
 
@@ -222,10 +240,13 @@ class FolderDataModule(EpisodicDataModule):
 
     Args:
         root: the top folder of the tree.
-        split_fractions: (train, val, test) fractions of the classes when the tree is not split.
+        split_fractions: (train, val, test) fractions of the classes when the tree is not split;
+            a zero fraction means no such split (``(1, 0, 0)``: meta-train on every class).
         channels: 1 or 3.
         invert: turn dark-on-light drawings into light-on-dark (as Omniglot is usually fed).
-        ways, ..., eval_transform: see :class:`~lightning_metakd.data.EpisodicDataModule`.
+        image_size: images are resized to ``image_size x image_size``.
+        **kwargs: the task shape, episode counts, seed, loader settings and transforms of
+            :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
     Example:
         >>> dm = FolderDataModule("~/data/birds", ways=5, shots=5, queries=10)  # doctest: +SKIP
@@ -240,45 +261,12 @@ class FolderDataModule(EpisodicDataModule):
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         channels: int = 3,
         invert: bool = False,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        meta_batch_size: int = 32,
-        test_ways: int | None = None,
-        test_shots: int | None = None,
-        test_queries: int | None = None,
-        steps_per_epoch: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        grouping: str = "none",
-        rotations: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
         image_size: int = 84,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
+        **kwargs: Any,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}.")
-        super().__init__(
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            meta_batch_size=meta_batch_size,
-            test_ways=test_ways,
-            test_shots=test_shots,
-            test_queries=test_queries,
-            steps_per_epoch=steps_per_epoch,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            grouping=grouping,
-            rotations=rotations,
-            num_workers=num_workers,
-            seed=seed,
-            image_size=image_size,
-            train_transform=train_transform,
-            eval_transform=eval_transform,
-        )
+        super().__init__(image_size=image_size, **kwargs)
         self.root = Path(root).expanduser()
         self.split_fractions = check_fractions(split_fractions)
         self.image_channels = channels
@@ -315,4 +303,5 @@ class FolderDataModule(EpisodicDataModule):
         return {
             split: files_dataset(classes[split], self.image_size, self.image_channels, self.invert)
             for split in ("train", "val", "test")
+            if classes[split]
         }

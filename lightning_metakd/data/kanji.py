@@ -16,13 +16,15 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lightning_metakd.atomic import atomic_write
 from lightning_metakd.data.datamodule import EpisodicDataModule
-from lightning_metakd.data.dataset import ClassDataset, Transform
+from lightning_metakd.data.dataset import ClassDataset
+from lightning_metakd.data.folder import check_fractions
 from lightning_metakd.data.kanji_render import (
     KanjiStrokes,
     RenderConfig,
@@ -96,8 +98,6 @@ class KanjiDataModule(EpisodicDataModule):
     licensed CC BY-SA 3.0; the rendered images are a derivative work under the same licence.
 
     Args:
-        ways ... eval_transform: as in :class:`~lightning_metakd.data.EpisodicDataModule`;
-            ``image_size`` is the rendered size (no resampling afterwards).
         cache_dir: folder of the rendered cache (created if needed).
         samples_per_class: drawings of each character.
         min_group_size: radical groups with fewer characters are dropped (defaults keep 115 of 267
@@ -105,7 +105,11 @@ class KanjiDataModule(EpisodicDataModule):
         max_classes_per_group: keep at most this many characters of each group.
         max_classes: keep at most this many characters in all (largest groups first): tiny renders
             for tests and quick starts.
-        split_fractions: fractions of the radical groups in train, val and test.
+        split_fractions: fractions of the radical groups in train, val and test; a zero fraction
+            means no such split (``(1, 0, 0)``: meta-train on every group).
+        **kwargs: the task shape, episode counts, seed and loader settings of
+            :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
+            the rendered size (no resampling afterwards).
 
     Example:
         >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical", max_classes=60,  # doctest: +SKIP
@@ -120,49 +124,15 @@ class KanjiDataModule(EpisodicDataModule):
 
     def __init__(
         self,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        meta_batch_size: int = 32,
-        test_ways: int | None = None,
-        test_shots: int | None = None,
-        test_queries: int | None = None,
-        steps_per_epoch: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        grouping: str = "none",
-        rotations: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        image_size: int = 28,
-        train_transform: Transform | None = None,
-        eval_transform: Transform | None = None,
         cache_dir: str | None = None,
         samples_per_class: int = 20,
         min_group_size: int = 10,
         max_classes_per_group: int | None = None,
         max_classes: int | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            meta_batch_size=meta_batch_size,
-            test_ways=test_ways,
-            test_shots=test_shots,
-            test_queries=test_queries,
-            steps_per_epoch=steps_per_epoch,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            grouping=grouping,
-            rotations=rotations,
-            num_workers=num_workers,
-            seed=seed,
-            image_size=image_size,
-            train_transform=train_transform,
-            eval_transform=eval_transform,
-        )
+        super().__init__(**kwargs)
         for name, value in (
             ("samples_per_class", samples_per_class),
             ("min_group_size", min_group_size),
@@ -171,19 +141,14 @@ class KanjiDataModule(EpisodicDataModule):
         ):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}.")
-        fractions = tuple(float(f) for f in split_fractions)
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                "split_fractions must be three positive fractions (train, val, test) summing "
-                f"to 1, got {split_fractions}."
-            )
+        fractions = check_fractions(split_fractions)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.samples_per_class = samples_per_class
         self.min_group_size = min_group_size
         self.max_classes_per_group = max_classes_per_group
         self.max_classes = max_classes
         self.split_fractions = fractions
-        self.render_config = RenderConfig(image_size=image_size)
+        self.render_config = RenderConfig(image_size=self.image_size)
 
     @property
     def cache_params(self) -> dict:
@@ -250,18 +215,20 @@ class KanjiDataModule(EpisodicDataModule):
     def split_groups(self, radicals: list[str]) -> dict[str, list[str]]:
         """Assign radical groups to ``train``/``val``/``test`` by ``split_fractions``, seeded.
 
-        Val and test get ``round(fraction * groups)`` groups each, at least one; train the rest.
+        Val and test get ``round(fraction * groups)`` groups each, at least one (none for a zero
+        fraction: no such split); train the rest.
         """
         names = sorted(set(radicals))
         order = [names[i] for i in np.random.default_rng(self.seed).permutation(len(names))]
         _, f_val, f_test = self.split_fractions
-        n_val, n_test = (max(1, round(f * len(names))) for f in (f_val, f_test))
+        n_val, n_test = (0 if f == 0 else max(1, round(f * len(names))) for f in (f_val, f_test))
         n_train = len(names) - n_val - n_test
         if n_train < 1:
             raise ValueError(
                 f"{len(names)} radical group(s) cannot be split into non-empty train, val and test "
                 f"parts with split_fractions={self.split_fractions}. Keep more groups: raise "
-                "max_classes, lower max_classes_per_group or min_group_size."
+                "max_classes, lower max_classes_per_group or min_group_size; or set "
+                "split_fractions to (1, 0, 0) to meta-train on every group without val or test."
             )
         return {
             "train": order[:n_train],
@@ -278,6 +245,8 @@ class KanjiDataModule(EpisodicDataModule):
         images = torch.from_numpy(data["images"])
         splits = {}
         for split, groups in self.split_groups(radicals).items():
+            if not groups:
+                continue  # a zero fraction: no such split
             members = sorted(set(groups))
             classes = [c for c, r in enumerate(radicals) if r in members]
             local = np.full(len(radicals), -1, dtype=np.int64)

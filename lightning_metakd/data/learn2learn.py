@@ -562,7 +562,10 @@ def _to_class_dataset(
     split: str,
 ) -> ClassDataset:
     if len(meta) == 0:
-        raise ValueError(f"The {split} split is empty.")
+        raise ValueError(
+            f"The {split} split's dataset is empty; pass one with at least ways classes of "
+            "shots + queries images each."
+        )
     order = _label_order(list(meta.labels_to_indices))
     class_of = {label: i for i, label in enumerate(order)}
     labels = np.array(

@@ -319,7 +319,12 @@ class MiniImageNetDataModule(EpisodicDataModule):
         root: the folder that holds the data set (see layouts above).
         augment: use the default training augmentation when no ``train_transform`` is given.
         normalize: standardise images with ``IMAGENET_MEAN`` and ``IMAGENET_STD``.
-        ways, ..., eval_transform: see :class:`~lightning_metakd.data.EpisodicDataModule`.
+        image_size: images are resized to ``image_size x image_size``.
+        train_transform: a callable on each ``[C, H, W]`` float training image, after resizing,
+            in place of the default augmentation (normalisation still follows it).
+        eval_transform: a callable on each validation/test image, before normalisation.
+        **kwargs: the task shape, episode counts, seed and loader settings of
+            :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
     Example:
         >>> dm = MiniImageNetDataModule("~/data/mini-imagenet", ways=5, shots=5)  # doctest: +SKIP
@@ -333,23 +338,10 @@ class MiniImageNetDataModule(EpisodicDataModule):
         root: str | Path,
         augment: bool = True,
         normalize: bool = True,
-        ways: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        meta_batch_size: int = 32,
-        test_ways: int | None = None,
-        test_shots: int | None = None,
-        test_queries: int | None = None,
-        steps_per_epoch: int = 100,
-        val_episodes: int = 100,
-        test_episodes: int = 600,
-        grouping: str = "none",
-        rotations: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
         image_size: int = 84,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
+        **kwargs: Any,
     ) -> None:
         if train_transform is None and augment:
             train_transform = RandomCropFlip(padding=max(1, round(8 * image_size / 84)))
@@ -357,28 +349,18 @@ class MiniImageNetDataModule(EpisodicDataModule):
             train_transform = Normalize(before=train_transform)
             eval_transform = Normalize(before=eval_transform)
         super().__init__(
-            ways=ways,
-            shots=shots,
-            queries=queries,
-            meta_batch_size=meta_batch_size,
-            test_ways=test_ways,
-            test_shots=test_shots,
-            test_queries=test_queries,
-            steps_per_epoch=steps_per_epoch,
-            val_episodes=val_episodes,
-            test_episodes=test_episodes,
-            grouping=grouping,
-            rotations=rotations,
-            num_workers=num_workers,
-            seed=seed,
             image_size=image_size,
             train_transform=train_transform,
             eval_transform=eval_transform,
+            **kwargs,
         )
         self.root = Path(root).expanduser()
         self.augment, self.normalize = augment, normalize
         #: Which layout was read (``"pickle"``, ``"csv"`` or ``"folders"``), set by :meth:`setup`.
         self.layout: str | None = None
+
+    def describe_source(self) -> str:
+        return f"layout {self.layout!r}" if self.layout else ""
 
     def build_splits(self) -> dict[str, ClassDataset]:
         root = check_root(self.root, "MiniImageNetDataModule", _MINI_LAYOUTS)

@@ -44,6 +44,8 @@ class EpisodeSampler(DistributedSampler):
         grouping: ``False`` draws a task's classes from the whole split; ``True`` first picks one of
             ``dataset.groups`` with at least ``ways`` classes, then the classes inside it.
         num_replicas, rank: the DDP world; defaults to one process.
+        split: the split's name (``"train"``, ``"val"``, ``"test"``), for error messages: they
+            then name the split and the DataModule setting to change (``test_ways`` for val/test).
 
     Example:
         >>> sampler = EpisodeSampler(dataset, ways=5, shots=1, queries=15, num_tasks=600, fixed=True)  # doctest: +SKIP
@@ -63,6 +65,7 @@ class EpisodeSampler(DistributedSampler):
         grouping: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        split: str | None = None,
     ) -> None:
         # DistributedSampler.__init__ is not called: it would query torch.distributed eagerly.
         for name, value in (("ways", ways), ("shots", shots), ("num_tasks", num_tasks)):
@@ -86,6 +89,7 @@ class EpisodeSampler(DistributedSampler):
         self.seed, self.stream = seed, stream
         self.grouping = grouping
         self.num_replicas, self.rank = num_replicas, rank
+        self.split = split
         self.epoch = 0
         self.pools = self._pools()
         self._fixed_tasks: list[TaskSpec] | None = None
@@ -94,33 +98,44 @@ class EpisodeSampler(DistributedSampler):
     def _pools(self) -> list[np.ndarray]:
         """Class pools a task may be drawn from, checked so that every task can be drawn."""
         ds, need = self.dataset, self.shots + self.queries
+        where = f"the {self.split} split" if self.split else "this split"
         short = [c for c in range(ds.num_classes) if len(ds.indices_by_class[c]) < need]
         if short:
             c = short[0]
+            of = f" of {where}" if self.split else ""
             raise ValueError(
-                f"Class '{ds.class_names[c]}' has {len(ds.indices_by_class[c])} images, but a task "
-                f"needs shots + queries = {self.shots} + {self.queries} = {need} per class "
-                f"({len(short)} class(es) are short). Lower shots or queries, or remove small classes."
+                f"Class '{ds.class_names[c]}'{of} has {len(ds.indices_by_class[c])} images, but a "
+                f"task needs shots + queries = {self.shots} + {self.queries} = {need} per class "
+                f"({len(short)} class(es) are short). Lower {self._setting('shots')} or "
+                f"{self._setting('queries')}, or remove small classes."
             )
+        ways = self._setting("ways")
         if not self.grouping:
             if ds.num_classes < self.ways:
                 raise ValueError(
-                    f"A task needs {self.ways} ways but this split has only {ds.num_classes} "
-                    "classes. Lower ways (or test_ways), or give the split more classes."
+                    f"A task needs {self.ways} ways but {where} has only {ds.num_classes} "
+                    f"classes. Lower {ways} to at most {ds.num_classes}, or give {where} more "
+                    "classes."
                 )
             return [np.arange(ds.num_classes)]
         if not ds.groups:
             raise ValueError(
-                "grouping was asked for, but this data set defines no class groups; use grouping='none'."
+                f"grouping was asked for, but {where} defines no class groups; use grouping='none'."
             )
         pools = [np.asarray(m) for m in ds.groups.values() if len(m) >= self.ways]
         if not pools:
             largest = max(len(m) for m in ds.groups.values())
             raise ValueError(
-                f"No group in this split has {self.ways} classes (the largest has {largest}); lower "
-                "ways (or test_ways), or use grouping='none'."
+                f"No group in {where} has {self.ways} classes (the largest has {largest}); lower "
+                f"{ways} to at most {largest}, or use grouping='none'."
             )
         return pools
+
+    def _setting(self, name: str) -> str:
+        """The DataModule setting behind ``ways``/``shots``/``queries`` of this split's tasks."""
+        if self.split in ("val", "test"):
+            return f"test_{name}"
+        return name if self.split else f"{name} (or test_{name})"
 
     def draw(self, rng: np.random.Generator) -> TaskSpec:
         """One random task from ``rng``."""
