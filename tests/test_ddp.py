@@ -53,14 +53,13 @@ TOLERANCE = 1e-5
 
 
 def data(meta_batch_size: int = 4, **kwargs) -> TinyDataModule:
+    kwargs = {"val_episodes": EVAL_EPISODES, "test_episodes": EVAL_EPISODES, **kwargs}
     return TinyDataModule(
         ways=3,
         shots=1,
         queries=2,
         meta_batch_size=meta_batch_size,
         steps_per_epoch=STEPS,
-        val_episodes=EVAL_EPISODES,
-        test_episodes=EVAL_EPISODES,
         image_size=16,
         **kwargs,
     )
@@ -250,14 +249,50 @@ def test_ddp_sees_every_episode_exactly_once(runs, algorithm):
         assert shards == batch
 
 
-def test_ddp_meta_batch_not_divisible_by_devices_is_rounded_up_with_a_warning():
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    dm = data(meta_batch_size=3)
-    dm.trainer = trainer
-    with pytest.warns(UserWarning, match="meta_batch_size=3 does not divide over 2.*averages 4"):
+def world_trainer(devices: int, num_nodes: int) -> L.Trainer:
+    """A trainer of ``num_nodes × devices`` CPU processes, not launched: this is global rank 0."""
+    return L.Trainer(
+        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False
+    )
+
+
+@pytest.mark.parametrize(
+    "devices, num_nodes, meta_batch_size, per_process",
+    [(2, 1, 3, 2), (2, 2, 3, 1), (2, 2, 6, 2), (1, 3, 2, 1)],
+    ids=["1x2-of-3", "2x2-of-3", "2x2-of-6", "3x1-of-2"],
+)
+def test_ddp_meta_batch_not_divisible_by_processes_is_rounded_up_with_a_warning(
+    devices, num_nodes, meta_batch_size, per_process
+):
+    """The warning counts the processes of every node; a meta-batch smaller than them is kept."""
+    dm = data(meta_batch_size=meta_batch_size)
+    dm.trainer = world_trainer(devices, num_nodes)
+    world = devices * num_nodes
+    message = (
+        f"meta_batch_size={meta_batch_size} does not divide over {world} processes "
+        rf"\(num_nodes={num_nodes} × devices={devices}\).*averages {per_process * world} tasks"
+    )
+    with pytest.warns(UserWarning, match=message):
         dm.setup("fit")  # warns here, before any training
         loader = dm.train_dataloader()
-    assert loader.batch_size == 2 and len(loader) == STEPS
+    assert loader.batch_size == per_process and len(loader) == STEPS
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_fewer_evaluation_episodes_than_processes_is_a_clear_error(split):
+    """Lightning would stop only the rank with no episode; this stops every rank, before training."""
+    dm = data(**{f"{split}_episodes": 3})
+    dm.trainer = world_trainer(devices=2, num_nodes=2)
+    message = (
+        rf"{split}_episodes=3 is fewer than the 4 processes \(num_nodes=2 × devices=2\).*"
+        "at least 4"
+    )
+    with pytest.raises(ValueError, match=message):
+        dm.setup("fit")
+    dm = data(**{f"{split}_episodes": 4})  # one episode per process is enough
+    dm.trainer = world_trainer(devices=2, num_nodes=2)
+    dm.setup("fit")
+    assert len(dm.dataloader(split)) == 1
 
 
 EXIT_PROBE = """
