@@ -3,7 +3,14 @@ that the suite leaves no new files behind in the repository, the working directo
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import leftovers
@@ -118,6 +125,51 @@ def make_distiller(teacher, backbone=None, algorithm=None, seed: int = 1, terms=
     terms = make_terms(**weights) if terms is None else terms
     return DistillationModule(teacher, backbone, algorithm or ProtoNet(), ways=3, terms=terms,
                               **kwargs)  # fmt: skip
+
+
+def run_together(
+    commands: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], timeout: float
+) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (command ``i`` with environment ``envs[i]``) and wait for all.
+
+    For processes that only finish together (the nodes of one distributed run) or that must race
+    (two renders into one cache). Each runs in a process group of its own and writes stdout and
+    stderr into one temporary file: a pipe could fill up while the test waits on another process
+    that waits on this one. After ``timeout`` seconds every group is killed — the processes and
+    whatever they started (Lightning's extra ranks) — and the test fails with each one's output;
+    groups are killed after a normal exit too, so no straggler outlives the test.
+    """
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in commands]
+        procs = [
+            subprocess.Popen(
+                command, env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            for command, env, log in zip(commands, envs, logs, strict=True)
+        ]
+        timed_out = False
+        try:
+            for proc in procs:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read().decode(errors="replace"))
+    if timed_out:
+        tails = "\n".join(f"--- process {i}:\n{out[-2000:]}" for i, out in enumerate(outputs))
+        raise AssertionError(f"Not all finished within {timeout} s; killed them all:\n{tails}")
+    return [
+        subprocess.CompletedProcess(proc.args, proc.returncode, stdout=out)
+        for proc, out in zip(procs, outputs, strict=True)
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""DDP correctness: 2 CPU processes (gloo) give the numbers of 1 process on the same global work.
+"""DDP correctness: 2 CPU processes (gloo), on one node or two, give the numbers of 1 process.
 
 A meta-batch of ``meta_batch_size`` tasks is split over the ranks (rank ``r`` takes tasks ``r::W``);
 DDP averages the ranks' gradients, so one optimisation step must move the parameters exactly as one
@@ -10,26 +10,37 @@ projector), where the teacher must stay bit-identical on every rank. Evaluation 
 unevenly (an odd number of episodes); ``test/acc`` and ``test/acc_ci95`` must still equal the
 single-process values, and no episode may be dropped or seen twice.
 
-Lightning's ``strategy="ddp"`` launches the extra rank by re-running the current script, so the
-training runs in a subprocess that executes this file as a script (``--worker``); each rank writes
-what it saw to a file, and the tests compare the files of a 2-process and a 1-process run. Both
-runs use float64 (``precision="64-true"``) and plain SGD, so any difference beyond rounding is a
-bug, not noise.
+The same must hold across nodes: a run on 2 "nodes" of 1 process each (``num_nodes=2``), launched
+as a multi-node job is launched without a scheduler — one interpreter per node with
+``MASTER_ADDR``, ``MASTER_PORT`` and its ``NODE_RANK``, here both on this machine over loopback —
+trains second-order MAML and ProtoNet to the same parameters and the same metrics, on the same
+episodes, and Lightning runs it in its own ``LightningEnvironment`` over gloo.
+
+Lightning's ``strategy="ddp"`` launches a node's extra ranks by re-running the current script, so
+the training runs in subprocesses that execute this file as a script (``--worker``), one per node;
+each rank writes what it saw to a file, and the tests compare the files of a multi-process and a
+1-process run. All runs use float64 (``precision="64-true"``) and plain SGD, so any difference
+beyond rounding is a bug, not noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import re
+import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import TinyDataModule
+import torch.distributed as dist
+from conftest import TinyDataModule, run_together
 
 from lightning_metakd.algorithms import MAML, MetaSGD, ProtoNet
 from lightning_metakd.distill import FeatureHints, SoftLabels, TaskLoss
@@ -43,6 +54,19 @@ ALGORITHMS = {
 }
 DISTILL = "distill"  # the DistillationModule run, after the meta-learners in the same worker
 RUNS = [*ALGORITHMS, DISTILL]
+#: How each world is launched: ``(devices per node, num_nodes, runs)``; "1-process" is the reference.
+WORLDS = {
+    "1-process": (1, 1, RUNS),
+    "2-processes": (2, 1, RUNS),
+    "2-nodes": (1, 2, ["maml", "protonet"]),
+}
+#: ``(world, run)`` of every multi-process comparison with the 1-process run.
+CASES = [
+    pytest.param(world, name, id=f"{world}-{name}")
+    for world, (_, _, names) in WORLDS.items()
+    if world != "1-process"
+    for name in names
+]
 STEPS = 3  # optimisation steps per run: the first is "one step", all of them "a few steps"
 EVAL_EPISODES = 5  # odd: with 2 ranks and 2 tasks per rank batch, rank 0 runs 2 batches, rank 1 one
 TOLERANCE = 1e-5
@@ -54,14 +78,13 @@ TOLERANCE = 1e-5
 
 
 def data(meta_batch_size: int = 4, **kwargs) -> TinyDataModule:
+    kwargs = {"val_episodes": EVAL_EPISODES, "test_episodes": EVAL_EPISODES, **kwargs}
     return TinyDataModule(
         ways=3,
         shots=1,
         queries=2,
         meta_batch_size=meta_batch_size,
         steps_per_epoch=STEPS,
-        val_episodes=EVAL_EPISODES,
-        test_episodes=EVAL_EPISODES,
         image_size=16,
         **kwargs,
     )
@@ -118,9 +141,13 @@ def make_module(name: str) -> L.LightningModule:
     )  # fmt: skip
 
 
-def worker(out: Path, devices: int) -> None:
-    """Fit one epoch and test each module of ``RUNS``; every rank saves ``<name>-rank<r>.pt``."""
-    for name in RUNS:
+def worker(out: Path, devices: int, num_nodes: int = 1, names: Sequence[str] = RUNS) -> None:
+    """Fit one epoch and test each module of ``names``; every rank saves ``<name>-rank<r>.pt``.
+
+    Run once per node; ``r`` is the global rank. Each file also records the world Lightning made:
+    its cluster environment, the process-group backend and the ranks.
+    """
+    for name in names:
         model = make_module(name)
         teachers = getattr(model, "teachers", None)
         teacher = teachers[0] if teachers else None
@@ -130,7 +157,8 @@ def worker(out: Path, devices: int) -> None:
         trainer = L.Trainer(
             accelerator="cpu",
             devices=devices,
-            strategy="ddp" if devices > 1 else "auto",
+            num_nodes=num_nodes,
+            strategy="ddp" if devices * num_nodes > 1 else "auto",
             precision="64-true",
             max_epochs=1,
             num_sanity_val_steps=0,
@@ -145,39 +173,93 @@ def worker(out: Path, devices: int) -> None:
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test = trainer.test(model, data(), verbose=False)[0]
         result = {"params": recorder.params, "seen": recorder.seen, "val": val, "test": test}
+        environment = getattr(trainer.strategy, "cluster_environment", None)  # DDP's only
+        result["world"] = {
+            "environment": type(environment).__name__,
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "main_address": environment.main_address if environment is not None else None,
+            "world_size": trainer.world_size,
+            "global_rank": trainer.global_rank,
+            "node_rank": trainer.node_rank,
+            "local_rank": trainer.local_rank,
+        }
         if teacher is not None:
             result["teacher_before"] = teacher_before
             result["teacher_after"] = {k: v.clone() for k, v in teacher.state_dict().items()}
         torch.save(result, out / f"{name}-rank{trainer.global_rank}.pt")
 
 
-def launch(out: Path, devices: int) -> dict[str, list[dict]]:
-    """Run :func:`worker` in a fresh interpreter; returns ``{name: [rank 0, rank 1, ...]}``."""
+#: Variables by which Lightning would detect a scheduler's environment instead of its own.
+SCHEDULER_VARIABLES = ("SLURM_", "TORCHELASTIC_", "LSB_", "LOCAL_RANK", "GROUP_RANK", "RANK")
+
+
+def node_environment(port: int) -> dict[str, str]:
+    """This environment as a node of a loopback-only job: ``MASTER_ADDR=127.0.0.1`` and ``port``.
+
+    Scheduler variables are dropped, so that Lightning picks its ``LightningEnvironment`` even
+    inside a SLURM job, and gloo is bound to the loopback interface (``GLOO_SOCKET_IFNAME``).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCHEDULER_VARIABLES)}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:
+        env["GLOO_SOCKET_IFNAME"] = loopback[0]
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    out: Path, devices: int, num_nodes: int = 1, names: Sequence[str] = RUNS
+) -> dict[str, list[dict]]:
+    """Run :func:`worker` on ``num_nodes`` nodes of this machine; ``{name: [rank 0, rank 1, ...]}``.
+
+    A node is one fresh interpreter, started as on a cluster without a scheduler: the environment
+    of :func:`node_environment` and its ``NODE_RANK``, the same ``num_nodes`` and ``devices``
+    flags everywhere; Lightning's launcher on each node starts that node's other ``devices - 1``
+    ranks. All nodes start together and are killed together after 300 s.
+    """
     out.mkdir()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", str(out), "--devices", str(devices)],
-        capture_output=True,
-        text=True,
+    env = node_environment(free_port())
+    command = [sys.executable, __file__, "--worker", str(out), "--devices", str(devices)]
+    command += ["--num-nodes", str(num_nodes), "--runs", *names]
+    nodes = run_together(
+        [command] * num_nodes,
+        [{**env, "NODE_RANK": str(node)} for node in range(num_nodes)],
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for node, proc in enumerate(nodes):
+        assert proc.returncode == 0, f"node {node}, exit {proc.returncode}:\n{proc.stdout[-4000:]}"
+    world = devices * num_nodes
     return {
-        name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(devices)]
-        for name in RUNS
+        name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
+        for name in names
     }
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[dict, dict]:
-    """The 1-process run and the 2-process DDP run of the same global work."""
+def runs(tmp_path_factory) -> dict[str, dict]:
+    """Each world of ``WORLDS`` runs the same global work, once per module, launched when first used."""
     root = tmp_path_factory.mktemp("ddp")
-    return launch(root / "single", 1), launch(root / "ddp", 2)
+
+    class Runs(dict):
+        def __missing__(self, world: str) -> dict:
+            devices, num_nodes, names = WORLDS[world]
+            self[world] = launch(root / world, devices, num_nodes, names)
+            return self[world]
+
+    return Runs()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", RUNS)
-def test_ddp_steps_match_one_process(runs, algorithm):
-    single, ddp = runs[0][algorithm][0], runs[1][algorithm]
+@pytest.mark.parametrize("world, algorithm", CASES)
+def test_ddp_steps_match_one_process(runs, world, algorithm):
+    single, ddp = runs["1-process"][algorithm][0], runs[world][algorithm]
     assert len(single["params"]) == len(ddp[0]["params"]) == STEPS
     names = set(single["params"][0])
     if algorithm == "metasgd":
@@ -199,7 +281,7 @@ def test_ddp_steps_match_one_process(runs, algorithm):
 @pytest.mark.slow
 def test_ddp_distillation_moves_student_and_projector_never_the_teacher(runs):
     """Both trained parts move on every rank; the teacher is bit-identical to its initial state."""
-    single, ddp = runs[0][DISTILL][0], runs[1][DISTILL]
+    single, ddp = runs["1-process"][DISTILL][0], runs["2-processes"][DISTILL]
     for run in (single, *ddp):
         first, last = run["params"][0], run["params"][-1]
         for part in ("student.", "terms."):
@@ -220,9 +302,9 @@ def test_ddp_distillation_moves_student_and_projector_never_the_teacher(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", RUNS)
-def test_ddp_evaluation_matches_one_process_on_uneven_shards(runs, algorithm):
-    single, ddp = runs[0][algorithm][0], runs[1][algorithm]
+@pytest.mark.parametrize("world, algorithm", CASES)
+def test_ddp_evaluation_matches_one_process_on_uneven_shards(runs, world, algorithm):
+    single, ddp = runs["1-process"][algorithm][0], runs[world][algorithm]
     for rank in (0, 1):
         for split in ("val", "test"):
             for key in (f"{split}/acc", f"{split}/acc_ci95"):
@@ -236,9 +318,9 @@ def test_ddp_evaluation_matches_one_process_on_uneven_shards(runs, algorithm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", RUNS)
-def test_ddp_sees_every_episode_exactly_once(runs, algorithm):
-    single, ddp = runs[0][algorithm][0], runs[1][algorithm]
+@pytest.mark.parametrize("world, algorithm", CASES)
+def test_ddp_sees_every_episode_exactly_once(runs, world, algorithm):
+    single, ddp = runs["1-process"][algorithm][0], runs[world][algorithm]
     for stage in ("train", "val", "test"):
         everything = [task for _, task in single["seen"][stage]]
         union = [task for r in (0, 1) for _, task in ddp[r]["seen"][stage]]
@@ -253,14 +335,93 @@ def test_ddp_sees_every_episode_exactly_once(runs, algorithm):
         assert shards == batch
 
 
-def test_ddp_meta_batch_not_divisible_by_devices_is_rounded_up_with_a_warning():
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    dm = data(meta_batch_size=3)
-    dm.trainer = trainer
-    with pytest.warns(UserWarning, match="meta_batch_size=3 does not divide over 2.*averages 4"):
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [w for w in WORLDS if w != "1-process"])
+def test_ddp_world_is_the_one_lightning_was_asked_for(runs, world):
+    """Lightning's own ``LightningEnvironment`` over gloo on loopback, ranks as each launch set them.
+
+    With ``NODE_RANK`` but no ``LOCAL_RANK`` in the environment, no scheduler is detected and each
+    node's launcher starts its local ranks; global rank = node rank × devices + local rank.
+    """
+    devices, num_nodes, names = WORLDS[world]
+    for name in names:
+        assert [run["world"] for run in runs[world][name]] == [
+            {
+                "environment": "LightningEnvironment",
+                "backend": "gloo",
+                "main_address": "127.0.0.1",
+                "world_size": devices * num_nodes,
+                "global_rank": rank,
+                "node_rank": rank // devices,
+                "local_rank": rank % devices,
+            }
+            for rank in range(devices * num_nodes)
+        ]
+
+
+def world_trainer(devices: int, num_nodes: int) -> L.Trainer:
+    """A trainer of ``num_nodes × devices`` CPU processes, not launched: this is global rank 0."""
+    return L.Trainer(
+        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False
+    )
+
+
+@pytest.mark.parametrize(
+    "devices, num_nodes, meta_batch_size, per_process",
+    [(2, 1, 3, 2), (2, 2, 3, 1), (2, 2, 6, 2), (1, 3, 2, 1)],
+    ids=["1x2-of-3", "2x2-of-3", "2x2-of-6", "3x1-of-2"],
+)
+def test_ddp_meta_batch_not_divisible_by_processes_is_rounded_up_with_a_warning(
+    devices, num_nodes, meta_batch_size, per_process
+):
+    """The warning counts the processes of every node; a meta-batch smaller than them is kept."""
+    dm = data(meta_batch_size=meta_batch_size)
+    dm.trainer = world_trainer(devices, num_nodes)
+    world = devices * num_nodes
+    message = (
+        f"meta_batch_size={meta_batch_size} does not divide over {world} processes "
+        rf"\(num_nodes={num_nodes} × devices={devices}\).*averages {per_process * world} tasks"
+    )
+    with pytest.warns(UserWarning, match=message):
         dm.setup("fit")  # warns here, before any training
         loader = dm.train_dataloader()
-    assert loader.batch_size == 2 and len(loader) == STEPS
+    assert loader.batch_size == per_process and len(loader) == STEPS
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_fewer_evaluation_episodes_than_processes_is_a_clear_error(split):
+    """Lightning would stop only the rank with no episode; this stops every rank, before training."""
+    dm = data(**{f"{split}_episodes": 3})
+    dm.trainer = world_trainer(devices=2, num_nodes=2)
+    message = (
+        rf"{split}_episodes=3 is fewer than the 4 processes \(num_nodes=2 × devices=2\).*"
+        "at least 4"
+    )
+    with pytest.raises(ValueError, match=message):
+        dm.setup("fit")
+    dm = data(**{f"{split}_episodes": 4})  # one episode per process is enough
+    dm.trainer = world_trainer(devices=2, num_nodes=2)
+    dm.setup("fit")
+    assert len(dm.dataloader(split)) == 1
+
+
+HANGING_NODE = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a local rank
+print("child", rank.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_launch_timeout_kills_every_node_and_what_it_started():
+    """Nodes that never finish (e.g. waiting for a peer) are killed with their children at the limit."""
+    with pytest.raises(AssertionError, match="Not all finished within 2 s") as failure:
+        run_together([[sys.executable, "-c", HANGING_NODE]] * 2, [os.environ] * 2, timeout=2)
+    children = [int(pid) for pid in re.findall(r"child (\d+)", str(failure.value))]
+    assert len(children) == 2
+    for pid in children:  # killed, then reaped by init: gone, or a zombie for a moment
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(") ")[1].startswith("Z"), pid
 
 
 EXIT_PROBE = """
@@ -300,5 +461,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="DDP test worker (run by tests/test_ddp.py)")
     parser.add_argument("--worker", type=Path, required=True)
     parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
     args = parser.parse_args()
-    worker(args.worker, args.devices)
+    worker(args.worker, args.devices, args.num_nodes, args.runs)

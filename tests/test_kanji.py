@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_together
 
 from lightning_metakd.data import KanjiDataModule
 from lightning_metakd.data import kanji as kanji_module
@@ -276,6 +279,69 @@ def test_concurrent_renders_render_once(tmp_path: Path, monkeypatch: pytest.Monk
     assert len(calls) == 1 and len(results) == 2
     np.testing.assert_array_equal(results[0]["images"], results[1]["images"])
     assert [p.suffix for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+# Run by two independent interpreters at once: two nodes of a job preparing their data into one
+# shared folder (Lightning calls prepare_data on local rank 0 of every node), no launcher between
+# them. Each waits at a start line, then reports whether the cache was there, how often it rendered
+# and the checksum of the arrays it loaded.
+SHARED_CACHE_NODE = """
+import json, sys, time
+from pathlib import Path
+from lightning_metakd.data import KanjiDataModule
+from lightning_metakd.data import kanji
+
+cache_dir, start, me, params = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+renders = []
+render_samples = kanji.render_samples
+kanji.render_samples = lambda *args, **kwargs: renders.append(me) or render_samples(*args, **kwargs)
+dm = KanjiDataModule(cache_dir=str(cache_dir), **params)
+(start / me).touch()
+deadline = time.monotonic() + 60
+while len(list(start.iterdir())) < 2 and time.monotonic() < deadline:
+    time.sleep(0.005)
+existed = dm.cache_path.exists()
+dm.prepare_data()
+data = dm.load_or_render()
+print(json.dumps({"existed": existed, "renders": len(renders), "checksum": kanji._checksum(data)}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_a_cache_folder_render_it_once_and_read_the_same_arrays(
+    tmp_path: Path,
+) -> None:
+    """Across processes the render is serialised by the cache's ``flock``: the first renders, the
+    second waits and reads that file; the folder holds one whole cache file (and its lock file)."""
+    cache, start = tmp_path / "cache", tmp_path / "start"
+    start.mkdir()
+    params = {**SMALL, "max_classes": 12, "max_classes_per_group": 4, "samples_per_class": 4}
+    nodes = run_together(
+        [
+            [
+                sys.executable,
+                "-c",
+                SHARED_CACHE_NODE,
+                str(cache),
+                str(start),
+                str(node),
+                json.dumps(params),
+            ]
+            for node in range(2)
+        ],
+        [os.environ] * 2,
+        timeout=120,
+    )
+    assert [proc.returncode for proc in nodes] == [0, 0], [proc.stdout[-2000:] for proc in nodes]
+    reports = [json.loads(proc.stdout.strip().splitlines()[-1]) for proc in nodes]
+    assert [r["existed"] for r in reports] == [False, False]  # they really raced
+    assert sorted(r["renders"] for r in reports) == [0, 1]
+    assert reports[0]["checksum"] == reports[1]["checksum"]
+    path = KanjiDataModule(cache_dir=str(cache), **params).cache_path
+    assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".lock"]
+    on_disk = kanji_module._read_cache(path)
+    assert on_disk is not None and kanji_module._checksum(on_disk) == reports[0]["checksum"]
+    assert len(on_disk["images"]) == 12 * 4
 
 
 def test_too_many_ways_for_a_split_is_a_clear_error(cache_dir: Path) -> None:

@@ -62,14 +62,15 @@ class EpisodicDataModule(L.LightningDataModule):
         ways: classes per training task (the N of N-way).
         shots: support images per class in a training task (the K of K-shot).
         queries: query images per class in a training task.
-        meta_batch_size: tasks per optimisation step, over all processes (rounded up to a
-            multiple of the number of processes, with a warning; see :meth:`tasks_per_process`).
+        meta_batch_size: tasks per optimisation step, over all processes of all nodes (rounded up
+            to a multiple of the number of processes, with a warning; see :meth:`tasks_per_process`).
         test_ways: classes per validation/test task; default: ``ways``.
         test_shots: support images per class in validation/test tasks; default: ``shots``.
         test_queries: query images per class in validation/test tasks; default: ``queries``.
         steps_per_epoch: training meta-batches per epoch.
-        val_episodes: fixed validation tasks, the same list at every validation.
-        test_episodes: fixed test tasks.
+        val_episodes: fixed validation tasks, the same list at every validation (at least one per
+            process).
+        test_episodes: fixed test tasks (at least one per process).
         grouping: ``"none"`` draws a task's classes from the whole split; the source's group name
             (``"radical"`` for KanjiVG, ``"alphabet"`` for Omniglot, ``"group"`` always) draws them
             from one group — fine-grained tasks.
@@ -303,32 +304,58 @@ class EpisodicDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
+    def _processes(self) -> str:
+        """The world in words for messages: ``"4 processes (num_nodes=2 × devices=2)"``.
+
+        Users set ``num_nodes`` and ``devices``, not the world size, so messages name both.
+        """
+        world, _ = self._world()
+        trainer = self.trainer
+        if trainer is not None and trainer.num_nodes * trainer.num_devices == world:
+            nodes, devices = trainer.num_nodes, trainer.num_devices
+            return f"{world} processes (num_nodes={nodes} × devices={devices})"
+        return f"{world} processes (num_nodes × devices)"
+
     def tasks_per_process(self) -> int:
         """Tasks each process takes per step: ``meta_batch_size`` split over the DDP processes.
 
-        When ``meta_batch_size`` does not divide evenly (``1`` on 2 GPUs, say) every process takes
-        ``ceil(meta_batch_size / processes)`` tasks, so that the same config runs on any number of
-        devices; a step then averages ``tasks_per_process() * processes`` tasks, more than asked
-        for, and a warning says so once.
+        The processes are all of them, on every node: ``num_nodes × devices``. When
+        ``meta_batch_size`` does not divide evenly over them (``1`` on 2 GPUs, say, or ``8`` on 3
+        nodes of 4 GPUs) every process takes ``ceil(meta_batch_size / processes)`` tasks, so that
+        the same config runs on any number of devices and nodes; a step then averages
+        ``tasks_per_process() * processes`` tasks, more than asked for, and a warning says so once.
         """
         world, _ = self._world()
         per_process = math.ceil(self.meta_batch_size / world)
         if per_process * world != self.meta_batch_size and not self._warned_meta_batch:
             self._warned_meta_batch = True
             rank_zero_warn(
-                f"meta_batch_size={self.meta_batch_size} does not divide over {world} processes: "
-                f"each takes {per_process} task(s) per step, so a step averages "
-                f"{per_process * world} tasks. Set meta_batch_size to a multiple of {world} to "
-                "choose the meta-batch exactly."
+                f"meta_batch_size={self.meta_batch_size} does not divide over {self._processes()}: "
+                f"each process takes {per_process} task(s) per step, so a step averages "
+                f"{per_process * world} tasks, not {self.meta_batch_size}. Set meta_batch_size to "
+                f"a multiple of {world} to choose the meta-batch exactly."
             )
         return per_process
 
     def num_tasks(self, split: Split) -> int:
-        """Tasks per training epoch, or in the fixed validation/test list, over all processes."""
+        """Tasks per training epoch, or in the fixed validation/test list, over all processes.
+
+        An evaluation list must give every process at least one episode. Lightning refuses an
+        empty evaluation loader on the rank that has it only ("within local rank has zero length"),
+        and the other ranks then fail on the lost peer (gloo: "Connection closed by peer"), so
+        fewer episodes than processes is an error here instead, on every rank at once, in setup.
+        """
+        world, _ = self._world()
         if split == "train":
-            world, _ = self._world()
             return self.steps_per_epoch * self.tasks_per_process() * world
-        return {"val": self.val_episodes, "test": self.test_episodes}[split]
+        episodes = {"val": self.val_episodes, "test": self.test_episodes}[split]
+        if episodes < world:
+            raise ValueError(
+                f"{split}_episodes={episodes} is fewer than the {self._processes()}: every "
+                f"process needs at least one {split} episode. Set {split}_episodes to at least "
+                f"{world}."
+            )
+        return episodes
 
     def task_dataset(self, split: Split) -> Dataset:
         """What the DataLoader indexes with the sampler's items: here the split's ClassDataset."""

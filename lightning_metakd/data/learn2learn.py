@@ -294,8 +294,8 @@ class TaskKeySampler(DistributedSampler):
             raise ValueError(f"rank {rank} is outside a world of {num_replicas} processes.")
         if not fixed and num_tasks % num_replicas:
             raise ValueError(
-                f"{num_tasks} training tasks cannot be split evenly over {num_replicas} processes; "
-                "make meta_batch_size a multiple of the number of devices."
+                f"{num_tasks} training tasks cannot be split evenly over {num_replicas} processes "
+                f"(num_nodes × devices); make meta_batch_size a multiple of {num_replicas}."
             )
         self.num_tasks, self.fixed = num_tasks, fixed
         self.shuffle, self.drop_last = not fixed, False

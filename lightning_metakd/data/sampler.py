@@ -77,8 +77,8 @@ class EpisodeSampler(DistributedSampler):
             raise ValueError(f"rank {rank} is outside a world of {num_replicas} processes.")
         if not fixed and num_tasks % num_replicas:
             raise ValueError(
-                f"{num_tasks} training tasks cannot be split evenly over {num_replicas} processes; "
-                "make meta_batch_size a multiple of the number of devices."
+                f"{num_tasks} training tasks cannot be split evenly over {num_replicas} processes "
+                f"(num_nodes × devices); make meta_batch_size a multiple of {num_replicas}."
             )
         self.dataset = dataset
         self.ways, self.shots, self.queries = ways, shots, queries
