@@ -41,8 +41,11 @@ def slice_state(
     a filter does not change the output), ``"random"`` (seed 0; ``RandomChannels(seed)`` for
     others), and the data-driven :class:`~lightning_metakd.distill.transfer.MeanActivation`
     ``(images)`` and :class:`~lightning_metakd.distill.transfer.TaylorImportance`
-    ``(episodes, algorithm)``. ``bn_gamma`` is the default because it needs no data and, with no
-    training after slicing, it scored far above L1 and random channels on KanjiVG
+    ``(episodes, algorithm)``. ``bn_gamma`` is the default: it needs no data and it was the best
+    (or, once, tied-best) rule on all four Conv4 ProtoNet pairs measured with no training after
+    slicing — on 600 within-radical KanjiVG 5-way 1-shot episodes, Conv4-32 → Conv4-8 scored
+    59.9% against 41.7% for random channels (mean of 10 seeds, paired +18.2 ± 0.9 points),
+    40.6% for ``l1``, 42.0% for mean activation and 42.4% for Taylor importance
     (``benchmarks/theta_star.py``, ``benchmarks/results/theta_star.json``).
 
     Families (the student of the teacher's family, depth and input channels):
