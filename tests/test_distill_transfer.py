@@ -354,6 +354,18 @@ def test_activation_score_is_the_mean_magnitude_after_relu():
     assert torch.equal(state["features.0.1.bias"], teacher.features[0][1].bias[[0, 1, 3, 4, 5]])
 
 
+def test_data_driven_scores_ignore_dropout_and_keep_the_teachers_mode():
+    torch.manual_seed(0)
+    teacher = ResNet12(in_channels=1, widths=(4, 4, 4, 4), image_size=16, dropout=0.5).train()
+    student = ResNet12(in_channels=1, widths=(2, 2, 2, 2), image_size=16)
+    rules = _rules(teacher, 16)
+    for name in ("activation", "taylor"):
+        _assert_same_state(
+            slice_state(teacher, student, rules[name]), slice_state(teacher, student, rules[name])
+        )
+    assert teacher.training
+
+
 # ---------------------------------------------------------------------------------------------
 # the ViT: heads kept whole, residual channels by LayerNorm |γ|, fewer blocks
 

@@ -74,7 +74,8 @@ def slice_state(
     is dropped). Both wrapped: the head is sliced too and ``ways`` must match.
 
     A student as wide (and deep) as its teacher gets exactly the teacher's state, bit for bit,
-    whatever the rule.
+    whatever the rule. Rules score the teacher in ``eval()`` mode (no dropout); its mode is
+    restored afterwards.
 
     Args:
         teacher: the meta-trained teacher (θ*), bare or in a ``Classifier``.
@@ -130,8 +131,13 @@ def slice_state(
                 "image_size."
             )
 
+    training = teacher.training
+    try:  # data-driven scores without dropout noise; our BatchNorms use batch statistics anyway
+        scores = rule.scores(teacher.eval(), found.sets)
+    finally:
+        teacher.train(training)
     kept = {}
-    for units, score in zip(found.sets, rule.scores(teacher, found.sets), strict=True):
+    for units, score in zip(found.sets, scores, strict=True):
         if score.shape != (units.size,) or not torch.isfinite(score).all():
             raise ValueError(
                 f"{rule!r} gave {units.name} scores of shape {tuple(score.shape)} "
