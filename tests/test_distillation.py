@@ -162,6 +162,23 @@ def test_vit_student_that_is_the_teacher_has_zero_attention_loss(episode):
         assert terms[term].item() == pytest.approx(0.0, abs=1e-6), term
 
 
+def test_theta_star_selection_is_an_argument(episode):
+    teacher = conv_teacher()
+    by_rule = {}
+    for rule in ("bn_gamma", "l1"):
+        model = distiller(teacher, init_from_teacher=True, theta_star_selection=rule)
+        sliced = slice_state(teacher.learner.model, Conv4(hidden=4, image_size=16), rule)
+        for name, value in sliced.items():
+            assert torch.equal(model.student.model.state_dict()[name], value), (rule, name)
+        by_rule[rule] = sliced
+        assert model.hparams["theta_star_selection"] == rule
+    assert any(not torch.equal(by_rule["l1"][k], v) for k, v in by_rule["bn_gamma"].items())
+    with pytest.raises(ValueError, match="unknown selection 'gamma'; use one of"):
+        distiller(teacher, init_from_teacher=True, theta_star_selection="gamma")
+    with pytest.raises(ValueError, match="selection='taylor' needs data: pass selection="):
+        distiller(teacher, init_from_teacher=True, theta_star_selection="taylor")
+
+
 def test_init_from_teacher_at_full_width_reproduces_the_teacher(episode):
     teacher = conv_teacher(MAML(inner_lr=0.5))
     model = distiller(teacher, Conv4(hidden=8, image_size=16), MAML(inner_lr=0.5),

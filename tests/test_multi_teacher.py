@@ -68,6 +68,11 @@ def teacher_of(algorithm, hidden: int = 8, seed: int = 0) -> MetaLearnerModule:
     return MetaLearnerModule(Conv4(hidden=hidden, image_size=16), algorithm, ways=3)
 
 
+def teacher_of_vit() -> MetaLearnerModule:
+    torch.manual_seed(0)
+    return MetaLearnerModule(vit(depth=2, heads=2), MAML(inner_lr=0.5), ways=3)
+
+
 def vit(depth: int, heads: int, embed_dim: int = 16) -> VisionTransformer:
     return VisionTransformer(
         image_size=16, patch_size=4, embed_dim=embed_dim, depth=depth, heads=heads
@@ -345,11 +350,13 @@ def test_bad_teacher_lists_are_clear_errors():
         distiller([protonet, maml], terms=[TaskLoss(), hints])
     with pytest.raises(ValueError, match="temperatures list has 1 entries for 2 teacher"):
         distiller([protonet, maml], terms=[SoftLabels(teacher_temperatures=[2.0])])
-    # θ* of the MAML teacher has a head, which a ProtoNet student has no place for
+    # θ* across algorithms: the MAML teacher's body for a ProtoNet student (its head dropped)
+    across = distiller([protonet, maml], init_from_teacher=True, anchor_teacher=1)
+    assert "head.weight" not in dict(across.student.model.named_parameters())
     with pytest.raises(
-        ValueError, match=r"teacher 1 \(anchor_teacher=1\), a MAML Conv4.*wrap both in Classifier"
+        ValueError, match=r"teacher 1 \(anchor_teacher=1\), a MAML VisionTransformer"
     ):
-        distiller([protonet, maml], init_from_teacher=True, anchor_teacher=1)
+        distiller([protonet, teacher_of_vit()], init_from_teacher=True, anchor_teacher=1)
     distiller([protonet, maml], init_from_teacher=True, anchor_teacher=0)  # the one that fits
     five_way = MetaLearnerModule(Conv4(hidden=8, image_size=16), MAML(), ways=5)
     with pytest.raises(ValueError, match="teacher 1's MAML head is 5-way but this module trains"):

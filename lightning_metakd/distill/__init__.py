@@ -34,7 +34,13 @@ from lightning_metakd.distill.ensemble import (
     ensemble_weights,
     teacher_temperatures,
 )
-from lightning_metakd.distill.taps import module_paths, tap, tap_points, tapped_call
+from lightning_metakd.distill.taps import (
+    default_layer_map,
+    module_paths,
+    tap,
+    tap_points,
+    tapped_call,
+)
 from lightning_metakd.distill.term import DistillationTerm, StepContext, TaskContext
 from lightning_metakd.distill.terms import *  # noqa: F403 - every term and its loss function
 from lightning_metakd.distill.terms import __all__ as _terms
@@ -45,6 +51,7 @@ __all__ = [
     "StepContext",
     "TaskContext",
     "TeacherEnsemble",
+    "default_layer_map",
     "ensemble_probabilities",
     "ensemble_weights",
     "module_paths",

@@ -10,7 +10,8 @@ with it (:func:`tapped_call`), and deployment reads BatchNorm inputs with it (``
 Which paths to tap is the network's knowledge: backbones state their tap points
 (``Conv4.tap_points()``, ``ResNet12.tap_points()``, ``VisionTransformer.tap_points()``:
 ``"blocks"``, ``"features"`` and, for the ViT, ``"attention"``); ``Classifier`` adds its
-``backbone.`` prefix; :func:`tap_points` asks a model for one kind with a clear error.
+``backbone.`` prefix; :func:`tap_points` asks a model for one kind with a clear error, and
+:func:`default_layer_map` pairs a shallower student's layers with a teacher's by relative depth.
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def tap_points(model: nn.Module, kind: str, needed_by: str = "this term") -> lis
             "lists them), or add a tap_points() method to your backbone."
         )
     return list(points[kind])
+
+
+def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher layer matched to each student layer: ``round((i + 1) · L_t / L_s) − 1``.
+
+    Student layer ``i`` (0-based) of ``L_s`` is paired with the teacher layer at the same relative
+    depth; ``round`` rounds halves up and the index is clipped at 0 (a student deeper than its
+    teacher maps several layers to teacher layer 0). The last student layer always meets the last
+    teacher layer; equal depths give the identity.
+
+    Example:
+        >>> default_layer_map(2, 4), default_layer_map(4, 6), default_layer_map(3, 3)
+        ([1, 3], [1, 2, 4, 5], [0, 1, 2])
+    """
+    if student_layers < 1 or teacher_layers < 1:
+        raise ValueError(
+            f"layer counts must be positive, got student_layers={student_layers}, "
+            f"teacher_layers={teacher_layers}."
+        )
+    # floor(x + 1/2) with x = (i + 1) · L_t / L_s, in integers.
+    return [
+        max(0, (2 * (i + 1) * teacher_layers + student_layers) // (2 * student_layers) - 1)
+        for i in range(student_layers)
+    ]
 
 
 def _resolve(model: nn.Module, path: str) -> nn.Module:
@@ -192,4 +217,12 @@ def tapped_call(
     return output, dict(taps)
 
 
-__all__ = ["DEFAULT_KINDS", "check_paths", "module_paths", "tap", "tap_points", "tapped_call"]
+__all__ = [
+    "DEFAULT_KINDS",
+    "check_paths",
+    "default_layer_map",
+    "module_paths",
+    "tap",
+    "tap_points",
+    "tapped_call",
+]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_metakd.algorithms import Learner
-from lightning_metakd.distill.taps import tap_points
+from lightning_metakd.distill.taps import default_layer_map, tap_points
 from lightning_metakd.distill.term import (
     DistillationTerm,
     TaskContext,
@@ -19,30 +19,6 @@ from lightning_metakd.distill.term import (
 )
 
 KINDS = ("frobenius", "kl")
-
-
-def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """The teacher layer matched to each student layer: ``round((i + 1) · L_t / L_s) − 1``.
-
-    Student layer ``i`` (0-based) of ``L_s`` is paired with the teacher layer at the same relative
-    depth; ``round`` rounds halves up and the index is clipped at 0 (a student deeper than its
-    teacher maps several layers to teacher layer 0). The last student layer always meets the last
-    teacher layer; equal depths give the identity.
-
-    Example:
-        >>> default_layer_map(2, 4), default_layer_map(4, 6), default_layer_map(3, 3)
-        ([1, 3], [1, 2, 4, 5], [0, 1, 2])
-    """
-    if student_layers < 1 or teacher_layers < 1:
-        raise ValueError(
-            f"layer counts must be positive, got student_layers={student_layers}, "
-            f"teacher_layers={teacher_layers}."
-        )
-    # floor(x + 1/2) with x = (i + 1) · L_t / L_s, in integers.
-    return [
-        max(0, (2 * (i + 1) * teacher_layers + student_layers) // (2 * student_layers) - 1)
-        for i in range(student_layers)
-    ]
 
 
 def _check_layer_map(layer_map: Sequence[int], student_layers: int, teacher_layers: int) -> None:
@@ -225,4 +201,4 @@ class AttentionDistillation(DistillationTerm):
         return f"{super().extra_repr()}, layer_map={self.layer_map}, kind={self.kind!r}"
 
 
-__all__ = ["AttentionDistillation", "attention_map_loss", "default_layer_map"]
+__all__ = ["AttentionDistillation", "attention_map_loss"]

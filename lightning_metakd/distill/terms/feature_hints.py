@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_metakd.algorithms import Learner
-from lightning_metakd.distill.taps import check_paths, tap_points
+from lightning_metakd.distill.taps import check_paths, default_layer_map, tap_points
 from lightning_metakd.distill.term import DistillationTerm, TaskContext, probe, teacher_name
-from lightning_metakd.distill.terms.attention_maps import default_layer_map
 
 
 def feature_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
@@ -140,8 +139,7 @@ class FeatureHints(DistillationTerm):
         teacher_taps: the teachers' paths paired one to one with ``student_taps``: a list used for
             every teacher, or a list of such lists, one per teacher. Default: each teacher's
             ``"features"`` point for one student tap; for several, the teacher's ``"blocks"`` at
-            the same relative depths (:func:`~lightning_metakd.distill.terms.attention_maps.
-            default_layer_map` of each student tap's block index).
+            the same relative depths (:func:`~lightning_metakd.distill.taps.default_layer_map` of each student tap's block index).
         name: the logged name (``train/loss_feature_hints``).
 
     Example::
