@@ -394,8 +394,8 @@ def pipeline_with_finetune(monkeypatch, tmp_path, checkpoints):
         calls.append("report")
         return {}
 
-    monkeypatch.setattr(pipeline, "run_training_stage", train)
-    monkeypatch.setattr(pipeline, "run_report_stage", report)
+    monkeypatch.setattr(pipeline.stages, "run_training_stage", train)
+    monkeypatch.setattr(pipeline.stages, "run_report_stage", report)
     root = write_folder(tmp_path / "mine", (3, 3, 3))
     config = {
         "name": "with-finetune",

@@ -138,8 +138,8 @@ def fake_stages(monkeypatch, tmp_path):
         (spec.run_dir / "report.md").write_text("| learner |\n")
         return {"teacher_run": markers["teacher"]["run_id"]}
 
-    monkeypatch.setattr(pipeline, "run_training_stage", train)
-    monkeypatch.setattr(pipeline, "run_report_stage", report)
+    monkeypatch.setattr(pipeline.stages, "run_training_stage", train)
+    monkeypatch.setattr(pipeline.stages, "run_report_stage", report)
     path = tmp_path / "pipeline.yaml"
     path.write_text(
         f"name: fake\nteacher: {QUICKSTART / 'teacher.yaml'}\n"

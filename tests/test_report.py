@@ -84,7 +84,7 @@ def compare_given(accuracies: dict[str, list[float]], monkeypatch, tmp_path, **k
         return {"accuracy": mean, "ci95": ci95, "episode_accuracy": episode_accuracy,
                 "parameters": 10, "flops": 1e6, "latency_ms": 1.0}  # fmt: skip
 
-    monkeypatch.setattr(report, "measure", measure)
+    monkeypatch.setattr(report.comparison, "measure", measure)
     rows = compare(learners, None, tmp_path, plot=False, **kwargs)
     return {r["name"]: r for r in rows}
 
@@ -127,7 +127,9 @@ def test_paired_difference_against_a_named_reference(monkeypatch, tmp_path):
     assert "| b | 65.00 ± " in lines[3] and "| — |" in lines[3]
     # An unknown reference fails before anything is measured.
     learners = {name: Learner(Conv4(hidden=2), ProtoNet(), ways=2) for name in "abc"}
-    monkeypatch.setattr(report, "measure", lambda *args: pytest.fail("measured before the check"))
+    monkeypatch.setattr(
+        report.comparison, "measure", lambda *args: pytest.fail("measured before the check")
+    )
     with pytest.raises(KeyError, match=r"reference 'd' is not one of the learners \['a', 'b', 'c'"):
         compare(learners, None, tmp_path, reference="d")
 

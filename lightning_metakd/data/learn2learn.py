@@ -11,15 +11,21 @@ import random
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_metakd.data.datamodule import SPLITS, EpisodicDataModule, Split
 from lightning_metakd.data.dataset import ClassDataset
+from lightning_metakd.data.learn2learn_datasets import (
+    ShapeMismatch,
+    as_image,
+    as_meta_dataset,
+    dataset_root,
+    label_name,
+    to_class_dataset,
+)
 from lightning_metakd.data.sampler import EpisodeSampler
 
 _INSTALL_HINT = (
@@ -146,7 +152,9 @@ class Learn2LearnDataModule(EpisodicDataModule):
                 self.meta_datasets[split] = source.dataset
             elif isinstance(source, Dataset):
                 meta = source if isinstance(source, self._l2l.data.MetaDataset) else None
-                self.meta_datasets[split] = meta if meta is not None else _wrap(self._l2l, source)
+                self.meta_datasets[split] = (
+                    meta if meta is not None else as_meta_dataset(self._l2l, source)
+                )
             else:
                 raise TypeError(
                     f"The {split} split must be a learn2learn MetaDataset or Taskset, or a torch "
@@ -175,7 +183,7 @@ class Learn2LearnDataModule(EpisodicDataModule):
         """One :class:`ClassDataset` per split; for Taskset splits a lazy view used for checks."""
         shared = self.shared_labels
         if shared is None:
-            roots = {id(_root(m)) for m in self.meta_datasets.values()}
+            roots = {id(dataset_root(m)) for m in self.meta_datasets.values()}
             shared = len(roots) == 1
         channels = self.channels_arg
         splits: dict[str, ClassDataset] = {}
@@ -186,11 +194,11 @@ class Learn2LearnDataModule(EpisodicDataModule):
             lazy = split in self.tasksets or self._choose_lazy(split, meta)
             args = (prefix, self.image_size, channels, self.invert, self.pixel_range, split)
             try:
-                splits[split] = _to_class_dataset(meta, lazy, *args)
-            except _ShapeMismatch:
+                splits[split] = to_class_dataset(meta, lazy, *args)
+            except ShapeMismatch:
                 if self.storage != "auto" or self._rotations_requested:
                     raise
-                splits[split] = _to_class_dataset(meta, True, *args)
+                splits[split] = to_class_dataset(meta, True, *args)
             channels = channels or splits[split].channels
         return splits
 
@@ -199,7 +207,7 @@ class Learn2LearnDataModule(EpisodicDataModule):
             return self.storage == "lazy"
         if len(meta) == 0:
             return False
-        first = _as_image(meta[0][0], split)
+        first = as_image(meta[0][0], split)
         megabytes = first.numel() * len(meta) / 2**20
         if megabytes > self.max_memory_mb:
             if self._rotations_requested and split == "train":
@@ -393,7 +401,7 @@ class TasksetTasks(Dataset):
             members = (labels == value).nonzero().flatten()
             support.append(members[: self.shots])
             query.append(members[self.shots :])
-            name = self.prefix + _label_str(classes[int(members[0])])
+            name = self.prefix + label_name(classes[int(members[0])])
             if name not in self.class_index:
                 raise ValueError(
                     f"A task of the {self.split} Taskset uses class {name!r}, which is not in that "
@@ -429,164 +437,3 @@ class TasksetTasks(Dataset):
         if self.transform is not None:
             x = torch.stack([self.transform(img) for img in x])
         return x
-
-
-class MetaClassDataset(ClassDataset):
-    """A :class:`ClassDataset` that reads images from a dataset only when a task needs them.
-
-    The ``storage="lazy"`` form of a MetaDataset split: nothing is copied, ``read_image(i)`` reads
-    item ``i`` of ``dataset`` as a float ``[C, H, W]`` image in ``[0, 1]``; ``load_image`` applies
-    the usual channel matching, inversion and resizing (``rotations`` is not supported: it must be 1).
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        labels: np.ndarray,
-        class_names: Sequence[str],
-        pixel_range: float,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(_Indices(len(labels)), labels, class_names, **kwargs)
-        self.dataset, self.pixel_range = dataset, pixel_range
-
-    def read_image(self, base: int) -> Tensor:
-        image = _as_image(self.dataset[int(base)][0], "lazy")
-        if image.dtype == torch.uint8:
-            return image.float().div_(255.0)
-        return image.float() / self.pixel_range
-
-
-class _Indices(Sequence):
-    """Stands in for the image list of a lazy split: item ``i`` is the dataset index ``i``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return range(self.n)[i]
-
-
-# --------------------------------------------------------------------------------------------------
-# Conversion helpers
-
-
-def _wrap(l2l: Any, dataset: Dataset) -> Any:
-    """A MetaDataset over ``dataset``, without reading images when labels are directly available."""
-    labels = None
-    if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
-        labels = dataset.tensors[1]
-    elif hasattr(dataset, "targets"):
-        labels = dataset.targets
-    if labels is not None and len(labels) == len(dataset):
-        values = labels.tolist() if hasattr(labels, "tolist") else list(labels)
-        return l2l.data.MetaDataset(dataset, indices_to_labels=dict(enumerate(values)))
-    return l2l.data.MetaDataset(dataset)
-
-
-def _root(dataset: Any) -> Any:
-    """The innermost dataset behind ``.dataset`` wrappers (MetaDataset, Subset, ...)."""
-    seen = set()
-    while isinstance(getattr(dataset, "dataset", None), Dataset) and id(dataset) not in seen:
-        seen.add(id(dataset))
-        dataset = dataset.dataset
-    return dataset
-
-
-def _label_order(labels: Sequence[Hashable]) -> list[Hashable]:
-    try:
-        return sorted(labels)  # type: ignore[type-var]
-    except TypeError:
-        return list(labels)
-
-
-def _label_str(label: Hashable) -> str:
-    if isinstance(label, float) and label.is_integer():
-        label = int(label)
-    return str(label)
-
-
-def _as_image(item: Any, split: str) -> Tensor:
-    """An item's image as a ``[C, H, W]`` tensor (uint8 or float, values untouched)."""
-    if isinstance(item, Image.Image):
-        grey = item.mode in ("1", "L", "LA", "I", "I;16", "F")
-        item = np.asarray(item.convert("L" if grey else "RGB"), dtype=np.uint8)
-    if isinstance(item, np.ndarray):
-        item = torch.from_numpy(np.ascontiguousarray(item))
-    if not isinstance(item, Tensor):
-        raise TypeError(
-            f"The {split} split yields images of type {type(item).__name__}; expected a PIL image, "
-            "a numpy array or a tensor."
-        )
-    if item.dim() == 2:
-        item = item.unsqueeze(0)
-    elif item.dim() == 3 and item.shape[0] not in (1, 3) and item.shape[-1] in (1, 3):
-        item = item.permute(2, 0, 1)
-    if item.dim() != 3 or item.shape[0] not in (1, 3):
-        raise ValueError(
-            f"The {split} split yields images of shape {tuple(item.shape)}; expected [C, H, W] or "
-            "[H, W, C] with 1 or 3 channels, or [H, W]."
-        )
-    return item
-
-
-def _to_uint8(image: Tensor, pixel_range: float, split: str) -> Tensor:
-    if image.dtype == torch.uint8:
-        return image
-    image = image.float()
-    if image.min() < 0 or image.max() > pixel_range + 1e-3:
-        raise ValueError(
-            f"The {split} split yields pixel values in [{image.min():.3g}, {image.max():.3g}], "
-            f"outside [0, {pixel_range:g}]: normalised images cannot be stored. Remove Normalize "
-            "from the dataset's transform and pass it as train_transform/eval_transform, or use "
-            "storage='lazy'."
-        )
-    return (image * (255.0 / pixel_range)).round_().clamp_(0, 255).to(torch.uint8)
-
-
-class _ShapeMismatch(ValueError):
-    """Images of one split differ in shape: they cannot be stacked in memory."""
-
-
-def _to_class_dataset(
-    meta: Any,
-    lazy: bool,
-    prefix: str,
-    image_size: int | None,
-    channels: int | None,
-    invert: bool,
-    pixel_range: float | None,
-    split: str,
-) -> ClassDataset:
-    if len(meta) == 0:
-        raise ValueError(
-            f"The {split} split's dataset is empty; pass one with at least ways classes of "
-            "shots + queries images each."
-        )
-    order = _label_order(list(meta.labels_to_indices))
-    class_of = {label: i for i, label in enumerate(order)}
-    labels = np.array(
-        [class_of[meta.indices_to_labels[i]] for i in range(len(meta))], dtype=np.int64
-    )
-    names = [f"{prefix}{_label_str(label)}" for label in order]
-    first = _as_image(meta[0][0], split)
-    if pixel_range is None:
-        pixel_range = 1.0 if first.dtype == torch.uint8 or first.float().max() <= 1.0 else 255.0
-    channels = channels or first.shape[0]
-    common = {"image_size": image_size, "channels": channels, "invert": invert}
-    if lazy:
-        return MetaClassDataset(meta, labels, names, pixel_range, **common)
-    images = [_to_uint8(first, pixel_range, split)]
-    for i in range(1, len(meta)):
-        image = _to_uint8(_as_image(meta[i][0], split), pixel_range, split)
-        if image.shape != images[0].shape:
-            raise _ShapeMismatch(
-                f"Item {i} of the {split} split has shape {tuple(image.shape)}, item 0 "
-                f"{tuple(images[0].shape)}: in-memory storage needs one shape per split. Use "
-                "storage='lazy' (images are then resized to image_size on load)."
-            )
-        images.append(image)
-    return ClassDataset(torch.stack(images), labels, names, **common)

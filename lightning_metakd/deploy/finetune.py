@@ -24,12 +24,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +35,12 @@ from torch import Tensor
 from lightning_metakd.algorithms import Learner
 from lightning_metakd.atomic import atomic_write
 from lightning_metakd.deploy.classifier import STATISTICS, FixedClassifier, normalize_images
+from lightning_metakd.deploy.labelled import (
+    FinetuneError,
+    LabelledImages,
+    holdout_split,
+    read_class_folders,
+)
 from lightning_metakd.distill import parameter_anchor_loss
 from lightning_metakd.modules import CheckpointError
 from lightning_metakd.modules import load_learner as read_learner
@@ -44,24 +48,6 @@ from lightning_metakd.modules import load_learner as read_learner
 #: Files written into the output folder.
 CLASSIFIER_FILE = "classifier.pt"
 REPORT_FILE = "finetune.json"
-
-_LAYOUT = """\
-  <data_root>/
-  ├── <class A>/   001.png, 002.png, ...   (a few images per class; png, jpg, bmp, ...)
-  └── <class B>/   ..."""
-
-
-class FinetuneError(ValueError):
-    """Input that fine-tuning cannot use; the message names the problem and the fix."""
-
-
-class LabelledImages(NamedTuple):
-    """A user's labelled images, read from class folders (:func:`read_class_folders`)."""
-
-    images: Tensor  #: ``[M, C, H, W]`` float in ``[0, 1]``
-    labels: Tensor  #: ``[M]`` class indices into ``class_names``
-    class_names: list[str]  #: folder names, sorted
-    paths: list[Path]  #: the file of each image
 
 
 class FinetuneEpoch(NamedTuple):
@@ -73,79 +59,6 @@ class FinetuneEpoch(NamedTuple):
     task_loss: float  #: mean cross-entropy on the labelled images
     anchor_loss: float  #: mean ``λ‖θ − θ*‖²`` (0 when the anchor is off)
     anchor_distance: float  #: ``‖θ − θ*‖²`` after the epoch
-
-
-# -- data -------------------------------------------------------------------------------------------
-def read_class_folders(
-    root: str | Path, image_size: int, channels: int, invert: bool = False
-) -> LabelledImages:
-    """Every image of ``root/<class>/*`` as one batch, read as ``FolderDataModule`` reads them.
-
-    Classes are the sorted sub-folders that hold images; files are name-sorted; each image is
-    converted to ``channels``, inverted if ``invert``, resized (antialiased) to ``image_size``.
-    """
-    from lightning_metakd.data.folder import check_root, files_dataset, find_class_folders
-
-    folder = check_root(root, "metakd finetune data_root", _LAYOUT)
-    classes = find_class_folders(folder)
-    if len(classes) < 2:
-        found = f"only {list(classes)}" if classes else "no sub-folder with images"
-        raise FinetuneError(
-            f"{str(folder)!r} holds {found}; fine-tuning needs at least 2 class folders with "
-            f"images:\n{_LAYOUT}"
-        )
-    dataset = files_dataset(classes, image_size, channels, invert)
-    images = torch.stack([dataset.load_image(i) for i in range(len(dataset))])
-    paths = [Path(p) for name in classes for p in classes[name]]
-    return LabelledImages(images, torch.as_tensor(dataset.labels), list(classes), paths)
-
-
-def holdout_split(
-    labels: Tensor | Sequence[int],
-    class_names: Sequence[str],
-    holdout: float | int,
-    seed: int = 0,
-) -> tuple[list[int], list[int]]:
-    """Indices ``(train, held_out)`` with part of every class's images held out, seeded.
-
-    ``holdout`` is a fraction in ``[0, 1)`` of each class's images (``round(fraction · n)``, at
-    least 1 when the fraction is positive) or an ``int`` count per class; ``0`` holds out nothing.
-    Each class's choice is drawn from a generator seeded by ``seed`` and the class name, so it does
-    not change when other classes are added or removed. Both lists are sorted.
-
-    Raises:
-        FinetuneError: a bad ``holdout``, or a class left without an image to adapt on.
-
-    Example:
-        >>> train, held_out = holdout_split([0, 0, 0, 1, 1, 1], ["a", "b"], holdout=1, seed=0)
-        >>> len(train), len(held_out), sorted(set(train) | set(held_out)) == list(range(6))
-        (4, 2, True)
-    """
-    is_int = isinstance(holdout, int | np.integer) and not isinstance(holdout, bool)
-    is_fraction = isinstance(holdout, float) and 0.0 <= holdout < 1.0
-    if not (is_int and holdout >= 0) and not is_fraction:
-        raise FinetuneError(
-            f"holdout must be a fraction in [0, 1) of each class's images (e.g. 0.2) or a "
-            f"non-negative count per class (e.g. 2), got {holdout!r}; 0 holds out nothing."
-        )
-    labels = np.asarray(labels, dtype=np.int64)
-    train: list[int] = []
-    held_out: list[int] = []
-    for label, name in enumerate(class_names):
-        members = np.flatnonzero(labels == label)
-        n = len(members)
-        count = int(holdout) if is_int else (max(1, round(holdout * n)) if holdout > 0 else 0)
-        if n - count < 1:
-            raise FinetuneError(
-                f"class {name!r} has {n} image(s); holding out {count} leaves none to adapt on. "
-                f"Add images to its folder, or lower holdout (holdout: 0 reports no accuracy)."
-            )
-        rng = np.random.default_rng([seed, zlib.crc32(str(name).encode())])
-        chosen = np.zeros(n, dtype=bool)
-        chosen[rng.permutation(n)[:count]] = True
-        held_out += members[chosen].tolist()
-        train += members[~chosen].tolist()
-    return sorted(train), sorted(held_out)
 
 
 # -- the learner ------------------------------------------------------------------------------------

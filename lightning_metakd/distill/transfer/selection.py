@@ -281,7 +281,6 @@ class TaylorImportance(ChannelSelection):
             >>> import torch
             >>> from lightning_metakd.algorithms import ProtoNet
             >>> from lightning_metakd.data import Episode
-    from lightning_metakd.distill.taps import tap
             >>> from lightning_metakd.models import Conv4
             >>> from lightning_metakd.distill.transfer import slice_state
             >>> y = torch.arange(3).repeat(2, 1)
