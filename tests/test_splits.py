@@ -13,10 +13,10 @@ from conftest import TinyDataModule
 from test_real_data import SMALL, SMALL_EVAL, make_alphabets, make_class_tree
 
 from lightning_metakd.algorithms import ProtoNet
-from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.data import FolderDataModule, OmniglotDataModule
 from lightning_metakd.data import datamodule as datamodule_module
 from lightning_metakd.data.folder import check_fractions, seeded_split
+from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.models import Conv4
 from lightning_metakd.modules import MetaLearnerModule
 

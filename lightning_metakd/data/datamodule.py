@@ -82,9 +82,10 @@ class EpisodicDataModule(L.LightningDataModule):
             resizing.
         eval_transform: optional callable on each validation/test image, after resizing.
 
-    Example:
-        >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical")  # doctest: +SKIP
-        >>> dm.setup("fit"); episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    Example::
+
+        dm = KanjiDataModule(ways=5, shots=1, grouping="radical")
+        dm.setup("fit"); episode = next(iter(dm.train_dataloader()))
     """
 
     #: The name of this source's class groups, accepted as a ``grouping`` value besides ``"group"``.

@@ -48,10 +48,11 @@ class Episode:
     Labels are remapped per task: label ``j`` of task ``t`` is class ``classes[t, j]``. Lightning moves an
     ``Episode`` to the device like any dataclass of tensors; :meth:`to` does the same by hand.
 
-    Example:
-        >>> ep = Episode.from_tasks([dummy_task(ways=5, shots=1, queries=15)] * 4)  # doctest: +SKIP
-        >>> ep.support_x.shape  # doctest: +SKIP
-        torch.Size([4, 5, 1, 28, 28])
+    Example::
+
+        ep = Episode.from_tasks([dummy_task(ways=5, shots=1, queries=15)] * 4)
+        ep.support_x.shape
+        # torch.Size([4, 5, 1, 28, 28])
     """
 
     support_x: Tensor

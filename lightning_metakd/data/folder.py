@@ -92,11 +92,12 @@ def seeded_split(
     a zero one (no such split) — and the rest for train, which is never empty. Each part keeps the
     input's order. ``noun`` names the items and ``hint`` the fix in the error for too few items.
 
-    Example:
-        >>> seeded_split(list("abcdefghij"), (0.7, 0.1, 0.2), seed=0)  # doctest: +SKIP
-        (['a', 'b', 'c', 'd', 'f', 'h', 'j'], ['g'], ['e', 'i'])
-        >>> seeded_split(list("abc"), (1, 0, 0), seed=0)
-        (['a', 'b', 'c'], [], [])
+    Example::
+
+        seeded_split(list("abcdefghij"), (0.7, 0.1, 0.2), seed=0)
+        # (['a', 'b', 'c', 'd', 'f', 'h', 'j'], ['g'], ['e', 'i'])
+        seeded_split(list("abc"), (1, 0, 0), seed=0)
+        # (['a', 'b', 'c'], [], [])
     """
     fractions = check_fractions(fractions)
     n = len(items)
@@ -248,11 +249,12 @@ class FolderDataModule(EpisodicDataModule):
         **kwargs: the task shape, episode counts, seed, loader settings and transforms of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
-    Example:
-        >>> dm = FolderDataModule("~/data/birds", ways=5, shots=5, queries=10)  # doctest: +SKIP
-        >>> dm.setup(); episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
-        >>> episode.support_x.shape  # doctest: +SKIP
-        torch.Size([32, 25, 3, 84, 84])
+    Example::
+
+        dm = FolderDataModule("~/data/birds", ways=5, shots=5, queries=10)
+        dm.setup(); episode = next(iter(dm.train_dataloader()))
+        episode.support_x.shape
+        # torch.Size([32, 25, 3, 84, 84])
     """
 
     def __init__(

@@ -111,13 +111,14 @@ class KanjiDataModule(EpisodicDataModule):
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
             the rendered size (no resampling afterwards).
 
-    Example:
-        >>> dm = KanjiDataModule(ways=5, shots=1, grouping="radical", max_classes=60,  # doctest: +SKIP
-        ...                      max_classes_per_group=12)  # doctest: +SKIP
-        >>> dm.prepare_data(); dm.setup("fit")  # renders 60 x 20 images once  # doctest: +SKIP
-        >>> episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
-        >>> episode.support_x.shape  # [meta_batch_size, ways*shots, 1, size, size]  # doctest: +SKIP
-        torch.Size([32, 5, 1, 28, 28])
+    Example::
+
+        dm = KanjiDataModule(ways=5, shots=1, grouping="radical", max_classes=60,
+                             max_classes_per_group=12)
+        dm.prepare_data(); dm.setup("fit")  # renders 60 x 20 images once
+        episode = next(iter(dm.train_dataloader()))
+        episode.support_x.shape  # [meta_batch_size, ways*shots, 1, size, size]
+        # torch.Size([32, 5, 1, 28, 28])
     """
 
     group_name = "radical"

@@ -106,15 +106,16 @@ class Learn2LearnDataModule(EpisodicDataModule):
         shared_labels: whether a label means the same class in every split (see above).
         **kwargs: the task shape, seeds and loader settings of :class:`EpisodicDataModule`.
 
-    Example:
-        >>> import learn2learn as l2l  # doctest: +SKIP
-        >>> splits = {m: l2l.vision.datasets.MiniImagenet("~/data", mode=m, download=False)
-        ...           for m in ("train", "validation", "test")}  # doctest: +SKIP
-        >>> dm = Learn2LearnDataModule(splits["train"], splits["validation"], splits["test"],
-        ...                            ways=5, shots=1, image_size=84)  # doctest: +SKIP
-        >>> dm.setup(); episode = next(iter(dm.train_dataloader()))  # doctest: +SKIP
-        >>> episode.support_x.shape  # doctest: +SKIP
-        torch.Size([32, 5, 3, 84, 84])
+    Example::
+
+        import learn2learn as l2l
+        splits = {m: l2l.vision.datasets.MiniImagenet("~/data", mode=m, download=False)
+                  for m in ("train", "validation", "test")}
+        dm = Learn2LearnDataModule(splits["train"], splits["validation"], splits["test"],
+                                   ways=5, shots=1, image_size=84)
+        dm.setup(); episode = next(iter(dm.train_dataloader()))
+        episode.support_x.shape
+        # torch.Size([32, 5, 3, 84, 84])
     """
 
     def __init__(

@@ -66,9 +66,10 @@ class EpisodeLoader(DataLoader):
     Exact for ``num_workers=0``. Worker processes get fresh random streams when the resumed run
     starts them, so a random train transform running in workers draws differently after a resume.
 
-    Example:
-        >>> loader = EpisodeLoader(dataset, sampler=sampler, batch_size=4, collate_fn=Episode.from_tasks)  # doctest: +SKIP
-        >>> state = loader.state_dict()  # {"epoch": 0, "batches": 0}  # doctest: +SKIP
+    Example::
+
+        loader = EpisodeLoader(dataset, sampler=sampler, batch_size=4, collate_fn=Episode.from_tasks)
+        state = loader.state_dict()  # {"epoch": 0, "batches": 0}
     """
 
     # Class attributes, not __init__ arguments: Lightning re-creates DataLoader subclasses from

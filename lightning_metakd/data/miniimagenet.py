@@ -81,9 +81,10 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     to 5, numpy 1.x and 2.x module paths) and raises :class:`UnsafePickleError` for any other name,
     before anything is imported or called.
 
-    Example:
-        >>> with open("mini-imagenet-cache-test.pkl", "rb") as f:  # doctest: +SKIP
-        ...     data = NumpyOnlyUnpickler(f).load()
+    Example::
+
+        with open("mini-imagenet-cache-test.pkl", "rb") as f:
+            data = NumpyOnlyUnpickler(f).load()
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -326,11 +327,12 @@ class MiniImageNetDataModule(EpisodicDataModule):
         **kwargs: the task shape, episode counts, seed and loader settings of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
-    Example:
-        >>> dm = MiniImageNetDataModule("~/data/mini-imagenet", ways=5, shots=5)  # doctest: +SKIP
-        >>> dm.setup()  # doctest: +SKIP
-        >>> [dm.splits[s].num_classes for s in ("train", "val", "test")]  # doctest: +SKIP
-        [64, 16, 20]
+    Example::
+
+        dm = MiniImageNetDataModule("~/data/mini-imagenet", ways=5, shots=5)
+        dm.setup()
+        [dm.splits[s].num_classes for s in ("train", "val", "test")]
+        # [64, 16, 20]
     """
 
     def __init__(

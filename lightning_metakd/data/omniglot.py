@@ -250,11 +250,12 @@ class OmniglotDataModule(EpisodicDataModule):
         **kwargs: the task shape, episode counts, seed, loader settings and transforms of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there).
 
-    Example:
-        >>> dm = OmniglotDataModule("~/data", ways=20, shots=1, rotations=True)  # doctest: +SKIP
-        >>> dm.setup()  # doctest: +SKIP
-        >>> [dm.splits[s].num_classes for s in ("train", "val", "test")]  # doctest: +SKIP
-        [1100, 100, 423]
+    Example::
+
+        dm = OmniglotDataModule("~/data", ways=20, shots=1, rotations=True)
+        dm.setup()
+        [dm.splits[s].num_classes for s in ("train", "val", "test")]
+        # [1100, 100, 423]
     """
 
     group_name = "alphabet"

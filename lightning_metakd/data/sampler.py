@@ -47,9 +47,10 @@ class EpisodeSampler(DistributedSampler):
         split: the split's name (``"train"``, ``"val"``, ``"test"``), for error messages: they
             then name the split and the DataModule setting to change (``test_ways`` for val/test).
 
-    Example:
-        >>> sampler = EpisodeSampler(dataset, ways=5, shots=1, queries=15, num_tasks=600, fixed=True)  # doctest: +SKIP
-        >>> loader = DataLoader(dataset, sampler=sampler, batch_size=32, collate_fn=Episode.from_tasks)  # doctest: +SKIP
+    Example::
+
+        sampler = EpisodeSampler(dataset, ways=5, shots=1, queries=15, num_tasks=600, fixed=True)
+        loader = DataLoader(dataset, sampler=sampler, batch_size=32, collate_fn=Episode.from_tasks)
     """
 
     def __init__(

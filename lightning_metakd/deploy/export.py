@@ -15,10 +15,11 @@ images before the function returns (:func:`verify_export`): max ``|Δlogits|`` m
 (``1e-4``; plus ``rtol`` times the largest logit, 0 unless given).
 :mod:`lightning_metakd.deploy.predict` runs the exported files on image files.
 
-Example:
-    >>> report = export_classifier(model, images, "deploy/student")  # doctest: +SKIP
-    >>> report["max_abs_diff"]  # doctest: +SKIP
-    {'torch_export': 0.0, 'onnx': 4.7e-07}
+Example::
+
+    report = export_classifier(model, images, "deploy/student")
+    report["max_abs_diff"]
+    # {'torch_export': 0.0, 'onnx': 4.7e-07}
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ them (:class:`~lightning_metakd.data.ClassDataset`: grey or RGB, ``[0, 1]``, opt
 antialiased resize to ``image_size``), then normalised with the stored ``mean``/``std``. Each image
 prints ``path<TAB>class<TAB>probability`` (softmax of the logits).
 
-Example:
-    >>> classifier = load_exported("deploy/student")  # doctest: +SKIP
-    >>> classifier(read_images(["a.png"], classifier.metadata)).argmax(1)  # doctest: +SKIP
+Example::
+
+    classifier = load_exported("deploy/student")
+    classifier(read_images(["a.png"], classifier.metadata)).argmax(1)
 """
 
 from __future__ import annotations
