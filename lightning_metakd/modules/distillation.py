@@ -103,6 +103,8 @@ class DistillationModule(EpisodicModule):
         teacher_weights: with several teachers, one weight ≥ 0 per teacher (normalised to sum to
             1; 0 leaves a teacher out); ``None``: equal weights.
         anchor_teacher: the index of the teacher whose θ* ``init_from_teacher`` and the terms use.
+        normalization: the student's BatchNorm policy (as for ``MetaLearnerModule``); each teacher
+            keeps its own (from its checkpoint).
         vmap_tasks, task_chunk_size: as for ``MetaLearnerModule`` (the student's settings; the
             same per-task function runs in a loop or under ``torch.func.vmap``).
         optimizer, lr_scheduler, allow_tf32, tune_cpu_allocator: see
@@ -133,6 +135,7 @@ class DistillationModule(EpisodicModule):
         theta_star_selection: str | ChannelSelection = "bn_gamma",
         teacher_weights: list[float] | None = None,
         anchor_teacher: int = 0,
+        normalization: str = "transductive",
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -176,7 +179,7 @@ class DistillationModule(EpisodicModule):
         self.num_teachers, self.anchor_teacher = count, anchor_teacher
         self.ways, self.init_from_teacher = ways, init_from_teacher
         self.student = Learner(
-            student_backbone, student_algorithm, ways, vmap_tasks, task_chunk_size
+            student_backbone, student_algorithm, ways, normalization, vmap_tasks, task_chunk_size
         )
         self.terms = nn.ModuleList(terms)
         self.teachers = nn.ModuleList()
@@ -300,24 +303,24 @@ class DistillationModule(EpisodicModule):
         t_states, t_logits, t_taps = [], [], []
         if self._needs_teachers():
             with torch.no_grad():
-                for k, (teacher, params) in enumerate(
-                    zip(self.teachers, teacher_params, strict=True)
-                ):
-                    state = teacher.algorithm.adapt(
-                        teacher.model, params, support_x, support_y, ways, training=False
+                pairs = zip(self.teachers, teacher_params, strict=True)
+                for k, (teacher, params) in enumerate(pairs):
+                    algorithm, model = teacher.algorithm, teacher.model
+                    task = algorithm.adapt_task(
+                        model, params, support_x, support_y, ways, False, teacher.policy()
                     )
-                    paths = [p for term in on for p in term.teacher_paths(k)]
-                    with tap(teacher.model, paths) as taps:
-                        t_logits.append(
-                            teacher.algorithm.logits(teacher.model, params, state, query_x, ways)
-                        )
-                    t_states.append(state)
+                    with tap(model, [p for term in on for p in term.teacher_paths(k)]) as taps:
+                        t_logits.append(algorithm.predict_task(model, params, task, query_x, ways))
+                    t_states.append(task.state)
                     t_taps.append(dict(taps))
-        s_state = student.algorithm.adapt(
-            student.model, student_params, support_x, support_y, ways, training
-        )
-        with tap(student.model, [p for term in on for p in term.student_paths()]) as s_taps:
-            logits = student.algorithm.logits(student.model, student_params, s_state, query_x, ways)
+        algorithm, model = student.algorithm, student.model
+        task = algorithm.adapt_task(
+            model, student_params, support_x, support_y, ways, training,
+            student.policy(training=training),
+        )  # fmt: skip
+        with tap(model, [p for term in on for p in term.student_paths()]) as s_taps:
+            logits = algorithm.predict_task(model, student_params, task, query_x, ways)
+        s_state = task.state
         return TaskContext(
             support_x, support_y, query_x, query_y, ways, training, student, student_params,
             s_state, logits, dict(s_taps), list(self.teachers), self.teacher_weights, t_states,

@@ -25,6 +25,7 @@ Measured = Learner | TeacherEnsemble
 
 COLUMNS = (
     "name",
+    "normalization",
     "accuracy",
     "ci95",
     "diff_vs_reference",
@@ -49,6 +50,8 @@ def measure(
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
 
+    - ``normalization``: the learner's normalisation policy (the statistics its BatchNorm
+      layers normalise test episodes with, :data:`~lightning_metakd.algorithms.POLICIES`).
     - ``accuracy``, ``ci95``: :meth:`Learner.evaluate <lightning_metakd.algorithms.Learner.evaluate>` on every fixed test episode of
       ``datamodule`` (the same numbers as ``Trainer.test``), through
       :func:`~lightning_metakd.evaluation.mean_ci95`.
@@ -84,6 +87,7 @@ def measure(
         _episode_cost(learner, *task)
         times.append(time.perf_counter() - start)
     return {
+        "normalization": _normalization(learner),
         "accuracy": mean,
         "ci95": ci95,
         "episode_accuracy": episode_accuracy,
@@ -91,6 +95,13 @@ def measure(
         "flops": counter.get_total_flops(),
         "latency_ms": 1000 * statistics.median(times),
     }
+
+
+def _normalization(learner: Measured) -> str:
+    """The learner's normalisation policy; an ensemble's, or its members' joined by ``+``."""
+    if isinstance(learner, TeacherEnsemble):
+        return "+".join(dict.fromkeys(m.normalization for m in learner.learners))
+    return learner.normalization
 
 
 def _models(learner: Measured) -> list[torch.nn.Module]:
@@ -164,7 +175,12 @@ def compare(
                     f"episodes ({episodes[name].numel()} and {episodes[reference].numel()})."
                 )
             diff, diff_ci95 = mean_ci95(episodes[name] - episodes[reference])
-        row = {"name": name, "accuracy": m.pop("accuracy"), "ci95": m.pop("ci95")}
+        row = {
+            "name": name,
+            "normalization": m.pop("normalization"),
+            "accuracy": m.pop("accuracy"),
+            "ci95": m.pop("ci95"),
+        }
         rows.append({**row, "diff_vs_reference": diff, "diff_ci95": diff_ci95, **m})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

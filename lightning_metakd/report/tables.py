@@ -14,7 +14,8 @@ def markdown_table(rows: list[Mapping[str, Any]]) -> str:
     the reference learner (the row whose ``diff_vs_reference`` is ``None``), mean ± 95% CI in
     percentage points, e.g. ``+0.35 ± 0.21``: the same test episodes make it a per-episode
     difference, whose CI is much narrower than the accuracies' (see :func:`compare`). The
-    reference's row, and every row of rows without the diff keys, shows ``—``.
+    reference's row, and every row of rows without the diff keys, shows ``—``. ``normalization``
+    is the statistics the learner's BatchNorm layers normalise test episodes with.
 
     Example:
         >>> row = {"parameters": 516, "flops": 2e6, "latency_ms": 1.0}
@@ -23,10 +24,10 @@ def markdown_table(rows: list[Mapping[str, Any]]) -> str:
         ...      "diff_vs_reference": None, "diff_ci95": None},
         ...     {"name": "b", "accuracy": 0.51, "ci95": 0.02, **row,
         ...      "diff_vs_reference": 0.0035, "diff_ci95": 0.0021}]))
-        | learner | accuracy (%) | Δ vs a (points, paired) | parameters | MFLOPs / episode | CPU latency (ms) |
-        |---|---:|---:|---:|---:|---:|
-        | a | 50.00 ± 2.00 | — | 516 | 2.00 | 1.00 |
-        | b | 51.00 ± 2.00 | +0.35 ± 0.21 | 516 | 2.00 | 1.00 |
+        | learner | normalization | accuracy (%) | Δ vs a (points, paired) | parameters | MFLOPs / episode | CPU latency (ms) |
+        |---|---|---:|---:|---:|---:|---:|
+        | a | — | 50.00 ± 2.00 | — | 516 | 2.00 | 1.00 |
+        | b | — | 51.00 ± 2.00 | +0.35 ± 0.21 | 516 | 2.00 | 1.00 |
         <BLANKLINE>
     """
     reference = next(
@@ -34,15 +35,16 @@ def markdown_table(rows: list[Mapping[str, Any]]) -> str:
         rows[0]["name"] if rows else "",
     )
     lines = [
-        f"| learner | accuracy (%) | Δ vs {reference} (points, paired) | parameters | "
-        "MFLOPs / episode | CPU latency (ms) |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| learner | normalization | accuracy (%) | Δ vs {reference} (points, paired) | "
+        "parameters | MFLOPs / episode | CPU latency (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         diff = r.get("diff_vs_reference")
         paired = "—" if diff is None else f"{100 * diff:+.2f} ± {100 * r['diff_ci95']:.2f}"
         lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {paired} | "
+            f"| {r['name']} | {r.get('normalization') or '—'} | "
+            f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {paired} | "
             f"{r['parameters']:,} | {r['flops'] / 1e6:.2f} | {r['latency_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
