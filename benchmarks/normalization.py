@@ -79,14 +79,18 @@ def main() -> int:
             rows_by_learner[name] = {"checkpoint": path, "rows": rows}
         results["tables"][f"{ways}-way 1-shot"] = rows_by_learner
         print(f"\n### {ways}-way 1-shot within a radical group, 600 fixed episodes\n")
-        print("| learner (trained with) | transductive | support (Δ paired) | population (Δ paired) |")
+        print(
+            "| learner (trained with) | transductive | support (Δ paired) | population (Δ paired) |"
+        )
         print("|---|---:|---:|---:|")
         for name, entry in rows_by_learner.items():
             cells = []
             for row in entry["rows"]:
                 acc = f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}"
                 if row["diff_vs_reference"] is not None:
-                    acc += f" ({100 * row['diff_vs_reference']:+.2f} ± {100 * row['diff_ci95']:.2f})"
+                    acc += (
+                        f" ({100 * row['diff_vs_reference']:+.2f} ± {100 * row['diff_ci95']:.2f})"
+                    )
                 cells.append(acc)
             trained = learners[name][0].normalization
             print(f"| {name} ({trained}) | " + " | ".join(cells) + " |")

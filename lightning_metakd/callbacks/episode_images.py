@@ -34,7 +34,7 @@ class EpisodeImages(Callback):
         if writer is None or not isinstance(datamodule, EpisodicDataModule):
             return
         spec = next(iter(datamodule.sampler("train")))
-        support_x, support_y, query_x, query_y, _ = datamodule.splits["train"][spec]
+        support_x, support_y, query_x, query_y, *_ = datamodule.splits["train"][spec]
         grid = episode_grid(support_x, support_y, query_x, query_y, self.max_queries)
         writer.add_image(self.tag, grid, global_step=trainer.global_step)
 

@@ -400,7 +400,7 @@ class EpisodicDataModule(L.LightningDataModule):
         )  # fmt: skip
         images = []
         for spec in sampler:
-            support_x, _, query_x, _, _ = self.splits["train"][spec]
+            support_x, _, query_x, *_ = self.splits["train"][spec]
             images += [support_x, query_x]
         return images
 

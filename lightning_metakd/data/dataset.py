@@ -240,7 +240,7 @@ class ClassDataset(Dataset):
         tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         return tensor.float().div_(255.0)
 
-    def __getitem__(self, spec: TaskSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def __getitem__(self, spec: TaskSpec) -> tuple[Tensor, ...]:
         if not isinstance(spec, TaskSpec):
             raise TypeError(
                 f"ClassDataset is indexed by a TaskSpec (from an EpisodeSampler), got {type(spec).__name__}."
@@ -256,4 +256,5 @@ class ClassDataset(Dataset):
         support_y = torch.arange(ways).repeat_interleave(spec.shots)
         query_y = torch.arange(ways).repeat_interleave(spec.queries)
         classes = torch.tensor(spec.classes, dtype=torch.long)
-        return load(spec.support), support_y, load(spec.query), query_y, classes
+        indices = [torch.tensor(i, dtype=torch.long) for i in (spec.support, spec.query)]
+        return load(spec.support), support_y, load(spec.query), query_y, classes, *indices
