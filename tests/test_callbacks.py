@@ -69,8 +69,8 @@ def test_episode_grid_rows_are_classes_with_titled_columns():
     support_x = torch.arange(3.0)[:, None, None, None].expand(3, 1, 4, 4) + 1  # class c is c+1
     query_x = torch.arange(3.0).repeat_interleave(2)[:, None, None, None].expand(6, 1, 4, 4) + 1
     query_x = query_x + torch.rand(6, 1, 4, 4)  # min-max scaling keeps each query's pattern
-    picture = episode_grid(support_x, torch.arange(3), query_x, torch.arange(3).repeat_interleave(2),
-                           scale=5)  # fmt: skip
+    query_y = torch.arange(3).repeat_interleave(2)
+    picture = episode_grid(support_x, torch.arange(3), query_x, query_y, scale=5)
     texts = dict(picture.labels)
     assert list(texts) == ["3-way 1-shot, 2 queries per class", "support", "queries",
                            "class 0", "class 1", "class 2"]  # fmt: skip

@@ -104,7 +104,7 @@ def test_thumbnails_enlarge_small_images_sharply_and_keep_the_aspect(tmp_path):
     assert blue[:, 56].sum() == 56 and blue[56].all()  # 112 x 56, padded above and below
 
 
-# -- the hooks: metakd finetune and metakd classify -------------------------------------------------
+# -- the hooks: metakd finetune and metakd classify ------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A ProtoNet learner (Conv4-8, 16 px) after one meta-training step."""
@@ -167,7 +167,7 @@ def test_classify_writes_a_sheet_with_the_true_class_of_class_folders(checkpoint
     assert "cannot write the sheet" in capsys.readouterr().err
 
 
-# -- report.png --------------------------------------------------------------------------------------
+# -- report.png -----------------------------------------------------------------------------------
 class KeptFigures:
     """pyplot, except that ``close`` keeps the figure for the test to read."""
 
@@ -231,5 +231,11 @@ def test_compare_titles_the_plot_with_the_test_setting(tmp_path, monkeypatch):
                         val_episodes=2, test_episodes=5, image_size=SIZE)  # fmt: skip
     learner = MetaLearnerModule(Conv4(hidden=4, image_size=SIZE), ProtoNet(), ways=4).learner
     compare({"it": learner}, dm, tmp_path, warmup=0, repeats=1)
-    assert seen == ["4-way 1-shot, 5 test episodes, 3 queries per class"]
+    grouped = TinyDataModule(queries=2, test_ways=2, val_episodes=2, test_episodes=3,
+                             image_size=SIZE, groups=2, grouping="group")  # fmt: skip
+    compare({"it": learner}, grouped, tmp_path, warmup=0, repeats=1)
+    assert seen == [
+        "4-way 1-shot, 5 test episodes, 3 queries per class",
+        "2-way 1-shot within a group, 3 test episodes, 2 queries per class",
+    ]
     assert json.loads((tmp_path / "report.json").read_text())[0]["name"] == "it"

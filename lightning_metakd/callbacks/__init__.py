@@ -3,10 +3,10 @@
 :class:`BestAndLastCheckpoint` is the ``metakd`` command's checkpoint (its ``--checkpoint.*``
 options): ``best.ckpt`` on the best ``val/acc`` and a ``last.ckpt`` that really is the latest.
 
-Three Lightning :class:`~lightning.pytorch.callbacks.Callback` s that the ``metakd`` command turns on
-by default (``TRAINER_DEFAULTS`` in :mod:`lightning_metakd.cli`); each does nothing unless the run
-logs to a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, and only the global-zero process
-writes.
+Three Lightning :class:`~lightning.pytorch.callbacks.Callback` s that the ``metakd`` command turns
+on by default (``TRAINER_DEFAULTS`` in :mod:`lightning_metakd.lightning_cli`); each does nothing
+unless the run logs to a :class:`~lightning.pytorch.loggers.TensorBoardLogger`, and only the
+global-zero process writes.
 
 - :class:`EpisodeImages`: one training episode as an image (``episode/train``), once, when fit
   starts: a row per class (``class c``), its support images under ``support``, a gap, then its

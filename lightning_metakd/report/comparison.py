@@ -172,7 +172,8 @@ def compare(
     (out / "report.md").write_text(markdown_table(rows))
     if plot:
         dm, count = datamodule, episodes[reference].numel()
-        setting = episode_setting(dm.test_ways, dm.test_shots, count, dm.test_queries)
+        within = None if dm.grouping == "none" else dm.group_name
+        setting = episode_setting(dm.test_ways, dm.test_shots, count, dm.test_queries, within)
         plot_report(pyplot, rows, out / "report.png", setting)
     return rows
 

@@ -104,14 +104,22 @@ def plot_pyplot():  # noqa: ANN201 - matplotlib.pyplot
     return pyplot
 
 
-def episode_setting(ways: int, shots: int, episodes: int, queries: int | None = None) -> str:
+def episode_setting(
+    ways: int, shots: int, episodes: int, queries: int | None = None, within: str | None = None
+) -> str:
     """The test setting in words, the title of ``report.png``.
+
+    ``within`` names the class group every task is drawn from (the data module's ``group_name``
+    when ``grouping`` is on): within-group tasks are much harder than tasks across groups.
 
     Example:
         >>> episode_setting(5, 1, 600, queries=15)
         '5-way 1-shot, 600 test episodes, 15 queries per class'
+        >>> episode_setting(10, 1, 600, within="radical")
+        '10-way 1-shot within a radical, 600 test episodes'
     """
-    text = f"{ways}-way {shots}-shot, {episodes:,} test episode{'s' * (episodes != 1)}"
+    setting = f"{ways}-way {shots}-shot" + (f" within a {within}" if within else "")
+    text = f"{setting}, {episodes:,} test episode{'s' * (episodes != 1)}"
     return text if queries is None else f"{text}, {queries} queries per class"
 
 
