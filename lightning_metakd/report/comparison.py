@@ -18,7 +18,7 @@ from lightning_metakd.data import EpisodicDataModule
 from lightning_metakd.distill import TeacherEnsemble, ensemble_weights
 from lightning_metakd.evaluation import mean_ci95
 from lightning_metakd.modules import Checkpoint, DistillationModule
-from lightning_metakd.report.tables import markdown_table, plot_pyplot, plot_report
+from lightning_metakd.report.tables import episode_setting, markdown_table, plot_pyplot, plot_report
 
 #: What :func:`compare` measures: a learner, or several that vote.
 Measured = Learner | TeacherEnsemble
@@ -187,7 +187,10 @@ def compare(
     (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(rows))
     if plot:
-        plot_report(pyplot, rows, out / "report.png")
+        dm, count = datamodule, episodes[reference].numel()
+        within = None if dm.grouping == "none" else dm.group_name
+        setting = episode_setting(dm.test_ways, dm.test_shots, count, dm.test_queries, within)
+        plot_report(pyplot, rows, out / "report.png", setting)
     return rows
 
 
