@@ -37,9 +37,14 @@ COLUMNS = (
 
 
 def _episode_cost(learner: Measured, support_x, support_y, query_x) -> None:
-    """One adapted episode: adaptation on the support set, then prediction of the queries."""
-    state = learner.adapt(support_x, support_y)
-    learner.predict(state, query_x)
+    """One adapted episode as the test episodes are evaluated (each learner's own normalisation
+    policy): adaptation on the support set, then prediction of the queries."""
+    members = learner.learners if isinstance(learner, TeacherEnsemble) else [learner]
+    states = [m.adapt(support_x, support_y, m.normalization) for m in members]
+    if isinstance(learner, TeacherEnsemble):
+        learner.predict(states, query_x)
+    else:
+        learner.predict(states[0], query_x)
 
 
 def measure(
