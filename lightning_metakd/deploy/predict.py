@@ -14,9 +14,7 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -178,27 +176,14 @@ def classify(
 
 def classify_main(argv: list[str]) -> int:
     """``metakd classify``: print ``path<TAB>class<TAB>probability`` for every image."""
-    parser = argparse.ArgumentParser(
-        prog="metakd classify",
-        description="Classify image files with an exported classifier (model.pt2 or model.onnx).",
-    )
-    parser.add_argument("--model", required=True, help="directory written by export_classifier")
-    parser.add_argument(
-        "--format", choices=FORMATS, default=None, help="default: model.pt2 if present"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per forward pass (default: 32 with fixed BatchNorm statistics, else 1)",
-    )
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    from lightning_metakd.command_line import classify_parser, fail
+
+    parser = classify_parser()
     opts = parser.parse_args(argv)
     try:
         rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
     except (OSError, ValueError, ImportError) as err:
-        print(f"metakd classify: error: {err}", file=sys.stderr)
-        return 2
+        return fail("metakd classify", err)
     for path, name, probability in rows:
         print(f"{path}\t{name}\t{probability:.4f}")
     return 0
