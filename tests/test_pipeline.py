@@ -159,7 +159,7 @@ def test_finished_stages_are_skipped_and_dependants_rerun(fake_stages):
     calls, path, run_dir = fake_stages
     markers, out = _run(path, run_dir)
     assert calls == list(STAGES)
-    assert "[pipeline] stage 3/4: distill (not finished)" in out
+    assert "[pipeline] stage 3/4: distill (new)" in out
     distill = read_marker(run_dir, "distill")
     assert distill["depends_on"] == {"teacher": markers["teacher"]["run_id"]}
     assert distill["test"] == {"test/acc": 0.5}
@@ -263,7 +263,7 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     first = _metakd(command, tmp_path, tmp_path / "user")
     assert first.returncode == 0, first.stderr[-3000:]
     for i, stage in enumerate(STAGES, start=1):
-        assert f"[pipeline] stage {i}/4: {stage} (not finished)" in first.stdout
+        assert f"[pipeline] stage {i}/4: {stage} (new)" in first.stdout
         assert (run_dir / stage / "done.json").is_file()
     assert "CountingLearner trained 3 steps" in first.stdout
     for stage in ("teacher", "student_baseline", "distill"):
