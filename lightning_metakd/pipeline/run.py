@@ -129,6 +129,8 @@ def remaining_estimate(
         else:
             total += seconds
             parts.append(f"{stage} ~{duration(seconds)}")
+    if unknown and not total:
+        return f"still to run: {', '.join(todo)} (no estimate yet)"
     lead = f"about {duration(total)}{' + ?' if unknown else ''} to go"
     return f"{lead} ({', '.join(parts)})"
 
