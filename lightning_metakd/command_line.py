@@ -175,6 +175,7 @@ _CLASS = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':\s*$")
 _OPTION = re.compile(r"^(?:- )?Option '([^']+)' is not accepted$")
 _SUBCOMMAND_OPTION = re.compile(r"^Subcommand '([^']+)' does not accept option '([^']+)'$")
 _NO_ATTRIBUTE = re.compile(r"^module '([\w.]+)' has no attribute '(\w+)'$")
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
 
 
 def explain_config_error(message: str, keys: Sequence[str] = ()) -> str:
@@ -196,6 +197,8 @@ def explain_config_error(message: str, keys: Sequence[str] = ()) -> str:
         ...     "Subcommand 'fit' does not accept option 'trainer.max_epoch'", ["trainer.max_epochs"]
         ... )
         "unknown option 'trainer.max_epoch'; did you mean 'trainer.max_epochs'?"
+        >>> explain_config_error("unrecognized arguments: --trainer.max_epohcs 2", ["trainer.max_epochs"])
+        "unrecognized argument '--trainer.max_epohcs'; did you mean '--trainer.max_epochs'?"
     """
     stack: list[tuple[int, str, str]] = []  # (indent, "key" | "class", value)
     leaves: list[tuple[list[tuple[int, str, str]], str]] = []
@@ -234,6 +237,10 @@ def explain_config_error(message: str, keys: Sequence[str] = ()) -> str:
         return f"unknown option {match[2]!r}{did_you_mean(match[2], keys)}"
     if match := _OPTION.match(text):
         return f"unknown option {match[1]!r}{did_you_mean(match[1], keys)}"
+    if (match := _UNRECOGNIZED.match(text)) and match[1].startswith("--"):
+        flag = match[1].split()[0].split("=")[0]
+        flags = [f"--{key}" for key in keys]
+        return f"unrecognized argument {flag!r}{did_you_mean(flag, flags)}"
     if match := _NO_ATTRIBUTE.match(text):
         text += did_you_mean(match[2], _module_names(match[1]), cutoff=0.8)  # names are long
     return f"{path}: {text}" if path else text
