@@ -225,7 +225,9 @@ def tiny_data(cache: Path) -> dict:
 
 
 def _metakd(args, cwd, pythonpath):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(pythonpath)}
+    # This checkout's code, whichever lightning-metakd the environment has installed.
+    path = os.pathsep.join([str(pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "lightning_metakd.cli", *args],
         capture_output=True, text=True, cwd=cwd, env=env,
