@@ -276,3 +276,16 @@ def test_a_fit_that_fails_before_a_checkpoint_leaves_no_version_folder(tmp_path,
     assert not run.exists()
     assert main(["fit", "--config", write_config(tmp_path / "ok.yaml", tiny_config(tmp_path))]) == 0
     assert (run / "checkpoints" / "best.ckpt").is_file()  # the next run is version_0 again
+
+
+def test_the_cli_does_not_warn_about_args_given_on_purpose(tmp_path):
+    """Lightning warns when `args` and `sys.argv` are both given; the pipeline and `metakd` pass
+    `args` on purpose, with sys.argv full (here: pytest's)."""
+    import warnings
+
+    config = write_config(tmp_path / "fit.yaml", tiny_config(tmp_path))
+    assert len(sys.argv) > 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_lightning_cli(["--config", config], run=False)
+    assert not [w for w in caught if "not recommended to provide both" in str(w.message)]

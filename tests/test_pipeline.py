@@ -357,3 +357,32 @@ def test_fit_picks_up_a_user_subclass(tmp_path, kanji_cache):
         sys.path.remove(str(tmp_path / "user"))
         sys.modules.pop("my_learners", None)
     assert type(learner).__name__ == "CountingLearner" and learner.learner.ways == 5
+
+
+# -- progress: what is left, and how long it should take (#15 §9) ------------------------------------
+def test_the_time_left_comes_from_earlier_runs_and_step_rates(tmp_path):
+    from lightning_metakd.pipeline.run import planned_steps, remaining_estimate
+
+    spec = load_pipeline_config(ROOT / "configs" / "kanji" / "pipeline.yaml", run_dir=tmp_path)
+    assert [planned_steps(stage_config(spec, s, "t.ckpt")) for s in STAGES[:3]] == [600] * 3
+    teacher = {"teacher": {"seconds": 60.0, "global_step": 600}}  # 0.1 s per step
+    todo = ["student_baseline", "distill", "report"]
+    assert remaining_estimate(spec, todo, teacher, {}) == (
+        "about 2 min 00 s + ? to go (student_baseline ~1 min 00 s, distill ~1 min 00 s, report ?)"
+    )
+    earlier = {"report": {"seconds": 35.2}, "distill": {"seconds": 95.0}}  # an outdated done.json
+    assert remaining_estimate(spec, todo[1:], teacher, earlier) == (
+        "about 2 min 10 s to go (distill ~1 min 35 s, report ~35 s)"
+    )
+    assert remaining_estimate(spec, ["report"], {}, {}) == "still to run: report (no estimate yet)"
+
+
+def test_each_finished_stage_prints_the_elapsed_time_and_what_is_left(fake_stages):
+    _, path, run_dir = fake_stages
+    _, out = _run(path, run_dir)
+    lines = [line for line in out.splitlines() if " elapsed; " in line]
+    assert len(lines) == 3  # after teacher, baseline and distill; nothing is left after the report
+    assert lines[0].endswith("still to run: student_baseline, distill, report (no estimate yet)")
+    assert lines[2].endswith("still to run: report (no estimate yet)")
+    _, out = _run(path, run_dir)  # every stage is skipped: nothing runs, nothing to estimate
+    assert " elapsed; " not in out
