@@ -662,7 +662,7 @@ def test_pipeline_killed_in_a_stage_reruns_that_stage_only(killed_pipelines, sta
     killed, rerun, run_dir = run["killed"], run["rerun"], run["run_dir"]
     index = STAGES.index(stage)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert f"stage {index + 1}/4: {stage} (not finished)" in killed.stdout
+    assert f"stage {index + 1}/4: {stage} (new)" in killed.stdout  # it never ran before
     assert list(run["finished"]) == list(STAGES[:index])  # killed in `stage`, not before
     if stage != "report":  # a half-trained stage, with a checkpoint that must not be reused
         assert "checkpoints/last.ckpt" in run["killed_stage_files"]
