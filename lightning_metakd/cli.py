@@ -2,49 +2,70 @@
 
 ``metakd fit|validate|test|predict --config <yaml>`` are the LightningCLI stages
 (:mod:`lightning_metakd.lightning_cli`); the other subcommands are listed in :data:`COMMANDS` with
-the function that runs them. ``metakd`` alone or ``metakd --help`` lists them all, with the shipped
-configs, without importing torch.
+the function that runs them and the one that builds their parser
+(:mod:`lightning_metakd.command_line`). ``metakd`` alone or ``metakd --help`` lists them all, with
+the shipped configs, and ``metakd <command> --help`` prints a subcommand's options, without
+importing torch.
+
+Expected mistakes print one ``metakd <command>: error: ...`` line and exit with status 2;
+``--traceback`` anywhere on the command line (or ``METAKD_TRACEBACK=1``) shows the full traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-#: ``{subcommand: (module:function or "lightning", one-line description)}``, in help order.
-COMMANDS: dict[str, tuple[str, str]] = {
+from lightning_metakd.command_line import TRACEBACK_ENV, UsageError, episodes_parser, fail
+
+#: ``{subcommand: (module:function that runs it, or "lightning"; module:function that builds its
+#: parser, or None; one-line description)}``, in help order.
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "pipeline": (
         "lightning_metakd.pipeline:pipeline_main",
+        "lightning_metakd.command_line:pipeline_parser",
         "teacher -> baseline student -> distilled student -> report, resumable",
     ),
-    "fit": ("lightning", "meta-train a learner or distil a student from a YAML config"),
-    "validate": ("lightning", "evaluate a checkpoint on the validation episodes"),
-    "test": ("lightning", "evaluate a checkpoint on the fixed test episodes"),
-    "predict": ("lightning", "label the query images of the test episodes"),
+    "fit": ("lightning", None, "meta-train a learner or distil a student from a YAML config"),
+    "validate": ("lightning", None, "evaluate a checkpoint on the validation episodes"),
+    "test": ("lightning", None, "evaluate a checkpoint on the fixed test episodes"),
+    "predict": ("lightning", None, "label the query images of the test episodes"),
     "report": (
         "lightning_metakd.report:report_main",
+        "lightning_metakd.command_line:report_parser",
         "compare checkpoints on the same test episodes: accuracy, paired differences, size, FLOPs",
     ),
     "finetune": (
         "lightning_metakd.deploy.finetune:finetune_main",
+        "lightning_metakd.command_line:finetune_parser",
         "adapt a learner to a folder of class folders and write a fixed classifier",
     ),
     "export": (
         "lightning_metakd.deploy.export:export_main",
+        "lightning_metakd.command_line:export_parser",
         "write a fixed classifier as torch.export and ONNX programs",
     ),
     "classify": (
         "lightning_metakd.deploy.predict:classify_main",
+        "lightning_metakd.command_line:classify_parser",
         "label image files with an exported classifier",
     ),
     "episodes": (
         "lightning_metakd.cli:episodes_main",
+        "lightning_metakd.command_line:episodes_parser",
         "draw KanjiVG episodes and print their shapes and speed",
     ),
 }
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def usage() -> str:
@@ -57,7 +78,9 @@ def usage() -> str:
         "small student that still adapts.",
         "",
         "commands:",
-        *(f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()),
+        *(f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()),
+        "",
+        f"--traceback (or {TRACEBACK_ENV}=1), with any command: show an error's full traceback",
     ]
     configs = Path(__file__).resolve().parent.parent / "configs"
     if configs.is_dir():
@@ -71,20 +94,16 @@ def usage() -> str:
 
 def episodes_main(argv: list[str]) -> int:
     """``metakd episodes``: draw KanjiVG episodes and print their shapes and throughput."""
+    opts = episodes_parser().parse_args(argv)
+    try:
+        return _episodes(opts)
+    except Exception as err:  # noqa: BLE001 - fail() re-raises everything but expected mistakes
+        return fail("metakd episodes", err, catch_all=True)
+
+
+def _episodes(opts: Any) -> int:
     from lightning_metakd.data import KanjiDataModule
 
-    parser = argparse.ArgumentParser(
-        prog="metakd episodes", description="Draw episodes from the embedded KanjiVG data set."
-    )
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--meta-batch-size", type=int, default=32)
-    parser.add_argument("--grouping", default="none", choices=["none", "radical"])
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--cache-dir", default=None)
-    opts = parser.parse_args(argv)
     dm = KanjiDataModule(
         ways=opts.ways,
         shots=opts.shots,
@@ -122,8 +141,29 @@ def episodes_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``metakd`` console script."""
+    """Entry point of the ``metakd`` console script; returns the exit status.
+
+    A subcommand's ``--help`` is answered by its parser alone (:data:`COMMANDS`), before its module
+    (and with it torch) is imported. ``--traceback`` is taken out of the arguments and sets
+    ``METAKD_TRACEBACK=1`` while the command runs.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    tracing = "--traceback" in args
+    args = [a for a in args if a != "--traceback"]
+    before = os.environ.get(TRACEBACK_ENV)
+    if tracing:
+        os.environ[TRACEBACK_ENV] = "1"
+    try:
+        return _dispatch(args)
+    finally:
+        if tracing:
+            if before is None:
+                os.environ.pop(TRACEBACK_ENV, None)
+            else:
+                os.environ[TRACEBACK_ENV] = before
+
+
+def _dispatch(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage(), end="")
         return 0
@@ -132,12 +172,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metakd: error: unknown command {args[0]!r}.\n\n{usage()}", end="", file=sys.stderr)
         return 2
     if entry is not None and entry[0] != "lightning":
-        module, _, function = entry[0].partition(":")
-        return getattr(importlib.import_module(module), function)(args[1:])
+        run, parser, _ = entry
+        if parser is not None and ("-h" in args[1:] or "--help" in args[1:]):
+            try:
+                _load(parser)().parse_args(args[1:])
+            except SystemExit as exit_:  # help printed (or a usage error reported)
+                return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+        return _load(run)(args[1:])
     from lightning_metakd.lightning_cli import run_lightning_cli
 
-    # From the console, LightningCLI reads sys.argv itself (passing it too only earns a warning).
-    run_lightning_cli(argv)
+    command = f"metakd {args[0]}" if entry is not None else "metakd"
+    try:
+        run_lightning_cli(args)
+    except UsageError as err:
+        print(f"{command}: error: {err.message}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as err:  # noqa: BLE001 - fail() re-raises everything but expected mistakes
+        return fail(command, err, catch_all=True)
     return 0
 
 

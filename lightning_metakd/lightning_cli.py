@@ -1,21 +1,46 @@
-"""The LightningCLI of ``metakd fit|validate|test|predict``: its defaults and its checkpoint.
+"""The LightningCLI of ``metakd fit|validate|test|predict``: its defaults, checkpoints and runs.
 
 Built here, below both :mod:`lightning_metakd.pipeline` (whose training stages run through it) and
 :mod:`lightning_metakd.cli` (the ``metakd`` command), so neither imports the other.
+
+Besides Lightning's own CLI, :class:`MetaKDCLI`:
+
+- checks ``--ckpt_path`` with :func:`~lightning_metakd.modules.read_checkpoint` before Lightning
+  opens it: a missing or truncated file, or a checkpoint of the other module type than the
+  config's model, is one clear error that names the file and the config to use;
+- resolves ``--ckpt_path last`` (and ``best``) to the latest run of the config's logger
+  (``runs/<name>/version_<N>/checkpoints/last.ckpt``), or refuses with a message;
+- keeps a run in one folder: resuming from a run's checkpoint logs into that run's
+  ``version_<N>`` (its ``best.ckpt`` and best score carry on), ``metakd test|validate|predict``
+  of a run's checkpoint logs into that run too (its config as ``<command>_config.yaml``), and a
+  ``fit`` that fails before writing a checkpoint removes the folder it opened, so that the next
+  run is ``version_0`` again;
+- turns a config mistake into one line (:class:`~lightning_metakd.command_line.UsageError`, with
+  "did you mean ...?" for a misspelt key) instead of ~60 lines of usage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import re
+import shutil
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_metakd.callbacks import BestAndLastCheckpoint
+from lightning_metakd.command_line import UsageError, explain_config_error
 from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.modules import CheckpointError, read_checkpoint
 
 #: ``DistillationModule`` weight arguments of lightning-metakd 0.1 and the terms they became.
 LEGACY_WEIGHTS = {
@@ -55,8 +80,50 @@ DEFAULT_CALLBACKS: list[dict[str, Any]] = [
 ]
 
 
+#: ``--ckpt_path`` values Lightning resolves itself, from its own state, not from a file.
+LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")
+
+
+def _dests(parser: Any) -> list[str]:
+    """Every option name of a jsonargparse parser and its subcommands' (``trainer.max_epochs``, ...)."""
+    names = [a.dest for a in parser._actions if a.dest and a.dest != "help"]
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for subparser in subcommands._name_parser_map.values() if subcommands is not None else ():
+        names += _dests(subparser)
+    return names
+
+
+@contextlib.contextmanager
+def one_line_errors(parser: Any, prefix: str = "") -> Iterator[None]:
+    """Turn jsonargparse's "usage ... error: <message>" exit into a :class:`UsageError`.
+
+    jsonargparse prints the whole usage (~60 lines for ``metakd fit``) before its error, and the
+    error itself spreads over nested "Does not validate against any of the Union subtypes"
+    blocks; the message here is :func:`~lightning_metakd.command_line.explain_config_error` of
+    it: the key, what is wrong, and the closest valid key. ``--help`` and ``--print_config`` (exit
+    status 0) pass through untouched.
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except SystemExit as exit_:
+        text = captured.getvalue()
+        if exit_.code in (0, None) or isinstance(exit_, UsageError):
+            sys.stderr.write(text)
+            raise
+        start = text.find("\nerror: ") + 1 if "\nerror: " in text else 0
+        message = text[start:].removeprefix("error: ")
+        raise UsageError(prefix + explain_config_error(message.strip(), _dests(parser))) from None
+    sys.stderr.write(captured.getvalue())
+
+
 class MetaKDCLI(LightningCLI):
-    """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on."""
+    """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on.
+
+    See the module docstring for what it adds: checked checkpoints, ``--ckpt_path last``, one
+    folder per run, one-line config errors.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
@@ -68,6 +135,170 @@ class MetaKDCLI(LightningCLI):
                 "checkpoint.filename": "best",
                 "trainer.callbacks": DEFAULT_CALLBACKS,
             }
+        )
+
+    # -- parsing ----------------------------------------------------------------------------------
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse parser
+        """Parse ``args`` into ``self.config``; a mistake raises a one-line :class:`UsageError`.
+
+        Unlike Lightning's, it does not warn that ``args`` and ``sys.argv`` are both given: the
+        ``metakd`` command and the pipeline pass ``args`` on purpose.
+        """
+        with one_line_errors(parser):
+            if isinstance(args, dict | Namespace):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (resolving ``last``/``best``), then let Lightning read its
+        hyper-parameters into the config."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        if path is None or str(path).split(":")[0] in LIGHTNING_CHECKPOINT_NAMES:
+            return
+        if path in ("last", "best"):
+            path = self._named_checkpoint(subcommand, config, path)
+            print(
+                f"metakd {subcommand}: --ckpt_path {config['ckpt_path']} is {path}",
+                file=sys.stderr,
+                flush=True,
+            )
+        kind = getattr(_model_class(config), "checkpoint_kind", "")
+        if kind:
+            read_checkpoint(path, expect=kind)  # one message for missing, truncated, foreign files
+        config["ckpt_path"] = str(path)
+        with one_line_errors(self.parser, prefix=f"{path}: its hyper-parameters do not fit: "):
+            super()._parse_ckpt_path()
+
+    def _named_checkpoint(self, subcommand: str, config: Namespace, name: str) -> Path:
+        """The file ``--ckpt_path last|best`` means: in ``checkpoint.dirpath`` when it is set, else
+        in the latest ``version_<N>`` of the logger's folder that has one."""
+        file = "last.ckpt" if name == "last" else f"{config.checkpoint.filename or 'best'}.ckpt"
+        if config.checkpoint.dirpath:
+            path = Path(config.checkpoint.dirpath) / file
+            if path.is_file():
+                return path
+            raise CheckpointError(
+                f"--ckpt_path {name}: there is no {path}; pass the path of the checkpoint to use."
+            )
+        run = _logger_run(config)
+        if run is None:
+            raise CheckpointError(
+                f"--ckpt_path {name} looks in the logger's run folders, and this config has no "
+                "TensorBoard or CSV logger; pass the path of the checkpoint to use."
+            )
+        root, version = run
+        runs = [root / _version_folder(version)] if version is not None else _versions(root)
+        found = [
+            run / "checkpoints" / file for run in runs if (run / "checkpoints" / file).is_file()
+        ]
+        if not found:
+            where = runs[0] if version is not None else root / "version_*"
+            raise CheckpointError(
+                f"--ckpt_path {name}: no {where / 'checkpoints' / file} to "
+                f"{'resume' if subcommand == 'fit' else subcommand}; run `metakd fit` without "
+                "--ckpt_path first, or pass the path of the checkpoint to use."
+            )
+        return found[-1]
+
+    # -- one folder per run -----------------------------------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        """Log into the run a ``--ckpt_path`` belongs to; name a non-fit config after its command."""
+        subcommand = self.subcommand
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        if subcommand != "fit":
+            self.save_config_kwargs = {
+                **self.save_config_kwargs,
+                "config_filename": f"{subcommand}_config.yaml",
+            }
+        run = _logger_run(config)
+        path = config.get("ckpt_path")
+        if run is None or run[1] is not None or path is None:
+            return
+        checkpoint = Path(path).expanduser().resolve()
+        folder = checkpoint.parent.parent
+        if checkpoint.parent.name == "checkpoints" and folder.parent == run[0].resolve():
+            match = re.fullmatch(r"version_(\d+)", folder.name)
+            config.trainer.logger.init_args.version = int(match[1]) if match else folder.name
+
+    def fit(self, model: L.LightningModule, **kwargs: Any) -> None:
+        """``trainer.fit``; a run that fails before writing a checkpoint removes the folder it opened.
+
+        Otherwise the failed attempt keeps ``version_0`` (its config and an events file), the next
+        run becomes ``version_1``, and paths such as ``runs/<name>/version_0/checkpoints/best.ckpt``
+        point at nothing.
+        """
+        trainer = self.trainer
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        folder = Path(log_dir) if log_dir else None
+        opened = folder is not None and not folder.exists()
+        failed = True
+        try:
+            with warnings.catch_warnings():
+                if kwargs.get("ckpt_path"):  # resuming writes into the run's checkpoint folder
+                    warnings.filterwarnings("ignore", "Checkpoint directory .* is not empty")
+                trainer.fit(model, **kwargs)
+            failed = trainer.interrupted
+        finally:
+            if failed and opened and trainer.is_global_zero:
+                _remove_if_no_checkpoint(folder, trainer)
+
+
+def _model_class(config: Namespace) -> type | None:
+    """The class a parsed config's ``model`` names (``None`` when it is not importable)."""
+    model = config.get("model")
+    class_path = model.get("class_path") if isinstance(model, Namespace) else None
+    if not class_path:
+        return None
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _logger_run(config: Namespace) -> tuple[Path, Any] | None:
+    """``(<save_dir>/<name>, version)`` of the config's TensorBoard or CSV logger, else ``None``."""
+    logger = config.get("trainer", Namespace()).get("logger")
+    init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if not isinstance(init_args, Namespace) or init_args.get("save_dir") is None:
+        return None
+    if "name" not in init_args or "version" not in init_args:
+        return None
+    name = init_args.get("name") or ""
+    return Path(init_args.save_dir) / str(name), init_args.get("version")
+
+
+def _version_folder(version: Any) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def _versions(root: Path) -> list[Path]:
+    """``root``'s ``version_<N>`` folders in the order of ``N``."""
+    found = [
+        (int(m[1]), p)
+        for p in root.glob("version_*")
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def _remove_if_no_checkpoint(folder: Path, trainer: L.Trainer) -> None:
+    """Remove the run ``folder`` of a failed fit when neither it nor the checkpoint folder holds a
+    checkpoint (nothing in it can be resumed or tested)."""
+    callback = trainer.checkpoint_callback
+    places = [folder, *([Path(callback.dirpath)] if getattr(callback, "dirpath", None) else [])]
+    if folder.is_dir() and not any(any(p.rglob("*.ckpt")) for p in places if p.is_dir()):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(
+            f"metakd fit: removed {folder}: the run failed before writing a checkpoint",
+            file=sys.stderr,
         )
 
 
@@ -136,7 +367,12 @@ def check_legacy_config(args: list[str] | None) -> None:
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKDCLI:
-    """Run (or, with ``run=False``, only build) the LightningCLI on ``args``."""
+    """Run (or, with ``run=False``, only build) the LightningCLI on ``args`` (default ``sys.argv``).
+
+    Raises:
+        UsageError: a config or flag the parser rejects (one line, with "did you mean").
+        CheckpointError: a ``--ckpt_path`` that is missing, unreadable or of the other module type.
+    """
     check_legacy_config(args)
     return MetaKDCLI(
         L.LightningModule,
@@ -154,10 +390,12 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKD
 __all__ = [
     "DEFAULT_CALLBACKS",
     "LEGACY_OPTIONS",
+    "LIGHTNING_CHECKPOINT_NAMES",
     "LEGACY_WEIGHTS",
     "TRAINER_DEFAULTS",
     "MetaKDCLI",
     "check_legacy_config",
     "legacy_terms_yaml",
+    "one_line_errors",
     "run_lightning_cli",
 ]

@@ -419,8 +419,8 @@ def test_pipeline_finetune_stage_runs_then_skips(pipeline_with_finetune):
     calls, path, run_dir, root = pipeline_with_finetune
     out = _run(path, run_dir)
     assert calls == ["teacher", "student_baseline", "distill", "report"]
-    assert "[pipeline] stage 4/5: finetune (not finished)" in out
-    assert "[pipeline] stage 5/5: report (not finished)" in out
+    assert "[pipeline] stage 4/5: finetune (new)" in out
+    assert "[pipeline] stage 5/5: report (new)" in out
     marker = read_marker(run_dir, "finetune")
     assert marker["depends_on"] == {"distill": read_marker(run_dir, "distill")["run_id"]}
     assert marker["holdout_images"] == 3 and 0.0 <= marker["holdout_accuracy"] <= 1.0

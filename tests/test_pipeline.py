@@ -159,7 +159,7 @@ def test_finished_stages_are_skipped_and_dependants_rerun(fake_stages):
     calls, path, run_dir = fake_stages
     markers, out = _run(path, run_dir)
     assert calls == list(STAGES)
-    assert "[pipeline] stage 3/4: distill (not finished)" in out
+    assert "[pipeline] stage 3/4: distill (new)" in out
     distill = read_marker(run_dir, "distill")
     assert distill["depends_on"] == {"teacher": markers["teacher"]["run_id"]}
     assert distill["test"] == {"test/acc": 0.5}
@@ -225,7 +225,9 @@ def tiny_data(cache: Path) -> dict:
 
 
 def _metakd(args, cwd, pythonpath):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(pythonpath)}
+    # This checkout's code, whichever lightning-metakd the environment has installed.
+    path = os.pathsep.join([str(pythonpath), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "lightning_metakd.cli", *args],
         capture_output=True, text=True, cwd=cwd, env=env,
@@ -263,7 +265,7 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     first = _metakd(command, tmp_path, tmp_path / "user")
     assert first.returncode == 0, first.stderr[-3000:]
     for i, stage in enumerate(STAGES, start=1):
-        assert f"[pipeline] stage {i}/4: {stage} (not finished)" in first.stdout
+        assert f"[pipeline] stage {i}/4: {stage} (new)" in first.stdout
         assert (run_dir / stage / "done.json").is_file()
     assert "CountingLearner trained 3 steps" in first.stdout
     for stage in ("teacher", "student_baseline", "distill"):
@@ -355,3 +357,32 @@ def test_fit_picks_up_a_user_subclass(tmp_path, kanji_cache):
         sys.path.remove(str(tmp_path / "user"))
         sys.modules.pop("my_learners", None)
     assert type(learner).__name__ == "CountingLearner" and learner.learner.ways == 5
+
+
+# -- progress: what is left, and how long it should take (#15 §9) ------------------------------------
+def test_the_time_left_comes_from_earlier_runs_and_step_rates(tmp_path):
+    from lightning_metakd.pipeline.run import planned_steps, remaining_estimate
+
+    spec = load_pipeline_config(ROOT / "configs" / "kanji" / "pipeline.yaml", run_dir=tmp_path)
+    assert [planned_steps(stage_config(spec, s, "t.ckpt")) for s in STAGES[:3]] == [600] * 3
+    teacher = {"teacher": {"seconds": 60.0, "global_step": 600}}  # 0.1 s per step
+    todo = ["student_baseline", "distill", "report"]
+    assert remaining_estimate(spec, todo, teacher, {}) == (
+        "about 2 min 00 s + ? to go (student_baseline ~1 min 00 s, distill ~1 min 00 s, report ?)"
+    )
+    earlier = {"report": {"seconds": 35.2}, "distill": {"seconds": 95.0}}  # an outdated done.json
+    assert remaining_estimate(spec, todo[1:], teacher, earlier) == (
+        "about 2 min 10 s to go (distill ~1 min 35 s, report ~35 s)"
+    )
+    assert remaining_estimate(spec, ["report"], {}, {}) == "still to run: report (no estimate yet)"
+
+
+def test_each_finished_stage_prints_the_elapsed_time_and_what_is_left(fake_stages):
+    _, path, run_dir = fake_stages
+    _, out = _run(path, run_dir)
+    lines = [line for line in out.splitlines() if " elapsed; " in line]
+    assert len(lines) == 3  # after teacher, baseline and distill; nothing is left after the report
+    assert lines[0].endswith("still to run: student_baseline, distill, report (no estimate yet)")
+    assert lines[2].endswith("still to run: report (no estimate yet)")
+    _, out = _run(path, run_dir)  # every stage is skipped: nothing runs, nothing to estimate
+    assert " elapsed; " not in out

@@ -45,6 +45,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import Sampler
 
 from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.callbacks import BestAndLastCheckpoint
 from lightning_metakd.data import Episode, EpisodeSampler
 from lightning_metakd.data.loader import EpisodeLoader, random_states, set_random_states
 from lightning_metakd.models import Conv4
@@ -271,6 +272,64 @@ def test_a_different_seed_ends_elsewhere(tmp_path, uninterrupted):
     assert not identical(fit_in_process(tmp_path, seed=1), uninterrupted)
 
 
+class ValidationScores(L.Callback):
+    """Records ``(global step, val/acc)`` at the end of every validation."""
+
+    def __init__(self) -> None:
+        self.scores: list[tuple[int, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.scores.append((trainer.global_step, float(trainer.callback_metrics["val/acc"])))
+
+
+@pytest.mark.parametrize("checkpoint_class", [BestAndLastCheckpoint, ModelCheckpoint])
+def test_mid_epoch_checkpoints_keep_best_on_the_validated_model(tmp_path, checkpoint_class):
+    """``every_n_train_steps`` writes last.ckpt every step; best.ckpt is still the model that
+    validation scored. The control, Lightning's own callback, moves top-k saving to the training
+    steps: it never saves the last epoch's score, and keeps a stale best."""
+    L.seed_everything(0, verbose=False)
+    scores = ValidationScores()
+    checkpoint = checkpoint_class(
+        dirpath=tmp_path, filename="best", monitor="val/acc", mode="max", save_last=True,
+        every_n_train_steps=1,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, inference_mode=False, callbacks=[scores, checkpoint],
+    )  # fmt: skip
+    model = MetaLearnerModule(Conv4(1, hidden=4, image_size=16), ProtoNet(), ways=3)
+    trainer.fit(model, TinyDataModule(**{**DATA, "val_episodes": 8}))
+    steps = [step for step, _ in scores.scores]
+    assert steps == [3, 6, 9]
+    best_step, best_score = max(scores.scores, key=lambda s: (s[1], -s[0]))
+    saved = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 9
+    if checkpoint_class is BestAndLastCheckpoint:
+        assert saved["global_step"] == best_step and checkpoint.best_model_score == best_score
+    else:  # the scores of this seed rise: the last epoch's best is missed
+        assert best_step == 9 and checkpoint.best_model_score < best_score
+        assert saved["global_step"] not in steps[1:]
+
+
+def test_a_resumed_checkpoint_folder_spelt_differently_keeps_its_best(tmp_path, monkeypatch):
+    """The stored folder is compared as a real path, not as a string (relative vs absolute)."""
+    callback = BestAndLastCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/acc")
+    monkeypatch.chdir(tmp_path)
+    state = {
+        "dirpath": "checkpoints", "best_model_score": torch.tensor(0.75),
+        "best_model_path": "checkpoints/best.ckpt", "best_k_models": {"checkpoints/best.ckpt": 0.75},
+        "last_model_path": "checkpoints/last.ckpt", "kth_best_model_path": "", "kth_value": 0.75,
+    }  # fmt: skip
+    callback.load_state_dict(state)
+    assert callback.best_model_score == 0.75 and callback.last_model_path == "checkpoints/last.ckpt"
+    plain = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/acc")
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        plain.load_state_dict(state)
+    assert plain.best_model_score is None  # the control: Lightning drops the score
+
+
 # -- real processes, real SIGKILL --------------------------------------------------------------------
 class KillAtStep(L.Callback):
     """SIGKILL this process when the batch after optimisation step ``step`` starts."""
@@ -334,7 +393,9 @@ def metakd(*jobs: Job) -> list[subprocess.CompletedProcess]:
     one's time is starting Python and importing Lightning); their results, in order."""
     env = {
         **os.environ, "PYTHONWARNINGS": "ignore", "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS),
+        "OMP_NUM_THREADS": "1",
+        # This checkout's code, whichever lightning-metakd the environment has installed.
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
     }  # fmt: skip
     with contextlib.ExitStack() as outputs:
         running = []
@@ -447,6 +508,59 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_parameters_and_metrics(tmp_pat
     assert control_metrics["val/loss"] != metrics["val/loss"]
 
 
+def checkpoint_state(path: Path) -> dict:
+    """The ``BestAndLastCheckpoint`` state inside a checkpoint file."""
+    callbacks = torch.load(path, weights_only=True)["callbacks"]
+    (state,) = (v for k, v in callbacks.items() if k.startswith("BestAndLastCheckpoint"))
+    return state
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_in_its_own_folder_with_its_best(tmp_path):
+    """`metakd fit` killed mid-epoch 1 and resumed with ``--ckpt_path last`` stays in
+    ``version_0``: the best.ckpt of epoch 0 and its score carry over and the final best is the
+    uninterrupted run's (#15 §3). Checkpoints go where the logger says (no ``checkpoint.dirpath``),
+    every step (``every_n_train_steps``)."""
+    configs = {}
+    for name in ("uninterrupted", "killed"):
+        config = fit_config(tmp_path / name)
+        config["checkpoint"] = {"every_n_train_steps": 1}
+        (tmp_path / name).mkdir()
+        configs[name] = tmp_path / name / "fit.yaml"
+        configs[name].write_text(yaml.safe_dump(config))
+    reference, killed = metakd(
+        (["fit", "--config", str(configs["uninterrupted"])], tmp_path, ()),
+        (["fit", "--config", str(configs["killed"])], tmp_path, ("--kill", "fit:4")),
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "killed" / "runs" / "tiny" / "version_0"
+    at_kill = checkpoint_state(run / "checkpoints" / "last.ckpt")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert at_kill["best_model_score"] is not None  # epoch 0's validation chose a best.ckpt
+    assert at_kill["best_model_path"] == str(run / "checkpoints" / "best.ckpt")
+
+    (resumed,) = metakd((["fit", "--config", str(configs["killed"]), "--ckpt_path", "last"],
+                         tmp_path, ()))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"metakd fit: --ckpt_path last is {last}" in resumed.stderr
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the curves go on in one run
+    final = checkpoint_state(last)
+    expected_run = tmp_path / "uninterrupted" / "runs" / "tiny" / "version_0"
+    expected = checkpoint_state(expected_run / "checkpoints" / "last.ckpt")
+    assert final["best_model_path"] == str(run / "checkpoints" / "best.ckpt")
+    assert torch.equal(final["best_model_score"], expected["best_model_score"])
+    assert final["best_model_score"] >= at_kill["best_model_score"]
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    expected_best = torch.load(expected_run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == expected_best["global_step"] in (3, 6)  # a validated model
+    assert same_training_state(final_checkpoint(last), final_checkpoint(
+        expected_run / "checkpoints" / "last.ckpt"))  # fmt: skip
+
+
 # -- the pipeline, killed in each stage ---------------------------------------------------------------
 STAGES = ("teacher", "student_baseline", "distill", "report")
 
@@ -548,7 +662,7 @@ def test_pipeline_killed_in_a_stage_reruns_that_stage_only(killed_pipelines, sta
     killed, rerun, run_dir = run["killed"], run["rerun"], run["run_dir"]
     index = STAGES.index(stage)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert f"stage {index + 1}/4: {stage} (not finished)" in killed.stdout
+    assert f"stage {index + 1}/4: {stage} (new)" in killed.stdout  # it never ran before
     assert list(run["finished"]) == list(STAGES[:index])  # killed in `stage`, not before
     if stage != "report":  # a half-trained stage, with a checkpoint that must not be reused
         assert "checkpoints/last.ckpt" in run["killed_stage_files"]

@@ -291,28 +291,10 @@ def verify_export(
 
 def export_main(argv: list[str]) -> int:
     """``metakd export``: write a fine-tuned classifier as ``model.pt2`` and ``model.onnx``."""
-    import argparse
-    import sys
-
+    from lightning_metakd.command_line import export_parser, fail
     from lightning_metakd.deploy.classifier import FixedClassifier
 
-    parser = argparse.ArgumentParser(
-        prog="metakd export",
-        description="Export a classifier written by `metakd finetune` to torch.export and ONNX, "
-        "checking the exported logits against PyTorch's.",
-    )
-    parser.add_argument("--classifier", required=True, help="classifier.pt of `metakd finetune`")
-    parser.add_argument("--output", default=None, help="default: <classifier folder>/export")
-    parser.add_argument(
-        "--images",
-        nargs="+",
-        default=None,
-        help="images to check the exported files on (default: the held-out images listed in "
-        "finetune.json beside the classifier)",
-    )
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--atol", type=float, default=1e-4)
-    parser.add_argument("--rtol", type=float, default=0.0)
+    parser = export_parser()
     opts = parser.parse_args(argv)
     path = Path(opts.classifier)
     try:
@@ -334,8 +316,7 @@ def export_main(argv: list[str]) -> int:
             classifier, batch, out, opts.formats, atol=opts.atol, rtol=opts.rtol
         )
     except (OSError, ValueError, ImportError, AssertionError) as err:
-        print(f"metakd export: error: {err}", file=sys.stderr)
-        return 2
+        return fail("metakd export", err)
     for fmt, file in result["files"].items():
         print(
             f"{file}: {result['bytes'][fmt] / 1024:.0f} kB, max |Δlogits| vs PyTorch "

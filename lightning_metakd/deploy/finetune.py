@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lightning_metakd.algorithms import Learner
 from lightning_metakd.atomic import atomic_write
+from lightning_metakd.command_line import fail, finetune_parser
 from lightning_metakd.deploy.classifier import STATISTICS, FixedClassifier, normalize_images
 from lightning_metakd.deploy.labelled import (
     FinetuneError,
@@ -430,23 +431,6 @@ def holdout_sheet(
     )
 
 
-def finetune_parser():  # noqa: ANN201 - a jsonargparse ArgumentParser
-    """The ``metakd finetune`` parser: every argument of :func:`run_finetune`, and ``--config``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="metakd finetune",
-        description=(
-            "Adapt a meta-learned or distilled learner to the classes of a folder of class "
-            "folders, optionally fine-tune it, report held-out accuracy and write a classifier."
-        ),
-        exit_on_error=False,
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML of these arguments")
-    parser.add_function_arguments(run_finetune, as_group=False, skip={"echo"})
-    return parser
-
-
 def finetune_main(argv: list[str]) -> int:
     """``metakd finetune``: parse the flags or the YAML and run :func:`run_finetune`."""
     from jsonargparse import ArgumentError
@@ -461,8 +445,7 @@ def finetune_main(argv: list[str]) -> int:
     try:
         run_finetune(**kwargs)
     except (FinetuneError, OSError) as err:
-        print(f"metakd finetune: error: {err}", file=sys.stderr)
-        return 2
+        return fail("metakd finetune", err)
     return 0
 
 

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -179,30 +178,14 @@ def classify(
 
 def classify_main(argv: list[str]) -> int:
     """``metakd classify``: print ``path<TAB>class<TAB>probability`` for every image."""
-    parser = argparse.ArgumentParser(
-        prog="metakd classify",
-        description="Classify image files with an exported classifier (model.pt2 or model.onnx).",
-    )
-    parser.add_argument("--model", required=True, help="directory written by export_classifier")
-    parser.add_argument(
-        "--format", choices=FORMATS, default=None, help="default: model.pt2 if present"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per forward pass (default: 32 with fixed BatchNorm statistics, else 1)",
-    )
-    parser.add_argument(
-        "--sheet", default=None, help="also write a PNG of the images with their predictions"
-    )
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    from lightning_metakd.command_line import classify_parser, fail
+
+    parser = classify_parser()
     opts = parser.parse_args(argv)
     try:
         rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
     except (OSError, ValueError, ImportError) as err:
-        print(f"metakd classify: error: {err}", file=sys.stderr)
-        return 2
+        return fail("metakd classify", err)
     for path, name, probability in rows:
         print(f"{path}\t{name}\t{probability:.4f}")
     if opts.sheet:
@@ -211,7 +194,6 @@ def classify_main(argv: list[str]) -> int:
         try:
             sheet = classify_sheet(opts.sheet, rows, read_metadata(opts.model)["class_names"])
         except OSError as err:
-            print(f"metakd classify: error: cannot write the sheet: {err}", file=sys.stderr)
-            return 2
+            return fail("metakd classify", OSError(f"cannot write the sheet: {err}"))
         print(f"metakd classify: wrote {sheet.path}: {sheet.summary}", file=sys.stderr)
     return 0

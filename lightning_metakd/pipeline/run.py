@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -15,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_metakd.atomic import atomic_write
+from lightning_metakd.command_line import UsageError, fail, pipeline_parser
 from lightning_metakd.pipeline import stages
 from lightning_metakd.pipeline.config import (
     DEPENDS_ON,
     MARKER,
+    TRAINING_STAGES,
     PipelineConfigError,
     PipelineSpec,
     _digest,
@@ -48,19 +48,110 @@ def read_marker(run_dir: Path, stage: str) -> dict[str, Any] | None:
 
 # -- the pipeline -----------------------------------------------------------------------------------
 def _rerun_reason(
-    stage: str, marker: Mapping[str, Any] | None, inputs: str, rerun: set[str], force: bool
+    stage: str,
+    marker: Mapping[str, Any] | None,
+    inputs: str,
+    rerun: set[str],
+    force: bool,
+    started: bool = True,
 ) -> str | None:
-    """Why ``stage`` must run, or ``None`` when its finished result can be kept."""
+    """Why ``stage`` must run, or ``None`` when its finished result can be kept.
+
+    ``started``: the stage's folder exists, so a stage without a marker was interrupted ("not
+    finished") rather than never run ("new").
+    """
     if force:
         return "--force"
     if marker is None:
-        return "not finished"
+        return "not finished" if started else "new"
     if marker.get("inputs") != inputs:
         return "its config changed"
     changed = [dep for dep in DEPENDS_ON[stage] if dep in rerun]
     if changed:
         return f"{' and '.join(changed)} ran again"
     return None
+
+
+def duration(seconds: float) -> str:
+    """``"45 s"``, ``"2 min 05 s"``, ``"1 h 02 min"``.
+
+    Example:
+        >>> duration(44.6), duration(125), duration(3720)
+        ('45 s', '2 min 05 s', '1 h 02 min')
+    """
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def planned_steps(config: Mapping[str, Any]) -> int | None:
+    """The optimisation steps a stage config asks for (``max_steps``, or epochs × steps per epoch)."""
+    trainer = config.get("trainer") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    max_steps, epochs, per_epoch = (
+        trainer.get("max_steps"),
+        trainer.get("max_epochs"),
+        data.get("steps_per_epoch"),
+    )
+    if isinstance(max_steps, int) and max_steps > 0:
+        return max_steps
+    if isinstance(epochs, int) and isinstance(per_epoch, int):
+        return epochs * per_epoch
+    return None
+
+
+def remaining_estimate(
+    spec: PipelineSpec,
+    todo: list[str],
+    markers: Mapping[str, Mapping[str, Any]],
+    earlier: Mapping[str, Mapping[str, Any] | None],
+) -> str:
+    """``"about 2 min 10 s to go (distill ~1 min 30 s, report ~40 s)"`` for the stages ``todo``.
+
+    A stage that ran before (an outdated ``done.json``) is expected to take as long again; a
+    training stage that never ran takes its planned steps (:func:`planned_steps`) at the seconds
+    per step of the training stages finished in this run; else its time is unknown (``?``).
+    """
+    ran = [markers[s] for s in TRAINING_STAGES if s in markers and markers[s].get("global_step")]
+    rate = sum(m["seconds"] for m in ran) / sum(m["global_step"] for m in ran) if ran else None
+    parts, total, unknown = [], 0.0, False
+    for stage in todo:
+        seconds = (earlier.get(stage) or {}).get("seconds")
+        if seconds is None and rate is not None and stage in TRAINING_STAGES:
+            steps = planned_steps(_read_stage_config(spec, stage))
+            seconds = None if steps is None else rate * steps
+        if seconds is None:
+            unknown = True
+            parts.append(f"{stage} ?")
+        else:
+            total += seconds
+            parts.append(f"{stage} ~{duration(seconds)}")
+    if unknown and not total:
+        return f"still to run: {', '.join(todo)} (no estimate yet)"
+    lead = f"about {duration(total)}{' + ?' if unknown else ''} to go"
+    return f"{lead} ({', '.join(parts)})"
+
+
+def _read_stage_config(spec: PipelineSpec, stage: str) -> dict[str, Any]:
+    try:
+        return stage_config(spec, stage, teacher_checkpoint="(the teacher stage's)")
+    except (OSError, ValueError):
+        return {}
+
+
+def _will_run(
+    stage: str, earlier: Mapping[str, Any], ran: set[str], force: bool, order: tuple[str, ...]
+) -> bool:
+    """Whether ``stage`` is expected to run: forced, never finished, or an input stage runs."""
+    if force or earlier.get(stage) is None:
+        return True
+    return any(
+        dep in ran or (dep in order and _will_run(dep, earlier, ran, force, order))
+        for dep in DEPENDS_ON[stage]
+    )
 
 
 def run_pipeline(
@@ -84,6 +175,7 @@ def run_pipeline(
     markers: dict[str, dict[str, Any]] = {}
     rerun: set[str] = set()
     order = pipeline_stages(spec)
+    earlier = {stage: read_marker(spec.run_dir, stage) for stage in order}
     for index, stage in enumerate(order, start=1):
         stage_dir = spec.run_dir / stage
         if stage == "report":
@@ -96,7 +188,7 @@ def run_pipeline(
             config = stage_config(spec, stage, teacher)
         inputs = _digest(config)
         marker = read_marker(spec.run_dir, stage)
-        reason = _rerun_reason(stage, marker, inputs, rerun, force)
+        reason = _rerun_reason(stage, marker, inputs, rerun, force, stage_dir.is_dir())
         if reason is None:
             say(f"[pipeline] stage {index}/{len(order)}: {stage} skipped (finished; {MARKER})")
             markers[stage] = marker  # type: ignore[assignment]
@@ -104,6 +196,7 @@ def run_pipeline(
         say(f"[pipeline] stage {index}/{len(order)}: {stage} ({reason})")
         if stage_dir.exists():
             shutil.rmtree(stage_dir)  # a half-written or outdated stage starts clean
+        stage_dir.mkdir(parents=True)  # from now on a missing done.json means "not finished"
         began = time.perf_counter()
         if stage == "report":
             result = stages.run_report_stage(spec, markers)
@@ -137,33 +230,34 @@ def run_pipeline(
         say(
             f"[pipeline] stage {index}/{len(order)}: {stage} done in {marker['seconds']:.0f} s{summary}"
         )
+        todo = [s for s in order[index:] if _will_run(s, earlier, rerun, force, order)]
+        if todo:
+            say(
+                f"[pipeline] {duration(time.perf_counter() - start)} elapsed; "
+                f"{remaining_estimate(spec, todo, markers, earlier)}"
+            )
     report = spec.run_dir / "report.md"
     say(f"[pipeline] report: {report}")
     say(report.read_text() if report.is_file() else "(report.md is missing)")
     say(
-        f"[pipeline] finished in {time.perf_counter() - start:.0f} s; "
+        f"[pipeline] finished in {duration(time.perf_counter() - start)}; "
         f"TensorBoard: tensorboard --logdir {spec.run_dir}"
     )
     return markers
 
 
 def pipeline_main(argv: list[str]) -> int:
-    """``metakd pipeline``: parse the flags and run :func:`run_pipeline`."""
-    parser = argparse.ArgumentParser(
-        prog="metakd pipeline",
-        description=(
-            "Train a teacher, a baseline student and a distilled student, then compare them on "
-            "the same test episodes. Finished stages are skipped when run again."
-        ),
-    )
-    parser.add_argument("--config", required=True, help="the pipeline YAML")
-    parser.add_argument("--force", action="store_true", help="rerun every stage")
-    parser.add_argument("--run-dir", default=None, help="run folder (default runs/pipeline/<name>)")
-    opts = parser.parse_args(argv)
+    """``metakd pipeline``: parse the flags (:func:`~lightning_metakd.command_line.pipeline_parser`)
+    and run :func:`run_pipeline`; a config mistake or a library error is one line, exit status 2."""
+    opts = pipeline_parser().parse_args(argv)
     try:
         spec = load_pipeline_config(opts.config, opts.run_dir)
     except PipelineConfigError as err:
-        print(f"metakd pipeline: error: {err}", file=sys.stderr)
-        return 2
-    run_pipeline(spec, force=opts.force)
+        return fail("metakd pipeline", err)
+    try:
+        run_pipeline(spec, force=opts.force)
+    except UsageError as err:  # a stage config the LightningCLI cannot parse
+        return fail("metakd pipeline", err)
+    except Exception as err:  # noqa: BLE001 - fail() re-raises everything but expected mistakes
+        return fail("metakd pipeline", err, catch_all=True)
     return 0

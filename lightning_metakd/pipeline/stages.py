@@ -102,6 +102,7 @@ def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]
         markdown_table,
         report_datamodule,
     )
+    from lightning_metakd.report.command import episode_progress
 
     resolved = _read_yaml(spec.run_dir / "distill" / "config.yaml", "The distill stage's config")
     data_config = merge_config(resolved.get("data") or {}, spec.report.get("data") or {})
@@ -117,13 +118,14 @@ def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]
             REPORT_NAMES["distill"]: distilled.learner(),
             REPORT_NAMES["student_baseline"]: baseline,
         }
-    rows = compare(
-        learners,
-        datamodule,
-        spec.run_dir,
-        warmup=spec.report.get("warmup", 2),
-        repeats=spec.report.get("repeats", 10),
-    )
+    with episode_progress(datamodule, len(learners), desc="[pipeline] report"):
+        rows = compare(
+            learners,
+            datamodule,
+            spec.run_dir,
+            warmup=spec.report.get("warmup", 2),
+            repeats=spec.report.get("repeats", 10),
+        )
     table = markdown_table(rows)
     log_report_to_tensorboard(spec.run_dir / "report", rows, table, spec.run_dir / "report.png")
     return {
