@@ -206,6 +206,18 @@ class MetaKDCLI(LightningCLI):
         return found[-1]
 
     # -- one folder per run -----------------------------------------------------------------------
+    def before_fit(self) -> None:
+        check_sizes(self.model, self.datamodule)
+
+    def before_validate(self) -> None:
+        check_sizes(self.model, self.datamodule)
+
+    def before_test(self) -> None:
+        check_sizes(self.model, self.datamodule)
+
+    def before_predict(self) -> None:
+        check_sizes(self.model, self.datamodule)
+
     def before_instantiate_classes(self) -> None:
         """Log into the run a ``--ckpt_path`` belongs to; name a non-fit config after its command."""
         subcommand = self.subcommand
@@ -364,6 +376,34 @@ def check_legacy_config(args: list[str] | None) -> None:
                 file=sys.stderr,
             )
             raise SystemExit(2)
+
+
+def check_sizes(model: Any, datamodule: Any) -> None:
+    """Fail before any data is prepared (a KanjiVG render takes minutes) when the data's
+    ``image_size`` cannot feed the model's learner or, for a distiller, its teachers.
+
+    Teachers given as checkpoint paths are read here (cheap); channels are checked at ``setup``,
+    once the data knows them.
+    """
+    size = getattr(datamodule, "image_size", None)
+    learner = getattr(model, "learner", None)
+    if learner is None or not isinstance(size, int):
+        return
+    if hasattr(model, "prepare"):
+        model.prepare()
+    teachers = list(getattr(model, "teachers", []))
+    named = [(getattr(model, "learner_name", "learner"), learner)]
+    named += [
+        ("teacher" if len(teachers) == 1 else f"teacher {k}", t) for k, t in enumerate(teachers)
+    ]
+    for who, each in named:
+        built = getattr(each.backbone, "image_size", None)
+        if isinstance(built, int) and built != size:
+            raise ValueError(
+                f"the {who}'s backbone was built for {built}x{built} images but the data has "
+                f"image_size={size}; set --data.init_args.image_size {built} (checked before "
+                "the data is rendered or read)."
+            )
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKDCLI:

@@ -289,3 +289,24 @@ def test_the_cli_does_not_warn_about_args_given_on_purpose(tmp_path):
         warnings.simplefilter("always")
         run_lightning_cli(["--config", config], run=False)
     assert not [w for w in caught if "not recommended to provide both" in str(w.message)]
+
+
+def test_an_image_size_that_cannot_feed_the_model_fails_before_the_render(tmp_path, capsys):
+    from lightning_metakd.cli import main
+
+    cache = tmp_path / "cache"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"class_path": "lightning_metakd.modules.MetaLearnerModule", "init_args": {
+            "backbone": {"class_path": "lightning_metakd.models.Conv4",
+                         "init_args": {"hidden": 4, "image_size": 28}},
+            "algorithm": {"class_path": "lightning_metakd.algorithms.ProtoNet"}, "ways": 5}},
+        "data": {"class_path": "lightning_metakd.data.KanjiDataModule",
+                 "init_args": {"image_size": 32, "cache_dir": str(cache)}},
+        "trainer": {"logger": False, "default_root_dir": str(tmp_path)},
+    }))  # fmt: skip
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "the learner's backbone was built for 28x28 images but the data has image_size=32" in err
+    assert "--data.init_args.image_size 28" in err
+    assert not cache.exists() or not any(cache.iterdir())  # nothing rendered
