@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_metakd.report:report_main",
         "compare checkpoints on the same test episodes: accuracy, paired differences, size, FLOPs",
     ),
+    "sweep": ("lightning_metakd.seeds:sweep_main", "configs once per seed: mean ± sd, paired Δ"),
     "finetune": (
         "lightning_metakd.deploy.finetune:finetune_main",
         "adapt a learner to a folder of class folders and write a fixed classifier",
