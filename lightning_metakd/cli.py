@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lightning_metakd.report:report_main",
         "compare checkpoints on the same test episodes: accuracy, paired differences, size, FLOPs",
     ),
+    "bench": ("lightning_metakd.bench:bench_main", "papers' settings on your data vs reported"),
     "sweep": ("lightning_metakd.seeds:sweep_main", "configs once per seed: mean ± sd, paired Δ"),
     "finetune": (
         "lightning_metakd.deploy.finetune:finetune_main",
