@@ -39,6 +39,7 @@ Example (Python, e.g. a distillation study)::
 Command::
 
     metakd sweep --config configs/kanji/protonet.yaml --seeds 0 1 2 --set trainer.max_epochs=2
+    metakd sweep --config base=student.yaml --config kd=distill.yaml --set kd:model.init_args.teacher=t.ckpt
 """
 
 from __future__ import annotations
@@ -443,6 +444,29 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def config_overrides(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--set [NAME:]KEY=VALUE`` items → ``{config name: overrides}``; no ``NAME:``: every config.
+
+    Example:
+        >>> config_overrides(["trainer.max_epochs=2", "kd:model.init_args.teacher=t.ckpt"],
+        ...                  ["base", "kd"])
+        {'base': {'trainer.max_epochs': 2}, 'kd': {'trainer.max_epochs': 2, 'model.init_args.teacher': 't.ckpt'}}
+    """
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for item in items:
+        name, colon, rest = item.partition(":")
+        if colon and "=" not in name:
+            if name not in out:
+                raise ValueError(
+                    f"--set {item!r}: {name!r} is not one of the configs {list(names)}."
+                )
+            out[name].update(parse_sets([rest]))
+        else:
+            for overrides in out.values():
+                overrides.update(parse_sets([item]))
+    return out
+
+
 def sweep_main(argv: list[str]) -> int:
     """``metakd sweep``: every ``--config`` once per seed, mean ± sd, paired Δ vs the first."""
     parser = argparse.ArgumentParser(
@@ -455,13 +479,13 @@ def sweep_main(argv: list[str]) -> int:
     parser.add_argument("--config", action="append", required=True, metavar="[NAME=]YAML",
                         help="a metakd fit config (repeat it to compare configs)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every run, e.g. trainer.max_epochs=2")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                        help="a config override for every run, e.g. trainer.max_epochs=2; "
+                        "NAME: for one config's runs only")  # fmt: skip
     parser.add_argument("--out", default=None, help="the sweep folder (default runs/sweep/<name>)")
     parser.add_argument("--force", action="store_true", help="rerun every seed")
     opts = parser.parse_args(argv)
     try:
-        overrides = parse_sets(opts.set)
         entries = []
         for spec in opts.config:
             name, sep, path = spec.partition("=")
@@ -470,9 +494,10 @@ def sweep_main(argv: list[str]) -> int:
         names = [name for name, _ in entries]
         if len(set(names)) != len(names):
             raise ValueError(f"two configs are named alike ({names}); name them NAME=YAML.")
+        overrides = config_overrides(opts.set, names)
         out = Path(opts.out or Path("runs") / "sweep" / names[0])
         results = [
-            run_seeds(path, opts.seeds, out / name, overrides, name=name, force=opts.force)
+            run_seeds(path, opts.seeds, out / name, overrides[name], name=name, force=opts.force)
             for name, path in entries
         ]
         paired = [paired_over_seeds(results[0], r, out / "paired" / r.name) for r in results[1:]]
@@ -502,6 +527,7 @@ def _worker_main(argv: list[str]) -> int:
 __all__ = [
     "SeedRun",
     "SeedRuns",
+    "config_overrides",
     "mean_sd",
     "paired_over_seeds",
     "paired_table",

@@ -217,6 +217,11 @@ def test_sweep_errors_are_clear(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "metakd sweep: error: two configs are named alike (['a', 'a']); name them NAME=YAML.\n"
     )
+    assert main(["sweep", "--config", str(config), "--set", "b:trainer.max_epochs=2"]) == 2
+    assert capsys.readouterr().err == (
+        "metakd sweep: error: --set 'b:trainer.max_epochs=2': 'b' is not one of the configs "
+        "['a'].\n"
+    )
     with pytest.raises(ValueError) as err:
         run_seeds(config, [0, 0], tmp_path)
     assert str(err.value) == "seeds must be distinct integers, at least one; got [0, 0]."
