@@ -72,11 +72,20 @@ class MetaKDCLI(LightningCLI):
     def _check_data(self, stage: str) -> None:
         if not self.replaced_data:
             return
+        # Lightning refuses to log module and data hyper-parameters that share a key with other
+        # values (`ways`: the learner's training tasks vs the other data's); the data's stay in
+        # the run's config.yaml and in HyperparameterMetrics' data.* entries.
+        self.datamodule._log_hyperparams = False
+        if stage == "fit":
+            return
         try:
             check_replaced_data(self.model, self.datamodule, stage)
         except ValueError as err:
             print(f"metakd {stage}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+
+    def before_fit(self) -> None:
+        self._check_data("fit")
 
     def before_validate(self) -> None:
         self._check_data("validate")

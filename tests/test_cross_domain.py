@@ -107,10 +107,13 @@ def test_a_checkpoint_is_tested_on_another_data_module(teacher, tree, tmp_path):
     config, checkpoint = teacher
     other = tmp_path / "characters.yaml"
     other.write_text(yaml.safe_dump({"data": folder_data(tree)}))
+    # With a logger: Lightning would refuse the module's ways=3 beside the data's ways=2.
     cli = run_lightning_cli(["test", "--config", str(config), "--data", str(other),
                              "--ckpt_path", str(checkpoint),
-                             "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+                             "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                             "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
     accuracy = float(cli.trainer.callback_metrics["test/acc"])
+    assert cli.datamodule.ways == 2 and cli.model.learner.ways == 3
     # The same number as the checkpoint's learner measured on the folder's own test episodes.
     dm = FolderDataModule(**folder_data(tree)["init_args"])
     expected = measure(load_learner(checkpoint), dm, warmup=0, repeats=1)
