@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_metakd.algorithms import ProtoNet
+from lightning_metakd.algorithms import Learner, ProtoNet
 from lightning_metakd.data import Episode, KanjiDataModule
 from lightning_metakd.distill.transfer import (
     MeanActivation,
@@ -50,7 +50,7 @@ from lightning_metakd.distill.transfer import (
 )
 from lightning_metakd.evaluation import mean_ci95
 from lightning_metakd.models import Conv4
-from lightning_metakd.modules import MetaLearnerModule
+from lightning_metakd.modules import load_learner
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "kanji" / "quickstart" / "teacher.yaml"
@@ -71,17 +71,15 @@ def train_quickstart_teacher(run_dir: Path) -> Path:
     return versions[-1] / "checkpoints" / "best.ckpt"
 
 
-def accuracies(learner: MetaLearnerModule, episodes: list[Episode]) -> torch.Tensor:
+def accuracies(learner: Learner, episodes: list[Episode]) -> torch.Tensor:
     """Per-task query accuracy of ``learner`` on every task of ``episodes``: ``[tasks]``."""
     return torch.cat([learner.evaluate(episode).accuracy for episode in episodes])
 
 
-def student_learner(
-    teacher: MetaLearnerModule, hidden: int, state: dict | None
-) -> MetaLearnerModule:
+def student_learner(teacher: Learner, hidden: int, state: dict | None) -> Learner:
     t = teacher.backbone
     backbone = Conv4(in_channels=t.in_channels, hidden=hidden, image_size=t.image_size)
-    learner = MetaLearnerModule(backbone, ProtoNet(), ways=teacher.ways, tune_cpu_allocator=False)
+    learner = Learner(backbone, ProtoNet(), ways=teacher.ways)
     if state is not None:
         learner.model.load_state_dict(state)
     return learner
@@ -98,8 +96,7 @@ def paired(values: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def evaluate_teacher(path: str, args: argparse.Namespace, test: list[Episode], rules: dict) -> dict:
-    teacher = MetaLearnerModule.load_from_checkpoint(path, map_location="cpu")
-    teacher.eval()
+    teacher = load_learner(path)
     if not isinstance(teacher.backbone, Conv4) or not isinstance(teacher.algorithm, ProtoNet):
         raise SystemExit(f"{path}: this benchmark slices Conv4 ProtoNet teachers.")
     hidden = teacher.backbone.channels

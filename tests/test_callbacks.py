@@ -22,6 +22,8 @@ from lightning_metakd.callbacks import (
     episode_grid,
     run_hyperparameters,
 )
+from lightning_metakd.callbacks.attention_maps import attention_grid, heat_colours, query_images
+from lightning_metakd.callbacks.tensorboard import WRONG, labelled_grid, to_rgb
 from lightning_metakd.distill import AttentionDistillation, TaskLoss
 from lightning_metakd.lightning_cli import run_lightning_cli
 from lightning_metakd.models import Conv4, VisionTransformer
@@ -63,14 +65,51 @@ def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
     )  # fmt: skip
 
 
-def test_episode_grid_rows_are_classes():
+def test_episode_grid_rows_are_classes_with_titled_columns():
     support_x = torch.arange(3.0)[:, None, None, None].expand(3, 1, 4, 4) + 1  # class c is c+1
     query_x = torch.arange(3.0).repeat_interleave(2)[:, None, None, None].expand(6, 1, 4, 4) + 1
-    grid = episode_grid(support_x, torch.arange(3), query_x, torch.arange(3).repeat_interleave(2))
-    tile = 4 + 2  # tiles are 4 px with 2 px padding: 3 rows of support, blank, 2 queries
-    assert grid.shape == (3, 2 + 3 * tile, 2 + 4 * tile)
-    # Constant images min-max scale to 0; the padding shows 0.5 between tiles.
-    assert grid[:, 2:6, 2:6].eq(0).all() and grid[:, 0:2].eq(0.5).all()
+    query_x = query_x + torch.rand(6, 1, 4, 4)  # min-max scaling keeps each query's pattern
+    query_y = torch.arange(3).repeat_interleave(2)
+    picture = episode_grid(support_x, torch.arange(3), query_x, query_y, scale=5)
+    texts = dict(picture.labels)
+    assert list(texts) == ["3-way 1-shot, 2 queries per class", "support", "queries",
+                           "class 0", "class 1", "class 2"]  # fmt: skip
+    # Row r holds class r: column 0 its support image, columns 1-2 its queries, 4 px at 5x.
+    assert sorted(picture.tiles) == [(r, c) for r in range(3) for c in range(3)]
+    for (r, c), (left, top, right, bottom) in picture.tiles.items():
+        assert (right - left, bottom - top) == (20, 20)
+        expected = to_rgb(query_x[2 * r + c - 1 : 2 * r + c]) if c else torch.zeros(1, 3, 4, 4)
+        expected = expected[0].repeat_interleave(5, 1).repeat_interleave(5, 2)
+        torch.testing.assert_close(picture.image[:, top:bottom, left:right], expected,
+                                   atol=1 / 255, rtol=0)  # fmt: skip
+    # Column titles sit above their columns, row labels left of their rows, a gap between blocks.
+    support, queries = picture.tiles[0, 0], picture.tiles[0, 1]
+    assert texts["support"][3] <= support[1] and texts["queries"][3] <= queries[1]
+    centre = {name: (texts[name][0] + texts[name][2]) / 2 for name in ("support", "queries")}
+    assert abs(centre["support"] - (support[0] + support[2]) / 2) <= 1
+    assert abs(centre["queries"] - (queries[0] + picture.tiles[0, 2][2]) / 2) <= 1
+    assert queries[0] - support[2] > picture.tiles[0, 2][0] - queries[2]
+    for r in range(3):
+        label, tile = texts[f"class {r}"], picture.tiles[r, 0]
+        assert label[2] <= tile[0] and label[1] < (tile[1] + tile[3]) / 2 < label[3]
+    # The text is drawn (ink where the labels are) and legible: at least 10 px high.
+    for text, (left, top, right, bottom) in picture.labels:
+        assert picture.image[:, top:bottom, left:right].amin() < 0.3, text
+    assert all(box[3] - box[1] >= 10 for _, box in picture.labels)
+
+
+def test_labelled_grid_frames_and_captions_only_where_asked():
+    tiles = [[torch.full((3, 6, 6), 0.5) for _ in range(3)] for _ in range(2)]
+    picture = labelled_grid(tiles, scale=4, captions={(0, 0): "a long caption to cut"},
+                            frames={(1, 2): WRONG})  # fmt: skip
+    ((text, box),) = picture.labels
+    assert text.endswith("…") and box[2] - box[0] <= 24 + 4  # cut to the tile's width
+    red = torch.tensor(WRONG, dtype=torch.float32)[:, None] / 255
+    for (r, c), (left, top, right, _) in picture.tiles.items():
+        ring = picture.image[:, top - 2, left:right]  # the padding row just above the tile
+        assert ring.sub(red).abs().amax() < 1e-6 if (r, c) == (1, 2) else ring.eq(1).all()
+    with pytest.raises(ValueError, match="every tile"):
+        labelled_grid([[torch.zeros(3, 4, 4), torch.zeros(3, 5, 5)]])
 
 
 def test_class_token_attention_is_row_zero_averaged_over_heads():
@@ -96,8 +135,14 @@ def test_episode_image_and_final_metrics_are_logged(tmp_path):
     run.fit(learner, dm)
     (result,) = run.test(learner, dm, verbose=False)
     log = events(run.logger.log_dir)
-    # 3 classes x (2 support + blank + 4 queries) tiles of 8 px, 2 px padding.
-    assert image_shape(log, "episode/train") == (2 + 3 * 10, 2 + 7 * 10)
+    # The picture of the first task of the training sampler's epoch-0 list, labelled.
+    dm.setup("fit")
+    expected = episode_grid(*dm.splits["train"][next(iter(dm.sampler("train")))][:4])
+    torch.testing.assert_close(image_pixels(log, "episode/train"), expected.image.permute(1, 2, 0))
+    # 3 classes x (2 support + 4 queries) tiles, 8 px images shown at 10x.
+    assert sorted(expected.tiles) == [(r, c) for r in range(3) for c in range(6)]
+    assert {(b[2] - b[0], b[3] - b[1]) for b in expected.tiles.values()} == {(80, 80)}
+    assert image_shape(log, "episode/train") == (318, 608)
     assert "attention/teacher_vs_student" not in log.Tags()["images"]
     (acc,) = log.Scalars("hp/test_acc")
     assert acc.value == pytest.approx(result["test/acc"], abs=1e-6)
@@ -132,17 +177,25 @@ def test_attention_maps_of_a_vit_distiller(tmp_path):
     run = trainer(tmp_path, num_sanity_val_steps=0)
     run.fit(distiller, dm)
     log = events(run.logger.log_dir)
-    # 4 query images (rows) x (image, teacher map, student map), 8 px tiles, 2 px padding.
     pixels = image_pixels(log, "attention/teacher_vs_student")
-    assert pixels.shape == (2 + 4 * 10, 2 + 3 * 10, 3)
-    query = next(iter(dm.val_dataloader())).query_x[0, :4]
-    for column, learner in ((1, distiller.teachers[0]), (2, distiller.student)):
-        maps = class_token_attention(learner.backbone, query)  # [4, 2, 2]
-        low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
-        expected = ((maps - low) / (high - low)).repeat_interleave(4, 1).repeat_interleave(4, 2)
-        x = 2 + column * 10
-        tiles = torch.stack([pixels[2 + r * 10 : 10 + r * 10, x : x + 8, 0] for r in range(4)])
-        torch.testing.assert_close(tiles, expected, atol=1 / 255 + 1e-6, rtol=0)
+    episode = next(iter(dm.val_dataloader()))
+    query, labels = query_images(episode.query_x[0], episode.query_y[0], 4)
+    assert labels.tolist() == [0, 1, 2, 0]  # one query per class first
+    teacher, student = (class_token_attention(m.backbone, query)
+                        for m in (distiller.teachers[0], distiller.student))  # fmt: skip
+    picture = attention_grid(query, teacher, student, labels,
+                             titles=("teacher\nblock 2 of 2", "student\nblock 1 of 1"))  # fmt: skip
+    torch.testing.assert_close(pixels, picture.image.permute(1, 2, 0))
+    assert [text for text, _ in picture.labels][1:4] == [
+        "image", "teacher\nblock 2 of 2", "student\nblock 1 of 1"]  # fmt: skip
+    # 8 px images at 14x (112 px tiles); each [2, 2] map covers its tile in 4 blocks of 56 px.
+    for column, maps in ((1, teacher), (2, student)):
+        colours = heat_colours(maps).repeat_interleave(56, 2).repeat_interleave(56, 3)
+        for row in range(4):
+            left, top, right, bottom = picture.tiles[row, column]
+            assert (right - left, bottom - top) == (112, 112)
+            torch.testing.assert_close(picture.image[:, top:bottom, left:right], colours[row],
+                                       atol=1 / 255, rtol=0)  # fmt: skip
     params = run_hyperparameters(distiller)
     assert params["model/student_backbone/init_args/depth"] == 1
 

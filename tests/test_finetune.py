@@ -74,7 +74,7 @@ def test_fixed_classifier_logits_equal_the_adapted_learner(name):
     model = learner(ALGORITHMS[name]())
     support_x, support_y = labelled((2, 3, 1))
     query_x, _ = labelled((3, 2, 2), seed=1)
-    expected = model.predict(model.adapt(support_x, support_y), query_x)
+    expected = model.predict(model.adapt(support_x, support_y, "transductive"), query_x)
     classifier = FixedClassifier.from_learner(model, support_x, support_y, ["a", "b", "c"])
     with torch.no_grad():
         got = classifier(query_x)

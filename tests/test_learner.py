@@ -47,7 +47,7 @@ def test_a_head_learner_needs_its_number_of_classes():
     with pytest.raises(ValueError, match="3-way head but the support set has 4 classes"):
         learner(MAML(), ways=3).adapt(*support(ways=4))
     state = learner(ProtoNet(), ways=3).adapt(*support(ways=4))  # a metric learner takes any N
-    assert state.shape[0] == 4
+    assert state.state.shape[0] == 4
 
 
 def test_predict_checks_the_queries():

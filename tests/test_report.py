@@ -60,10 +60,13 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text()) == rows
     table = (out / "report.md").read_text().splitlines()
-    assert table[0].startswith("| learner | accuracy (%) | Δ vs wide (points, paired) |")
+    assert table[0].startswith(
+        "| learner | normalization | accuracy (%) | Δ vs wide (points, paired) |"
+    )
+    assert "| wide | transductive |" in table[2]
     assert len(table) == 4 and "| — |" in table[2]
     assert f"| {100 * diff:+.2f} ± {100 * diff_ci95:.2f} |" in table[3]
-    assert f"| wide | {100 * rows[0]['accuracy']:.2f} ± " in table[2]
+    assert f"| wide | transductive | {100 * rows[0]['accuracy']:.2f} ± " in table[2]
     assert "| 7,248 |" in table[2] and "| 516 |" in table[3]
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +84,8 @@ def compare_given(accuracies: dict[str, list[float]], monkeypatch, tmp_path, **k
         name = next(n for n, m in learners.items() if m is learner)
         episode_accuracy = torch.tensor(accuracies[name])
         mean, ci95 = mean_ci95(episode_accuracy)
-        return {"accuracy": mean, "ci95": ci95, "episode_accuracy": episode_accuracy,
+        return {"normalization": "transductive", "accuracy": mean, "ci95": ci95,
+                "episode_accuracy": episode_accuracy,
                 "parameters": 10, "flops": 1e6, "latency_ms": 1.0}  # fmt: skip
 
     monkeypatch.setattr(report.comparison, "measure", measure)
@@ -123,8 +127,8 @@ def test_paired_difference_against_a_named_reference(monkeypatch, tmp_path):
     assert rows["c"]["diff_vs_reference"] == pytest.approx(-0.15, abs=1e-6)
     lines = (tmp_path / "report.md").read_text().splitlines()
     assert "| Δ vs b (points, paired) |" in lines[0]
-    assert "| a | 55.00 ± " in lines[2] and "| -10.00 ± 8.00 |" in lines[2]
-    assert "| b | 65.00 ± " in lines[3] and "| — |" in lines[3]
+    assert "| a | transductive | 55.00 ± " in lines[2] and "| -10.00 ± 8.00 |" in lines[2]
+    assert "| b | transductive | 65.00 ± " in lines[3] and "| — |" in lines[3]
     # An unknown reference fails before anything is measured.
     learners = {name: Learner(Conv4(hidden=2), ProtoNet(), ways=2) for name in "abc"}
     monkeypatch.setattr(
@@ -142,16 +146,16 @@ def test_markdown_table_paired_column():
         {"name": "worse", **common, "diff_vs_reference": -0.0123, "diff_ci95": 0.004},
     ]
     lines = markdown_table(rows).splitlines()
-    assert lines[0] == ("| learner | accuracy (%) | Δ vs teacher (points, paired) | parameters | "
-                        "MFLOPs / episode | CPU latency (ms) |")  # fmt: skip
-    assert lines[1] == "|---|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| teacher | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
-    assert lines[3] == "| student | 50.00 ± 2.00 | +0.35 ± 0.21 | 1,000 | 2.00 | 1.50 |"
-    assert lines[4] == "| worse | 50.00 ± 2.00 | -1.23 ± 0.40 | 1,000 | 2.00 | 1.50 |"
+    assert lines[0] == ("| learner | normalization | accuracy (%) | Δ vs teacher (points, paired) "
+                        "| parameters | MFLOPs / episode | CPU latency (ms) |")  # fmt: skip
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| teacher | — | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
+    assert lines[3] == "| student | — | 50.00 ± 2.00 | +0.35 ± 0.21 | 1,000 | 2.00 | 1.50 |"
+    assert lines[4] == "| worse | — | 50.00 ± 2.00 | -1.23 ± 0.40 | 1,000 | 2.00 | 1.50 |"
     # Rows of old callers, without the diff keys: the column is there, every cell "—".
     old = markdown_table([{"name": "x", **common}, {"name": "y", **common}]).splitlines()
     assert "| Δ vs x (points, paired) |" in old[0]
-    assert old[3] == "| y | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
+    assert old[3] == "| y | — | 50.00 ± 2.00 | — | 1,000 | 2.00 | 1.50 |"
 
 
 def test_ablation_table():

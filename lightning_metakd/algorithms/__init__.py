@@ -53,7 +53,15 @@ from lightning_metakd.algorithms.maml import MAML
 from lightning_metakd.algorithms.matchingnet import MatchingClassifier, MatchingNet, matching_logits
 from lightning_metakd.algorithms.meta_gradient import memory_bounded_loss
 from lightning_metakd.algorithms.metasgd import MetaSGD
-from lightning_metakd.algorithms.normalization import composite_normalization, prepare_model
+from lightning_metakd.algorithms.normalization import (
+    POLICIES,
+    Normalization,
+    TaskState,
+    batch_norm_statistics,
+    composite_normalization,
+    freeze_batch_norm,
+    prepare_model,
+)
 from lightning_metakd.algorithms.protonet import (
     ProtoNet,
     PrototypeClassifier,
@@ -63,6 +71,11 @@ from lightning_metakd.algorithms.protonet import (
 
 __all__ = [
     "ANIL",
+    "POLICIES",
+    "Normalization",
+    "TaskState",
+    "batch_norm_statistics",
+    "freeze_batch_norm",
     "MAML",
     "EpisodeLoss",
     "Learner",

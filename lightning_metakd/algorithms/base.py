@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_metakd.algorithms.engine import map_tasks
 from lightning_metakd.algorithms.inner_loop import Params
+from lightning_metakd.algorithms.normalization import (
+    TRANSDUCTIVE,
+    Normalization,
+    TaskState,
+    batch_norm_statistics,
+)
 
 
 class MetaAlgorithm(nn.Module):
@@ -90,6 +97,49 @@ class MetaAlgorithm(nn.Module):
         """Class scores ``[N*Q, ways]`` of one task's query images ``[N*Q, C, H, W]``."""
         raise NotImplementedError
 
+    def adapted_params(self, params: Params, state: Any) -> Params:
+        """The parameters the adapted network runs with: θ' for the MAML family, θ otherwise."""
+        return params
+
+    def adapt_task(
+        self,
+        model: nn.Module,
+        params: Params,
+        support_x: Tensor,
+        support_y: Tensor,
+        ways: int,
+        training: bool,
+        normalization: Normalization = TRANSDUCTIVE,
+    ) -> TaskState:
+        """:meth:`adapt` under a normalisation policy: the state and the statistics queries use.
+
+        ``"transductive"``: plain :meth:`adapt`, no statistics. ``"support"``: :meth:`adapt`,
+        then one support pass with the adapted parameters records every BatchNorm's statistics
+        (:class:`~lightning_metakd.algorithms.normalization.batch_norm_statistics`).
+        ``"population"``: the inner loop and the queries normalise with the population statistics
+        (in training, batch statistics, as BatchNorm trains).
+        """
+        policy = normalization.policy
+        if policy == "population" and not training:
+            with batch_norm_statistics(model, normalization.population):
+                state = self.adapt(model, params, support_x, support_y, ways, training)
+            return TaskState(state, normalization.population)
+        state = self.adapt(model, params, support_x, support_y, ways, training)
+        if policy == "support":
+            with batch_norm_statistics(model) as record:
+                functional_call(model, self.adapted_params(params, state), (support_x,))
+            return TaskState(state, record.recorded)
+        return TaskState(state, None)
+
+    def predict_task(
+        self, model: nn.Module, params: Params, task: TaskState, query_x: Tensor, ways: int
+    ) -> Tensor:
+        """:meth:`logits` of ``query_x`` with the statistics of ``task`` (if any): ``[M, ways]``."""
+        if task.statistics is None:
+            return self.logits(model, params, task.state, query_x, ways)
+        with batch_norm_statistics(model, task.statistics):
+            return self.logits(model, params, task.state, query_x, ways)
+
     def task_logits(
         self,
         model: nn.Module,
@@ -99,13 +149,14 @@ class MetaAlgorithm(nn.Module):
         query_x: Tensor,
         ways: int,
         training: bool,
+        normalization: Normalization = TRANSDUCTIVE,
     ) -> Tensor:
-        """:meth:`adapt` then :meth:`logits` for ONE task: ``[N*Q, ways]``.
+        """:meth:`adapt_task` then :meth:`predict_task` for ONE task: ``[N*Q, ways]``.
 
         The single function that both the loop and the vmap path of :meth:`episode_logits` call.
         """
-        state = self.adapt(model, params, support_x, support_y, ways, training)
-        return self.logits(model, params, state, query_x, ways)
+        task = self.adapt_task(model, params, support_x, support_y, ways, training, normalization)
+        return self.predict_task(model, params, task, query_x, ways)
 
     def episode_logits(
         self,
@@ -118,6 +169,7 @@ class MetaAlgorithm(nn.Module):
         training: bool,
         vmap_tasks: bool | None = None,
         chunk_size: int | None = None,
+        normalization: Normalization = TRANSDUCTIVE,
     ) -> Tensor:
         """Query logits of all ``T`` tasks of an episode: ``[T, N*Q, ways]``.
 
@@ -135,6 +187,7 @@ class MetaAlgorithm(nn.Module):
                 ``None``: the loop on CPU, vmap elsewhere
                 (:func:`~lightning_metakd.algorithms.engine.use_vmap`). Same numbers either way.
             chunk_size: with vmap, process at most this many tasks at once (bounds memory).
+            normalization: the BatchNorm policy (:class:`Normalization`; default transductive).
         """
         if support_x.dim() < 3 or support_y.dim() != 2 or query_x.dim() != support_x.dim():
             raise ValueError(
@@ -144,7 +197,7 @@ class MetaAlgorithm(nn.Module):
             )
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-            return self.task_logits(model, params, sx, sy, qx, ways, training)
+            return self.task_logits(model, params, sx, sy, qx, ways, training, normalization)
 
         return map_tasks(
             one_task,

@@ -8,7 +8,8 @@ report measures learners; deployment folds a learner's adapted state into a fixe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -17,7 +18,16 @@ from torch import Tensor, nn
 
 from lightning_metakd.algorithms.base import MetaAlgorithm
 from lightning_metakd.algorithms.inner_loop import Params
-from lightning_metakd.algorithms.normalization import prepare_model
+from lightning_metakd.algorithms.normalization import (
+    TRANSDUCTIVE,
+    Normalization,
+    Statistics,
+    TaskState,
+    batch_norm_statistics,
+    check_policy,
+    freeze_batch_norm,
+    prepare_model,
+)
 from lightning_metakd.data.episode import Episode
 from lightning_metakd.models.classifier import Classifier
 from lightning_metakd.spec import build_component, component_spec
@@ -50,6 +60,13 @@ class Learner(nn.Module):
         algorithm: a :class:`~lightning_metakd.algorithms.MetaAlgorithm`.
         ways: classes per task; sizes the head of MAML-family algorithms (metric algorithms take
             any number of classes).
+        normalization: the BatchNorm policy of its episodes — training, validation, test
+            (:data:`~lightning_metakd.algorithms.normalization.POLICIES`): ``"transductive"``
+            (each batch its own statistics, the papers' protocol and the default), ``"support"``
+            (the support set's statistics for every query) or ``"population"`` (meta-training
+            statistics, :meth:`calibrate`). :meth:`adapt` / :meth:`predict` on user data never
+            use transductive statistics unless asked: a query's answer must not depend on the
+            other images in its batch, so they follow ``"support"`` when this is transductive.
         vmap_tasks: how the tasks of an episode are processed: ``torch.func.vmap`` (``True``), a
             loop (``False``), or the loop on CPU and vmap elsewhere (``None``;
             :func:`~lightning_metakd.algorithms.engine.use_vmap`).
@@ -67,6 +84,7 @@ class Learner(nn.Module):
         backbone: nn.Module,
         algorithm: MetaAlgorithm,
         ways: int = 5,
+        normalization: str = "transductive",
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
     ) -> None:
@@ -85,7 +103,10 @@ class Learner(nn.Module):
         self.algorithm = algorithm
         self.ways = ways
         self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
+        self.normalization = check_policy(normalization)
         algorithm.build(self.model)
+        if normalization == "population":
+            self._population_buffers()  # before a checkpoint's state is loaded into them
         if vmap_tasks:
             algorithm.check_vmap()  # e.g. MAML(checkpoint_steps=True) needs the loop
 
@@ -105,11 +126,13 @@ class Learner(nn.Module):
             "backbone": component_spec(self.backbone),
             "algorithm": component_spec(self.algorithm),
             "ways": self.ways,
+            "normalization": self.normalization,
         }
 
     @classmethod
     def from_components(cls, components: Mapping[str, Any], **settings: Any) -> Learner:
         """A freshly initialised learner from :meth:`components` (load its state dict next)."""
+        settings.setdefault("normalization", components.get("normalization", "transductive"))
         return cls(
             build_component(components["backbone"]),
             build_component(components["algorithm"]),
@@ -124,6 +147,91 @@ class Learner(nn.Module):
     def theta_star(self) -> dict[str, Tensor]:
         """The meta-learned initial parameters θ* of :attr:`model` (detached copies)."""
         return {name: p.detach().clone() for name, p in self.model.named_parameters()}
+
+    # -- normalisation ----------------------------------------------------------------------------
+    def _batch_norms(self) -> list[tuple[str, nn.Module]]:
+        return [
+            (n, m)
+            for n, m in self.model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def _population_buffers(self) -> None:
+        """Buffers (so checkpoints keep them) for every BatchNorm's population mean and variance,
+        and whether they were estimated yet; made once, for population learners only."""
+        if hasattr(self, "population"):
+            return
+        weight = next(self.parameters())
+        self.population = nn.Module()
+        for name, bn in self._batch_norms():
+            key = name.replace(".", "__")
+            for stat, value in (("mean", 0.0), ("var", 1.0)):
+                full = torch.full((bn.num_features,), value, device=weight.device)
+                self.population.register_buffer(f"{key}__{stat}", full)
+        self.register_buffer("calibrated", torch.tensor(False, device=weight.device))
+
+    def population_statistics(self) -> Statistics:
+        """``{BatchNorm path: (mean, var)}`` estimated by :meth:`calibrate` (raises before)."""
+        if not bool(getattr(self, "calibrated", False)):
+            raise RuntimeError(
+                "this learner has no population statistics yet: call learner.calibrate(images) "
+                "with meta-training images (the modules do it at validation and test when "
+                "normalization='population'), or use normalization='support'."
+            )
+        store = self.population
+        return {
+            n: (
+                getattr(store, f"{n.replace('.', '__')}__mean"),
+                getattr(store, f"{n.replace('.', '__')}__var"),
+            )
+            for n, _ in self._batch_norms()
+        }
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor]) -> Learner:
+        """Estimate the population statistics of every BatchNorm from meta-training images.
+
+        Each tensor of ``batches`` is one batch ``[B, C, H, W]`` as training normalises it (a
+        task's support or query set); per layer the statistics of all batches are pooled: the
+        mean of their means and, by the law of total variance, the mean of their variances plus
+        the variance of their means, weighted by batch size. Returns ``self``.
+        """
+        self._population_buffers()
+        sums: dict[str, list[Tensor]] = {}
+        count = 0
+        with torch.inference_mode(False):
+            for images in batches:
+                with batch_norm_statistics(self.model) as record:
+                    self.model(images.clone())
+                weight = len(images)
+                for name, (mean, var) in record.recorded.items():
+                    moments = [weight * mean, weight * (var + mean.pow(2))]
+                    sums[name] = (
+                        moments
+                        if name not in sums
+                        else [a + b for a, b in zip(sums[name], moments, strict=True)]
+                    )
+                count += weight
+        if not count:
+            raise ValueError("calibrate needs at least one batch of images.")
+        for name, (first, second) in sums.items():
+            key = name.replace(".", "__")
+            mean = first / count
+            getattr(self.population, f"{key}__mean").copy_(mean)
+            getattr(self.population, f"{key}__var").copy_(second / count - mean.pow(2))
+        self.calibrated.fill_(True)
+        return self
+
+    def policy(self, normalization: str | None = None, training: bool = False) -> Normalization:
+        """The :class:`~lightning_metakd.algorithms.base.Normalization` an episode or a task uses.
+
+        ``normalization`` overrides this learner's policy; population statistics in training
+        are batch statistics (BatchNorm trains that way).
+        """
+        name = check_policy(normalization or self.normalization)
+        if name == "population" and not training:
+            return Normalization(name, self.population_statistics())
+        return TRANSDUCTIVE if name == "population" else Normalization(name)
 
     # -- the method -------------------------------------------------------------------------------
     def episode_logits(
@@ -141,6 +249,7 @@ class Learner(nn.Module):
             training,
             vmap_tasks=self.vmap_tasks,
             chunk_size=self.task_chunk_size,
+            normalization=self.policy(training=training),
         )
 
     def episode_loss(self, batch: Episode, training: bool = True) -> EpisodeLoss:
@@ -164,45 +273,64 @@ class Learner(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             return self.episode_loss(batch.clone(), training=False)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Any:
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, normalization: str | None = None
+    ) -> TaskState:
         """Adapt to one task's support set ``[N*K, C, H, W]``, labels ``[N*K]`` in ``0..N-1``.
 
-        Returns the task state (adapted parameters θ', prototypes, or the support embedding) for
-        :meth:`predict`. The inputs are checked: every label ``0..N-1`` present, images that fit
-        the backbone, as many labels as images.
+        Returns the task state (adapted parameters θ', prototypes or the support embedding, and
+        the BatchNorm statistics the queries will use) for :meth:`predict`. ``normalization``:
+        the policy; default this learner's, except that transductive becomes ``"support"``, so a
+        query's answer never depends on the other queries it is predicted with (pass
+        ``"transductive"`` for the papers' protocol). The inputs are checked: every label
+        ``0..N-1`` present, images that fit the backbone, as many labels as images.
         """
         ways = self.check_support(support_x, support_y)
+        if normalization is None:
+            normalization = "support" if self.normalization == "transductive" else None
         with torch.inference_mode(False), torch.no_grad():
-            return self.algorithm.adapt(
+            return self.algorithm.adapt_task(
                 self.model,
                 self.params(detach=True),
                 support_x.clone(),
                 support_y.clone(),
                 ways,
                 training=False,
+                normalization=self.policy(normalization),
             )
 
-    def predict(self, state: Any, query_x: Tensor) -> Tensor:
-        """Logits ``[M, N]`` for query images ``[M, C, H, W]`` of the task behind ``state``."""
+    def predict(self, task: TaskState, query_x: Tensor) -> Tensor:
+        """Logits ``[M, N]`` for query images ``[M, C, H, W]`` of the task behind ``task``."""
+        if not isinstance(task, TaskState):
+            raise TypeError(
+                f"predict takes the TaskState that learner.adapt returned, got {type(task).__name__}."
+            )
         self.check_images(query_x, "query_x")
         with torch.inference_mode(False), torch.no_grad():
-            return self.algorithm.logits(
-                self.model, self.params(detach=True), state, query_x.clone(), self.ways
+            return self.algorithm.predict_task(
+                self.model, self.params(detach=True), task, query_x.clone(), self.ways
             )
 
-    def fold(self, support_x: Tensor, support_y: Tensor) -> nn.Module:
+    def fold(
+        self, support_x: Tensor, support_y: Tensor, normalization: str | None = None
+    ) -> nn.Module:
         """Adapt once on a support set and fold the result into a plain module ``images -> logits``.
 
         :meth:`MetaAlgorithm.fold <lightning_metakd.algorithms.MetaAlgorithm.fold>` of the
-        adapted state; this learner is not modified.
+        adapted state; with a policy that fixes statistics (support, population; the default, as
+        for :meth:`adapt`) every BatchNorm of the folded module keeps them as running statistics,
+        so it classifies each image on its own. This learner is not modified.
         """
         was_training = self.training
         self.eval()
         try:
-            state = self.adapt(support_x, support_y)
+            task = self.adapt(support_x, support_y, normalization)
         finally:
             self.train(was_training)
-        return self.algorithm.fold(self.model, state)
+        model = copy.deepcopy(self.model)
+        if task.statistics is not None:
+            freeze_batch_norm(model, task.statistics)
+        return self.algorithm.fold(model, task.state)
 
     # -- checks -----------------------------------------------------------------------------------
     def check_images(self, images: Tensor, name: str = "images") -> None:
@@ -308,7 +436,10 @@ class Learner(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"ways={self.ways}, vmap_tasks={self.vmap_tasks}, task_chunk_size={self.task_chunk_size}"
+        return (
+            f"ways={self.ways}, normalization={self.normalization!r}, "
+            f"vmap_tasks={self.vmap_tasks}, task_chunk_size={self.task_chunk_size}"
+        )
 
 
 __all__ = ["EpisodeLoss", "Learner", "scored"]

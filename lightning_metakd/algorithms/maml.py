@@ -82,6 +82,10 @@ class MAML(MetaAlgorithm):
         """Names of the parameters that the inner loop changes (``None``: all of them)."""
         return None
 
+    def adapted_params(self, params: Params, state: Params) -> Params:
+        """θ': the adapted parameters are the state."""
+        return state
+
     def step_sizes(self) -> float | Params:
         """The inner learning rate(s) handed to :func:`inner_loop`."""
         return self.inner_lr

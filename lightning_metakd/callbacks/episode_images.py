@@ -12,11 +12,13 @@ from lightning_metakd.data import EpisodicDataModule
 class EpisodeImages(Callback):
     """Logs one training episode as an image (``episode/train``) once, when fit starts.
 
-    Each row of the grid is one class of the task: its ``shots`` support images, a blank tile, then
-    up to ``max_queries`` of its query images — what the learner adapts on and what it must then
-    classify. Needs an :class:`~lightning_metakd.data.EpisodicDataModule`; the task is the first
-    of the training sampler's epoch-0 list (drawn from its own seeded generator, so training sees
-    the same episodes with or without this callback).
+    Each row of the picture is one class of the task (labelled ``class c``): its ``shots`` support
+    images under the column title ``support``, a gap, then up to ``max_queries`` of its query images
+    under ``queries`` — what the learner adapts on and what it must then classify; the title gives
+    the setting (:func:`~lightning_metakd.callbacks.tensorboard.episode_grid`). Needs an
+    :class:`~lightning_metakd.data.EpisodicDataModule`; the task is the first of the training
+    sampler's epoch-0 list (drawn from its own seeded generator, so training sees the same
+    episodes with or without this callback).
 
     Args:
         max_queries: query images shown per class.
@@ -34,9 +36,9 @@ class EpisodeImages(Callback):
         if writer is None or not isinstance(datamodule, EpisodicDataModule):
             return
         spec = next(iter(datamodule.sampler("train")))
-        support_x, support_y, query_x, query_y, _ = datamodule.splits["train"][spec]
-        grid = episode_grid(support_x, support_y, query_x, query_y, self.max_queries)
-        writer.add_image(self.tag, grid, global_step=trainer.global_step)
+        support_x, support_y, query_x, query_y, *_ = datamodule.splits["train"][spec]
+        picture = episode_grid(support_x, support_y, query_x, query_y, self.max_queries)
+        writer.add_image(self.tag, picture.image, global_step=trainer.global_step)
 
 
 __all__ = ["EpisodeImages"]

@@ -21,6 +21,7 @@ from lightning_metakd.data.sampler import EpisodeSampler
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 _STREAMS = {"train": 0, "val": 1, "test": 2}
+_CALIBRATION_STREAM = 3  # the training tasks population statistics are estimated from
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -389,6 +390,26 @@ class EpisodicDataModule(L.LightningDataModule):
             rank=rank,
             split=split,
         )
+
+    def calibration_images(self, tasks: int = 32) -> list[torch.Tensor]:
+        """Support and query sets of ``tasks`` fixed training tasks, one ``[B, C, H, W]`` each.
+
+        What a learner estimates population BatchNorm statistics from
+        (:meth:`~lightning_metakd.algorithms.Learner.calibrate`): drawn from their own seeded
+        stream, the same on every process and at every call, and never shifting the training
+        episodes or the random states.
+        """
+        self._require_split("train")
+        sampler = EpisodeSampler(
+            self.splits["train"], ways=self.ways, shots=self.shots, queries=self.queries,
+            num_tasks=tasks, fixed=True, seed=self.seed, stream=_CALIBRATION_STREAM,
+            grouping=self.grouping != "none", split="train",
+        )  # fmt: skip
+        images = []
+        for spec in sampler:
+            support_x, _, query_x, *_ = self.splits["train"][spec]
+            images += [support_x, query_x]
+        return images
 
     def dataloader(self, split: Split) -> DataLoader:
         """A DataLoader of :class:`Episode` s for ``split`` (what the ``*_dataloader`` hooks return).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,11 @@ from tqdm import tqdm
 
 from lightning_metakd.data.episode import TaskSpec
 
-Transform = Callable[[Tensor], Tensor]
+#: A callable on one ``[C, H, W]`` float image that returns the transformed image. The result is
+#: annotated ``Any`` so that LightningCLI accepts a ``class_path`` of a callable class (e.g.
+#: ``lightning_metakd.data.augment.RandomAffine``): with a ``Tensor`` result jsonargparse expects
+#: a class whose instances *are* tensors.
+Transform = Callable[[Tensor], Any]
 
 #: Bad files named one by one in :func:`check_image_files`'s error; the rest are counted.
 BAD_FILES_SHOWN = 20
@@ -92,7 +97,11 @@ class ClassDataset(Dataset):
         image_size: images are resized (antialiased) to ``image_size x image_size``.
         channels: 1 (grey) or 3 (RGB); file images are converted on load.
         invert: turn black-on-white strokes into white-on-black (Omniglot convention).
-        transform: applied to each ``[C, H, W]`` float image in ``[0, 1]`` after resizing.
+        transform: applied to each ``[C, H, W]`` float image in ``[0, 1]`` after resizing. A random
+            transform draws from torch's CPU generator, which is seeded for each image from the
+            task alone (:func:`view_seeds`) and restored afterwards: the same task gets the same
+            views with any number of DataLoader workers and after a resume, and the
+            augmentation leaves the random numbers of everything else (dropout, ...) unchanged.
         rotations: 1, or 4 to add the 90°, 180° and 270° rotations of every class as new classes
             (the Omniglot augmentation of Santoro et al. 2016 and Vinyals et al. 2016).
 
@@ -240,20 +249,50 @@ class ClassDataset(Dataset):
         tensor = tensor[None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         return tensor.float().div_(255.0)
 
-    def __getitem__(self, spec: TaskSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def __getitem__(self, spec: TaskSpec) -> tuple[Tensor, ...]:
         if not isinstance(spec, TaskSpec):
             raise TypeError(
                 f"ClassDataset is indexed by a TaskSpec (from an EpisodeSampler), got {type(spec).__name__}."
             )
         ways = spec.ways
 
-        def load(indices: Sequence[int]) -> Tensor:
+        seeds = view_seeds(spec) if self.transform is not None else None
+
+        def load(indices: Sequence[int], first: int) -> Tensor:
             images = [self.load_image(i) for i in indices]
-            if self.transform is not None:
-                images = [self.transform(img) for img in images]
+            if seeds is not None:
+                images = [
+                    self._transformed(img, int(seeds[first + j])) for j, img in enumerate(images)
+                ]
             return torch.stack(images)
 
         support_y = torch.arange(ways).repeat_interleave(spec.shots)
         query_y = torch.arange(ways).repeat_interleave(spec.queries)
         classes = torch.tensor(spec.classes, dtype=torch.long)
-        return load(spec.support), support_y, load(spec.query), query_y, classes
+        support_x, query_x = load(spec.support, 0), load(spec.query, len(spec.support))
+        indices = [torch.tensor(i, dtype=torch.long) for i in (spec.support, spec.query)]
+        return support_x, support_y, query_x, query_y, classes, *indices
+
+    def _transformed(self, image: Tensor, seed: int) -> Tensor:
+        # Only the CPU generator is forked and seeded: torch.manual_seed would reseed CUDA too.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.transform(image)
+
+
+def view_seeds(spec: TaskSpec) -> np.ndarray:
+    """One seed per image of the task ``spec`` (support, then query): a function of the task alone.
+
+    Hashed from the classes and sample indices with :class:`numpy.random.SeedSequence`, so the
+    random view of an image depends on which task it is loaded for (a new task each time it is
+    drawn again), never on the DataLoader worker that loads it, the number of workers, the epoch
+    a resume starts in or other random draws of the process.
+
+    Example:
+        >>> spec = TaskSpec(classes=(2, 0), support=(10, 0), query=(11, 1))
+        >>> seeds = view_seeds(spec)
+        >>> len(seeds), bool((seeds == view_seeds(spec)).all())
+        (4, True)
+    """
+    entropy = [len(spec.classes), *spec.classes, len(spec.support), *spec.support, *spec.query]
+    return np.random.SeedSequence(entropy).generate_state(len(spec.support) + len(spec.query))

@@ -44,6 +44,9 @@ class Episode:
     - ``support_x``: ``[T, N*K, C, H, W]`` float, ``support_y``: ``[T, N*K]`` long in ``0..N-1``
     - ``query_x``: ``[T, N*Q, C, H, W]`` float, ``query_y``: ``[T, N*Q]`` long in ``0..N-1``
     - ``classes``: ``[T, N]`` long, the split's class index behind each task label
+    - ``support_index``, ``query_index``: ``[T, N*K]`` and ``[T, N*Q]`` long, the split's sample
+      index of each image, or ``None`` (sources that do not know them): what lets a frozen
+      teacher's per-image outputs be cached across epochs.
 
     Labels are remapped per task: label ``j`` of task ``t`` is class ``classes[t, j]``. Lightning moves an
     ``Episode`` to the device like any dataclass of tensors; :meth:`to` does the same by hand.
@@ -60,6 +63,8 @@ class Episode:
     query_x: Tensor
     query_y: Tensor
     classes: Tensor
+    support_index: Tensor | None = None
+    query_index: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.support_x.dim() != 5 or self.query_x.dim() != 5:
@@ -87,14 +92,22 @@ class Episode:
     def __len__(self) -> int:
         return self.num_tasks
 
+    def _map(self, fn) -> Episode:  # noqa: ANN001 - a function of one tensor
+        return Episode(
+            **{
+                f.name: None if (v := getattr(self, f.name)) is None else fn(v)
+                for f in fields(self)
+            }
+        )
+
     def task(self, index: int) -> Episode:
         """Task ``index`` alone, as an ``Episode`` with ``T = 1``."""
-        return Episode(**{f.name: getattr(self, f.name)[index : index + 1] for f in fields(self)})
+        return self._map(lambda t: t[index : index + 1])
 
     def split(self, size: int) -> list[Episode]:
         """Chunks of at most ``size`` tasks (for memory-bounded processing)."""
-        chunks = [getattr(self, f.name).split(size) for f in fields(self)]
-        return [Episode(*parts) for parts in zip(*chunks, strict=True)]
+        starts = range(0, self.num_tasks, size)
+        return [self._map(lambda t, a=a: t[a : a + size]) for a in starts]
 
     def to(
         self,
@@ -103,23 +116,24 @@ class Episode:
         non_blocking: bool = False,
     ) -> Episode:
         """Move every tensor to ``device``; ``dtype`` casts the images only (labels stay long)."""
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            cast = dtype if value.is_floating_point() else None
-            out[f.name] = value.to(device=device, dtype=cast, non_blocking=non_blocking)
-        return Episode(**out)
+        return self._map(
+            lambda t: t.to(
+                device=device, dtype=dtype if t.is_floating_point() else None,
+                non_blocking=non_blocking,
+            )
+        )  # fmt: skip
 
     def clone(self) -> Episode:
         """A copy of every tensor (e.g. so that autograd may use tensors made in inference mode)."""
-        return Episode(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return self._map(lambda t: t.clone())
 
     def pin_memory(self) -> Episode:
-        return Episode(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
     @staticmethod
-    def from_tasks(tasks: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]) -> Episode:
-        """Stack tasks ``(support_x, support_y, query_x, query_y, classes)``: the DataLoader's collate."""
+    def from_tasks(tasks: Sequence[tuple[Tensor, ...]]) -> Episode:
+        """Stack tasks ``(support_x, support_y, query_x, query_y, classes[, support_index,
+        query_index])``: the DataLoader's collate."""
         if not tasks:
             raise ValueError("Episode.from_tasks needs at least one task.")
         return Episode(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))

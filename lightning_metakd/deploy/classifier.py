@@ -32,10 +32,12 @@ from lightning_metakd.algorithms import (
     Learner,
     MatchingClassifier,
     PrototypeClassifier,
+    batch_norm_statistics,
+    freeze_batch_norm,
     prepare_model,
 )
+from lightning_metakd.algorithms.normalization import Statistics
 from lightning_metakd.data.dataset import ClassDataset
-from lightning_metakd.distill.taps import tap
 from lightning_metakd.spec import build_component, component_spec
 
 #: The ``format`` entry of a saved classifier file, and its layout version.
@@ -93,31 +95,15 @@ def _batch_norms(network: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Ba
     ]
 
 
-def _freeze_batch_norm(network: nn.Module, statistics: dict[str, tuple[Tensor, Tensor]]) -> None:
-    """Make every BatchNorm of ``network`` normalise with the given ``(mean, var)`` from now on."""
-    for name, bn in _batch_norms(network):
-        mean, var = statistics[name]
-        bn.register_buffer("running_mean", mean.detach().clone())
-        bn.register_buffer("running_var", var.detach().clone())
-        bn.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        bn.track_running_stats = True
-        bn.eval()
-
-
-def batch_norm_statistics(network: nn.Module, images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def image_statistics(network: nn.Module, images: Tensor) -> Statistics:
     """Mean and biased variance of each BatchNorm's input when ``network`` sees ``images`` at once.
 
-    With these frozen in, ``network`` gives on ``images`` exactly what batch statistics give.
+    With these frozen in (:func:`~lightning_metakd.algorithms.freeze_batch_norm`), ``network``
+    gives on ``images`` exactly what batch statistics give.
     """
-    names = [name for name, _ in _batch_norms(network)]
-    with torch.inference_mode(False), torch.no_grad(), tap(network, names, inputs=True) as inputs:
-        network(images)
-    statistics = {}
-    for name in names:
-        x = inputs[name]
-        dims = [0, *range(2, x.dim())]
-        statistics[name] = (x.mean(dims), x.var(dims, unbiased=False))
-    return statistics
+    with torch.inference_mode(False), torch.no_grad(), batch_norm_statistics(network) as record:
+        network(images.clone())
+    return record.recorded
 
 
 class FixedClassifier(nn.Module):
@@ -242,7 +228,7 @@ class FixedClassifier(nn.Module):
             )
         if support_x.shape[-1] != support_x.shape[-2]:
             raise ValueError(f"images must be square, got {tuple(support_x.shape[-2:])}.")
-        network = learner.fold(support_x, support_y)
+        network = learner.fold(support_x, support_y, normalization="transductive")
         network.to(support_x.device).requires_grad_(True)
         return cls(network, class_names, support_x.shape[-1], support_x.shape[1], invert, mean, std)
 
@@ -255,7 +241,7 @@ class FixedClassifier(nn.Module):
         if self.statistics == "fixed":
             raise RuntimeError("the BatchNorm statistics of this classifier are already fixed.")
         self.check_images(images)
-        _freeze_batch_norm(self.network, batch_norm_statistics(self.network, images))
+        freeze_batch_norm(self.network, image_statistics(self.network, images))
         self.statistics = "fixed"
         return self
 
@@ -357,7 +343,7 @@ class FixedClassifier(nn.Module):
                 name: (torch.zeros(bn.num_features), torch.ones(bn.num_features))
                 for name, bn in _batch_norms(network)
             }
-            _freeze_batch_norm(network, placeholders)
+            freeze_batch_norm(network, placeholders)
             classifier.statistics = "fixed"
         network.load_state_dict(payload["state_dict"])
         if isinstance(map_location, str | torch.device):
@@ -377,7 +363,7 @@ __all__ = [
     "FixedClassifier",
     "MatchingClassifier",  # re-exported: classifier files of 0.1 name them here
     "PrototypeClassifier",
-    "batch_norm_statistics",
+    "image_statistics",
     "normalize_images",
     "read_image_files",
 ]

@@ -12,7 +12,8 @@ A user brings a folder of class folders with a few images each (the layout of
 4. optionally fine-tunes that network further for ``epochs`` on the same images, with the
    MAML-anchored regulariser ``λ‖θ − θ*‖²`` towards the meta-learned θ* (``anchor_weight`` = λ);
 5. reports held-out accuracy after adaptation and after fine-tuning, and writes
-   ``<output>/classifier.pt`` and ``<output>/finetune.json``.
+   ``<output>/classifier.pt``, ``<output>/finetune.json`` and ``<output>/holdout.png`` (the
+   held-out images with predicted and true class, wrong ones in red: :mod:`.sheet`).
 
 ``metakd finetune --config configs/kanji/finetune.yaml`` runs it from the command line
 (:func:`finetune_main`), and the optional ``finetune`` stage of ``metakd pipeline`` after
@@ -41,6 +42,7 @@ from lightning_metakd.deploy.labelled import (
     holdout_split,
     read_class_folders,
 )
+from lightning_metakd.deploy.sheet import SHEET_FILE, Sheet, prediction_sheet
 from lightning_metakd.distill import parameter_anchor_loss
 from lightning_metakd.modules import CheckpointError
 from lightning_metakd.modules import load_learner as read_learner
@@ -248,10 +250,8 @@ def _train(
 
 
 # -- evaluation, the whole job ----------------------------------------------------------------------
-def accuracy(
-    classifier: FixedClassifier, images: Tensor, labels: Tensor, batch_size: int = 256
-) -> dict[str, object]:
-    """``{"accuracy", "correct", "images", "per_class": {name: {"correct", "images"}}}``.
+def probabilities(classifier: FixedClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The classifier's class probabilities ``[M, N]`` (softmax of the logits) on the CPU.
 
     With batch statistics all images go through in one batch (their statistics are the ones a
     deployment would see only if it classified them together); with fixed statistics in chunks.
@@ -260,7 +260,17 @@ def accuracy(
     size = len(images) if classifier.statistics == "batch" else batch_size
     chunks = [images[i : i + size] for i in range(0, len(images), size)]
     with torch.inference_mode(False), torch.no_grad():
-        predicted = torch.cat([classifier(chunk.to(device)).argmax(-1).cpu() for chunk in chunks])
+        return torch.cat([classifier(chunk.to(device)).softmax(-1).cpu() for chunk in chunks])
+
+
+def accuracy(
+    classifier: FixedClassifier, images: Tensor, labels: Tensor, batch_size: int = 256
+) -> dict[str, object]:
+    """``{"accuracy", "correct", "images", "per_class": {name: {"correct", "images"}}}``.
+
+    The predictions are the argmax of :func:`probabilities` (same batching).
+    """
+    predicted = probabilities(classifier, images, batch_size).argmax(-1)
     labels = labels.cpu()
     hits = predicted == labels
     per_class = {
@@ -299,7 +309,8 @@ def run_finetune(
 
     Writes ``<output>/classifier.pt`` (:meth:`FixedClassifier.save`) and ``<output>/finetune.json``
     (this report: classes, image counts, held-out accuracy after adaptation and, with
-    ``epochs > 0``, after fine-tuning, the fine-tuning losses).
+    ``epochs > 0``, after fine-tuning, the fine-tuning losses), and with held-out images
+    ``<output>/holdout.png`` (:func:`holdout_sheet`: the final classifier's predictions).
 
     Args:
         checkpoint: a ``MetaLearnerModule`` or ``DistillationModule`` checkpoint (``best.ckpt``).
@@ -392,11 +403,31 @@ def run_finetune(
     report["holdout_accuracy"] = None if final is None else final["accuracy"]  # type: ignore[index]
     out = Path(output)
     report["classifier"] = str(classifier.save(out / CLASSIFIER_FILE))
+    if held_out:
+        report["sheet"] = str(holdout_sheet(classifier, data, held_out, out / SHEET_FILE).path)
     report["report"] = str(out / REPORT_FILE)
     text = json.dumps(report, indent=2) + "\n"
     atomic_write(out / REPORT_FILE, lambda handle: handle.write(text.encode()))
     say(f"[finetune] wrote {out / CLASSIFIER_FILE} and {out / REPORT_FILE}")
+    if held_out:
+        say(f"[finetune] wrote {out / SHEET_FILE}: the held-out images, wrong ones in red")
     return report
+
+
+def holdout_sheet(
+    classifier: FixedClassifier, data: LabelledImages, held_out: Sequence[int], path: Path
+) -> Sheet:
+    """``holdout.png``: the held-out images with the classifier's prediction and the true class."""
+    p = probabilities(classifier, data.images[list(held_out)])
+    confidence, predicted = p.max(-1)
+    return prediction_sheet(
+        path,
+        [data.paths[i] for i in held_out],
+        [classifier.class_names[int(k)] for k in predicted],
+        confidence.tolist(),
+        [data.class_names[int(data.labels[i])] for i in held_out],
+        title=f"metakd finetune: held-out images of {len(data.class_names)} classes",
+    )
 
 
 def finetune_parser():  # noqa: ANN201 - a jsonargparse ArgumentParser
@@ -443,11 +474,13 @@ __all__ = [
     "LabelledImages",
     "accuracy",
     "finetune",
+    "holdout_sheet",
     "finetune_main",
     "finetune_parser",
     "holdout_split",
     "input_format",
     "load_learner",
+    "probabilities",
     "read_class_folders",
     "run_finetune",
 ]

@@ -4,7 +4,8 @@
 and/or ``model.onnx`` plus ``classes.json``. Images are read exactly as the data pipeline reads
 them (:class:`~lightning_metakd.data.ClassDataset`: grey or RGB, ``[0, 1]``, optional inversion,
 antialiased resize to ``image_size``), then normalised with the stored ``mean``/``std``. Each image
-prints ``path<TAB>class<TAB>probability`` (softmax of the logits).
+prints ``path<TAB>class<TAB>probability`` (softmax of the logits); ``--sheet out.png`` also
+draws them with their predictions (:func:`~lightning_metakd.deploy.sheet.classify_sheet`).
 
 Example::
 
@@ -192,6 +193,9 @@ def classify_main(argv: list[str]) -> int:
         default=None,
         help="images per forward pass (default: 32 with fixed BatchNorm statistics, else 1)",
     )
+    parser.add_argument(
+        "--sheet", default=None, help="also write a PNG of the images with their predictions"
+    )
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     opts = parser.parse_args(argv)
     try:
@@ -201,4 +205,13 @@ def classify_main(argv: list[str]) -> int:
         return 2
     for path, name, probability in rows:
         print(f"{path}\t{name}\t{probability:.4f}")
+    if opts.sheet:
+        from lightning_metakd.deploy.sheet import classify_sheet
+
+        try:
+            sheet = classify_sheet(opts.sheet, rows, read_metadata(opts.model)["class_names"])
+        except OSError as err:
+            print(f"metakd classify: error: cannot write the sheet: {err}", file=sys.stderr)
+            return 2
+        print(f"metakd classify: wrote {sheet.path}: {sheet.summary}", file=sys.stderr)
     return 0

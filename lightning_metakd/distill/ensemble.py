@@ -153,9 +153,12 @@ class TeacherEnsemble(nn.Module):
         """The adapted network of every learner (``learner.model``)."""
         return [learner.model for learner in self.learners]
 
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> list[Any]:
-        """Every learner adapts to the support set ``[N*K, C, H, W]``, ``[N*K]``; their states."""
-        return [learner.adapt(support_x, support_y) for learner in self.learners]
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, normalization: str | None = None
+    ) -> list[Any]:
+        """Every learner adapts to the support set ``[N*K, C, H, W]``, ``[N*K]``; their states
+        (``normalization`` as for :meth:`Learner.adapt <lightning_metakd.algorithms.Learner.adapt>`)."""
+        return [learner.adapt(support_x, support_y, normalization) for learner in self.learners]
 
     def predict(self, states: Sequence[Any], query_x: Tensor) -> Tensor:
         """Log-probabilities ``[M, N]`` of the ensemble for query images ``[M, C, H, W]``."""

@@ -17,6 +17,17 @@ def conv_block(in_channels: int, out_channels: int, pool: bool = True) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def block_tap_points(features: nn.Sequential, prefix: str = "features") -> dict[str, list[str]]:
+    """The tap points of a backbone whose ``features`` is a sequence of conv blocks.
+
+    ``"blocks"``: the output of every block ``[B, C, h, w]`` (attention transfer, hints at several
+    depths); ``"features"``: the default hint layer, the last block (module paths for
+    :func:`~lightning_metakd.distill.taps.tap`). Shared by Conv4 and ResNet12.
+    """
+    blocks = [f"{prefix}.{i}" for i in range(len(features))]
+    return {"blocks": blocks, "features": blocks[-1:]}
+
+
 class Conv4(nn.Module):
     """Four conv blocks of ``hidden`` channels, then a flattened embedding.
 
@@ -64,13 +75,8 @@ class Conv4(nn.Module):
         self.num_features = channels * side**2
 
     def tap_points(self) -> dict[str, list[str]]:
-        """Where distillation taps this network (module paths, see :func:`~lightning_metakd.distill.taps.tap`).
-
-        ``"blocks"``: the output of every conv block ``[B, C, h, w]`` (attention transfer, hints
-        at several depths); ``"features"``: the default hint layer, the last block.
-        """
-        blocks = [f"features.{i}" for i in range(len(self.features))]
-        return {"blocks": blocks, "features": blocks[-1:]}
+        """Where distillation taps this network: :func:`block_tap_points` of its conv blocks."""
+        return block_tap_points(self.features)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``[B, channels, h, w]``."""

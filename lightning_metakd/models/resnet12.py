@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_metakd.models.conv4 import block_tap_points
+
 
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int) -> list[nn.Module]:
     return [
@@ -130,13 +132,9 @@ class ResNet12(nn.Module):
         self.num_features = self.channels[-1]
 
     def tap_points(self) -> dict[str, list[str]]:
-        """Where distillation taps this network (module paths, see :func:`~lightning_metakd.distill.taps.tap`).
-
-        ``"blocks"``: the output of every conv block ``[B, C, h, w]`` (attention transfer, hints
-        at several depths); ``"features"``: the default hint layer, the last block.
-        """
-        blocks = [f"features.{i}" for i in range(len(self.features))]
-        return {"blocks": blocks, "features": blocks[-1:]}
+        """Where distillation taps this network: :func:`~lightning_metakd.models.conv4.
+        block_tap_points` of its residual blocks."""
+        return block_tap_points(self.features)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``[B, channels[-1], h, w]`` (``h = w = 5`` at 84 px, 1 at 28 px;

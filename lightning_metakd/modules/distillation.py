@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_metakd.algorithms import EpisodeLoss, Learner, MetaAlgorithm, Params, map_tasks
+from lightning_metakd.algorithms.normalization import check_policy
 from lightning_metakd.data import Episode
 from lightning_metakd.distill import (
     DistillationTerm,
@@ -24,6 +26,7 @@ from lightning_metakd.distill import (
     slice_state,
     tap,
 )
+from lightning_metakd.distill.cache import TeacherCache
 from lightning_metakd.distill.term import teacher_name
 from lightning_metakd.distill.transfer import ChannelSelection, resolve_selection
 from lightning_metakd.modules.checkpoint import read_checkpoint
@@ -103,6 +106,18 @@ class DistillationModule(EpisodicModule):
         teacher_weights: with several teachers, one weight ≥ 0 per teacher (normalised to sum to
             1; 0 leaves a teacher out); ``None``: equal weights.
         anchor_teacher: the index of the teacher whose θ* ``init_from_teacher`` and the terms use.
+        normalization: the student's BatchNorm policy (as for ``MetaLearnerModule``); each teacher
+            keeps its own (from its checkpoint).
+        teacher_normalization: the teachers' BatchNorm policy during distillation (``None``: each
+            its own). ``"population"`` (statistics of meta-training images, estimated at
+            ``setup``) makes a metric teacher's outputs per-image, so they are cached.
+        cache_teachers: cache the per-image embeddings of metric teachers with population
+            statistics (``distill/cache.py``): each training image is embedded once, then looked
+            up — the same targets at a fraction of the cost. Off when the training images are
+            augmented or a term taps the teacher.
+        teacher_precision: ``"32"`` or ``"bf16"``: the frozen teachers' passes under bfloat16
+            autocast (their targets scored in float32). The teachers' forward passes are most of
+            a distillation step's cost; ``benchmarks/distill_step.py`` measures both.
         vmap_tasks, task_chunk_size: as for ``MetaLearnerModule`` (the student's settings; the
             same per-task function runs in a loop or under ``torch.func.vmap``).
         optimizer, lr_scheduler, allow_tf32, tune_cpu_allocator: see
@@ -133,6 +148,10 @@ class DistillationModule(EpisodicModule):
         theta_star_selection: str | ChannelSelection = "bn_gamma",
         teacher_weights: list[float] | None = None,
         anchor_teacher: int = 0,
+        normalization: str = "transductive",
+        teacher_normalization: str | None = None,
+        teacher_precision: str = "32",
+        cache_teachers: bool = True,
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -175,8 +194,20 @@ class DistillationModule(EpisodicModule):
         self.hparams["teacher"] = paths if several else paths[0]
         self.num_teachers, self.anchor_teacher = count, anchor_teacher
         self.ways, self.init_from_teacher = ways, init_from_teacher
+        if teacher_precision not in ("32", "bf16"):
+            raise ValueError(
+                f"teacher_precision must be '32' or 'bf16', got {teacher_precision!r}; bf16 runs the "
+                "frozen teachers' forward passes under bfloat16 autocast (fast where the CPU or GPU "
+                "has bfloat16 units; their outputs are scored in float32)."
+            )
+        self.teacher_precision = teacher_precision
+        self.teacher_normalization = (
+            None if teacher_normalization is None else check_policy(teacher_normalization)
+        )
+        self.cache_teachers = cache_teachers
+        self._caches: list[TeacherCache | None] = []
         self.student = Learner(
-            student_backbone, student_algorithm, ways, vmap_tasks, task_chunk_size
+            student_backbone, student_algorithm, ways, normalization, vmap_tasks, task_chunk_size
         )
         self.terms = nn.ModuleList(terms)
         self.teachers = nn.ModuleList()
@@ -206,11 +237,20 @@ class DistillationModule(EpisodicModule):
         # Beside the student (a teacher trained on a GPU loads onto it); Lightning then moves the
         # whole module, teachers included, to the run's device.
         device = next(self.student.parameters()).device
+        for teacher in teachers:
+            if self.teacher_normalization is not None:
+                teacher.normalization = self.teacher_normalization
         self.teachers = nn.ModuleList(t.requires_grad_(False).eval().to(device) for t in teachers)
         self._sources = []
         theta_star = self._theta_star(teachers[self.anchor_teacher])
         for term in self.terms:
             term.bind(self.student, teachers, theta_star)
+        self._caches = [
+            TeacherCache.for_teacher(t)
+            if self.cache_teachers and not any(term.teacher_paths(k) for term in self.terms)
+            else None
+            for k, t in enumerate(teachers)
+        ]
 
     def _load_teacher(self, source: TeacherSource | Path) -> Learner:
         if isinstance(source, Learner):
@@ -272,6 +312,28 @@ class DistillationModule(EpisodicModule):
             teacher.eval()  # frozen: dropout off, whatever the Trainer does to this module
         return self
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = getattr(self._trainer, "datamodule", None)
+        for k, teacher in enumerate(self.teachers):
+            if teacher.normalization == "population" and not bool(
+                getattr(teacher, "calibrated", False)
+            ):
+                if data is None or not hasattr(data, "calibration_images"):
+                    raise ValueError(
+                        f"the {self._who(k)} normalises with population statistics but has none "
+                        "and this run has no EpisodicDataModule to estimate them from; pass one, "
+                        "or calibrate the teacher first (learner.calibrate(images))."
+                    )
+                teacher.calibrate(x.to(self.device) for x in data.calibration_images())
+        train = getattr(data, "splits", {}).get("train") if data is not None else None
+        if train is not None and train.transform is not None and any(self._caches):
+            rank_zero_info(
+                "lightning-metakd: teacher outputs are not cached: the training images are "
+                "augmented (a new view at every draw), so the teachers run on every task."
+            )
+            self._caches = [None] * len(self._caches)
+
     def check_data(self, stage: str) -> None:
         data = getattr(self._trainer, "datamodule", None)
         if data is not None and stage == "fit":
@@ -293,31 +355,43 @@ class DistillationModule(EpisodicModule):
         query_y: Tensor,
         ways: int,
         training: bool,
+        support_index: Tensor | None = None,
+        query_index: Tensor | None = None,
+        lookups: Sequence[nn.Module | None] = (),
     ) -> TaskContext:
         """Adapt the teachers (if needed, without gradients) and the student on ONE task; score the
         queries with every term's taps recorded: what the per-task terms read."""
         student, on = self.student, [t for t in self.terms if t.weight]
         t_states, t_logits, t_taps = [], [], []
         if self._needs_teachers():
-            with torch.no_grad():
-                for k, (teacher, params) in enumerate(
-                    zip(self.teachers, teacher_params, strict=True)
-                ):
-                    state = teacher.algorithm.adapt(
-                        teacher.model, params, support_x, support_y, ways, training=False
+            bf16 = self.teacher_precision == "bf16"
+            with torch.no_grad(), torch.autocast(support_x.device.type, torch.bfloat16, bf16):
+                pairs = zip(self.teachers, teacher_params, strict=True)
+                for k, (teacher, params) in enumerate(pairs):
+                    algorithm, model = teacher.algorithm, teacher.model
+                    lookup = lookups[k] if lookups else None
+                    if lookup is not None:  # cached per-image embeddings (distill/cache.py)
+                        state = algorithm.adapt(lookup, {}, support_index, support_y, ways, False)
+                        t_logits.append(algorithm.logits(lookup, {}, state, query_index, ways))
+                        t_states.append(state)
+                        t_taps.append({})
+                        continue
+                    task = algorithm.adapt_task(
+                        model, params, support_x, support_y, ways, False, teacher.policy()
                     )
-                    paths = [p for term in on for p in term.teacher_paths(k)]
-                    with tap(teacher.model, paths) as taps:
-                        t_logits.append(
-                            teacher.algorithm.logits(teacher.model, params, state, query_x, ways)
-                        )
-                    t_states.append(state)
-                    t_taps.append(dict(taps))
-        s_state = student.algorithm.adapt(
-            student.model, student_params, support_x, support_y, ways, training
-        )
-        with tap(student.model, [p for term in on for p in term.student_paths()]) as s_taps:
-            logits = student.algorithm.logits(student.model, student_params, s_state, query_x, ways)
+                    with tap(model, [p for term in on for p in term.teacher_paths(k)]) as taps:
+                        t_logits.append(algorithm.predict_task(model, params, task, query_x, ways))
+                    t_states.append(task.state)
+                    t_taps.append({p: _float(v) for p, v in taps.items()})
+            t_logits = [_float(z) for z in t_logits]
+        algorithm, model = student.algorithm, student.model
+        task = algorithm.adapt_task(
+            model, student_params, support_x, support_y, ways, training,
+            student.policy(training=training),
+        )  # fmt: skip
+        with tap(model, [p for term in on for p in term.student_paths()]) as s_taps:
+            logits = algorithm.predict_task(model, student_params, task, query_x, ways)
+        s_state = task.state
         return TaskContext(
             support_x, support_y, query_x, query_y, ways, training, student, student_params,
             s_state, logits, dict(s_taps), list(self.teachers), self.teacher_weights, t_states,
@@ -338,14 +412,20 @@ class DistillationModule(EpisodicModule):
         s_params = self.student.params()
         t_params = [teacher.params(detach=True) for teacher in self.teachers]
         per_task = [t for t in self.terms if t.weight and t.per_task]
+        lookups = self._fill_caches(batch) if training and self._needs_teachers() else []
+        tensors = [batch.support_x, batch.support_y, batch.query_x, batch.query_y]
+        if lookups:
+            tensors += [batch.support_index, batch.query_index]
 
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
-            ctx = self.task_context(s_params, t_params, sx, sy, qx, qy, batch.ways, training)
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *index: Tensor):
+            ctx = self.task_context(
+                s_params, t_params, sx, sy, qx, qy, batch.ways, training, *index, lookups=lookups
+            )
             return ctx.student_logits, {t.name: t.weight * t(ctx) for t in per_task}
 
         logits, values = map_tasks(
             one_task,
-            (batch.support_x, batch.support_y, batch.query_x, batch.query_y),
+            tensors,
             vmap_tasks=self.student.vmap_tasks,
             chunk_size=self.student.task_chunk_size,
             algorithms=[self.student.algorithm],
@@ -359,6 +439,22 @@ class DistillationModule(EpisodicModule):
         accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
         return EpisodeLoss(loss, accuracy, logits, terms)
 
+    def _fill_caches(self, batch: Episode) -> list[nn.Module | None]:
+        """Cached teachers' lookups for ``batch`` (their missing images embedded now), or ``[]``
+        when no teacher is cached or the episode does not carry sample indices."""
+        if not any(self._caches) or batch.support_index is None or batch.query_index is None:
+            return []
+        images = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+        indices = torch.cat([batch.support_index.flatten(), batch.query_index.flatten()])
+        lookups: list[nn.Module | None] = []
+        for teacher, cache in zip(self.teachers, self._caches, strict=True):
+            if cache is None:
+                lookups.append(None)
+                continue
+            cache.fill(teacher, images, indices, bf16=self.teacher_precision == "bf16")
+            lookups.append(cache.lookup())
+        return lookups
+
     # -- checkpoints ------------------------------------------------------------------------------
     def components(self) -> dict[str, Any]:
         self.prepare()
@@ -369,6 +465,11 @@ class DistillationModule(EpisodicModule):
             "teachers": [teacher.components() for teacher in self.teachers],
             "terms": [component_spec(term) for term in self.terms],
         }
+
+
+def _float(value: Tensor) -> Tensor:
+    """A teacher's output in float32 (bf16 autocast leaves some in bfloat16); others as they are."""
+    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
 
 
 def _check_terms(terms: list[Any]) -> None:

@@ -177,6 +177,32 @@ class EpisodicModule(L.LightningModule):
         self.log(f"{split}/acc_ci95", ci95, sync_dist=True)
         self.log(f"{split}/loss", loss, sync_dist=True)
 
+    def calibrate(self) -> None:
+        """Estimate the population BatchNorm statistics of a ``"population"`` learner from fixed
+        meta-training tasks of the trainer's data (:meth:`EpisodicDataModule.calibration_images
+        <lightning_metakd.data.EpisodicDataModule.calibration_images>`); a no-op otherwise."""
+        if self.learner.normalization != "population":
+            return
+        data = getattr(self._trainer, "datamodule", None)
+        if data is None or not hasattr(data, "calibration_images"):
+            if bool(getattr(self.learner, "calibrated", False)):
+                return  # a checkpoint's statistics
+            raise ValueError(
+                "normalization='population' estimates BatchNorm statistics from meta-training "
+                "images, but this run has no EpisodicDataModule; pass one, or calibrate the "
+                "learner yourself (learner.calibrate(images))."
+            )
+        self.learner.calibrate(x.to(self.device) for x in data.calibration_images())
+
+    def on_validation_epoch_start(self) -> None:
+        self.calibrate()
+
+    def on_test_epoch_start(self) -> None:
+        self.calibrate()
+
+    def on_predict_epoch_start(self) -> None:
+        self.calibrate()
+
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 

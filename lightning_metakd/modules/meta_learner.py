@@ -27,6 +27,11 @@ class MetaLearnerModule(EpisodicModule):
         backbone: a feature extractor with a ``num_features`` attribute (``Conv4``, ``ResNet12``, ...).
         algorithm: a :class:`~lightning_metakd.algorithms.MetaAlgorithm`.
         ways: classes per task; sizes the linear head of MAML-family algorithms.
+        normalization: the BatchNorm policy of training and evaluation episodes:
+            ``"transductive"`` (each batch its own statistics, the papers' protocol),
+            ``"support"`` (the support set's statistics normalise every query) or
+            ``"population"`` (meta-training statistics, estimated at every validation and test);
+            see :data:`~lightning_metakd.algorithms.POLICIES`. Recorded in the checkpoint.
         vmap_tasks: process a meta-batch's tasks with ``torch.func.vmap`` (``True``) or a loop
             (``False``); ``None`` picks per device (loop on CPU, vmap on GPU).
         task_chunk_size: tasks whose graphs live together in a training step (and, with vmap, tasks
@@ -50,6 +55,7 @@ class MetaLearnerModule(EpisodicModule):
         backbone: nn.Module,
         algorithm: MetaAlgorithm,
         ways: int = 5,
+        normalization: str = "transductive",
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -59,7 +65,9 @@ class MetaLearnerModule(EpisodicModule):
     ) -> None:
         super().__init__(optimizer, lr_scheduler, allow_tf32, tune_cpu_allocator)
         self.save_hyperparameters(ignore=["backbone", "algorithm", "optimizer", "lr_scheduler"])
-        self.learner = Learner(backbone, algorithm, ways, vmap_tasks, task_chunk_size)
+        self.learner = Learner(
+            backbone, algorithm, ways, normalization, vmap_tasks, task_chunk_size
+        )
 
     def episode_loss(self, batch: Episode, training: bool = True) -> EpisodeLoss:
         """``mean_t L_task(f_{θ'_t}(query_x_t), query_y_t)``: :meth:`Learner.episode_loss

@@ -51,6 +51,7 @@ def run_training_stage(stage: str, config: dict[str, Any], stage_dir: Path) -> d
     score = getattr(callback, "best_model_score", None)
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "normalization": getattr(getattr(model, "learner", None), "normalization", None),
         "checkpoint": checkpoint,
         "best_checkpoint": best,
         "last_checkpoint": last,

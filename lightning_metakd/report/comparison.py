@@ -18,13 +18,14 @@ from lightning_metakd.data import EpisodicDataModule
 from lightning_metakd.distill import TeacherEnsemble, ensemble_weights
 from lightning_metakd.evaluation import mean_ci95
 from lightning_metakd.modules import Checkpoint, DistillationModule
-from lightning_metakd.report.tables import markdown_table, plot_pyplot, plot_report
+from lightning_metakd.report.tables import episode_setting, markdown_table, plot_pyplot, plot_report
 
 #: What :func:`compare` measures: a learner, or several that vote.
 Measured = Learner | TeacherEnsemble
 
 COLUMNS = (
     "name",
+    "normalization",
     "accuracy",
     "ci95",
     "diff_vs_reference",
@@ -36,9 +37,14 @@ COLUMNS = (
 
 
 def _episode_cost(learner: Measured, support_x, support_y, query_x) -> None:
-    """One adapted episode: adaptation on the support set, then prediction of the queries."""
-    state = learner.adapt(support_x, support_y)
-    learner.predict(state, query_x)
+    """One adapted episode as the test episodes are evaluated (each learner's own normalisation
+    policy): adaptation on the support set, then prediction of the queries."""
+    members = learner.learners if isinstance(learner, TeacherEnsemble) else [learner]
+    states = [m.adapt(support_x, support_y, m.normalization) for m in members]
+    if isinstance(learner, TeacherEnsemble):
+        learner.predict(states, query_x)
+    else:
+        learner.predict(states[0], query_x)
 
 
 def measure(
@@ -49,6 +55,8 @@ def measure(
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
 
+    - ``normalization``: the learner's normalisation policy (the statistics its BatchNorm
+      layers normalise test episodes with, :data:`~lightning_metakd.algorithms.POLICIES`).
     - ``accuracy``, ``ci95``: :meth:`Learner.evaluate <lightning_metakd.algorithms.Learner.evaluate>` on every fixed test episode of
       ``datamodule`` (the same numbers as ``Trainer.test``), through
       :func:`~lightning_metakd.evaluation.mean_ci95`.
@@ -84,6 +92,7 @@ def measure(
         _episode_cost(learner, *task)
         times.append(time.perf_counter() - start)
     return {
+        "normalization": _normalization(learner),
         "accuracy": mean,
         "ci95": ci95,
         "episode_accuracy": episode_accuracy,
@@ -91,6 +100,13 @@ def measure(
         "flops": counter.get_total_flops(),
         "latency_ms": 1000 * statistics.median(times),
     }
+
+
+def _normalization(learner: Measured) -> str:
+    """The learner's normalisation policy; an ensemble's, or its members' joined by ``+``."""
+    if isinstance(learner, TeacherEnsemble):
+        return "+".join(dict.fromkeys(m.normalization for m in learner.learners))
+    return learner.normalization
 
 
 def _models(learner: Measured) -> list[torch.nn.Module]:
@@ -164,14 +180,22 @@ def compare(
                     f"episodes ({episodes[name].numel()} and {episodes[reference].numel()})."
                 )
             diff, diff_ci95 = mean_ci95(episodes[name] - episodes[reference])
-        row = {"name": name, "accuracy": m.pop("accuracy"), "ci95": m.pop("ci95")}
+        row = {
+            "name": name,
+            "normalization": m.pop("normalization"),
+            "accuracy": m.pop("accuracy"),
+            "ci95": m.pop("ci95"),
+        }
         rows.append({**row, "diff_vs_reference": diff, "diff_ci95": diff_ci95, **m})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(rows))
     if plot:
-        plot_report(pyplot, rows, out / "report.png")
+        dm, count = datamodule, episodes[reference].numel()
+        within = None if dm.grouping == "none" else dm.group_name
+        setting = episode_setting(dm.test_ways, dm.test_shots, count, dm.test_queries, within)
+        plot_report(pyplot, rows, out / "report.png", setting)
     return rows
 
 

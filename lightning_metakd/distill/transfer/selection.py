@@ -258,36 +258,36 @@ class MeanActivation(ChannelSelection):
 class TaylorImportance(ChannelSelection):
     """First-order Taylor importance of each unit for the teacher's meta-training loss.
 
-        Removing unit ``u`` is multiplying its output by a mask ``m_u = 0``; to first order the loss
-        changes by ``∂L/∂m_u`` at ``m_u = 1``, which equals ``Σ w · ∂L/∂w`` over the parameters the
-        unit's output is linear in (its BatchNorm or LayerNorm ``γ`` and ``β``, or its columns of the
-        attention or MLP output projection). The importance is its square averaged over episodes,
-        ``I_u = mean_e (Σ_{w ∈ u} w · ∂L_e/∂w)²`` (Molchanov et al. 2019, Eq. 8, with the BatchNorm
-        gate of their §3.2; Molchanov et al. 2017 for the activation form). A ResNet-12 block's
-        output channel is masked in both of the BatchNorms that write it, so their terms are summed
-        inside the square; a ViT embedding channel likewise in every LayerNorm output.
+    Removing unit ``u`` is multiplying its output by a mask ``m_u = 0``; to first order the loss
+    changes by ``∂L/∂m_u`` at ``m_u = 1``, which equals ``Σ w · ∂L/∂w`` over the parameters the
+    unit's output is linear in (its BatchNorm or LayerNorm ``γ`` and ``β``, or its columns of the
+    attention or MLP output projection). The importance is its square averaged over episodes,
+    ``I_u = mean_e (Σ_{w ∈ u} w · ∂L_e/∂w)²`` (Molchanov et al. 2019, Eq. 8, with the BatchNorm
+    gate of their §3.2; Molchanov et al. 2017 for the activation form). A ResNet-12 block's
+    output channel is masked in both of the BatchNorms that write it, so their terms are summed
+    inside the square; a ViT embedding channel likewise in every LayerNorm output.
 
-        ``L_e`` is the query cross-entropy of ``algorithm`` on episode ``e`` after adaptation on its
-        support sets (the ProtoNet loss of Snell et al. 2017 for a ProtoNet teacher; the MAML
-        meta-loss, second order, for a MAML teacher wrapped in ``Classifier``), computed on detached
-        copies of the teacher's parameters: the teacher is not changed and needs no gradients.
+    ``L_e`` is the query cross-entropy of ``algorithm`` on episode ``e`` after adaptation on its
+    support sets (the ProtoNet loss of Snell et al. 2017 for a ProtoNet teacher; the MAML
+    meta-loss, second order, for a MAML teacher wrapped in ``Classifier``), computed on detached
+    copies of the teacher's parameters: the teacher is not changed and needs no gradients.
 
-        Args:
-            episodes: meta-training episodes (at least one).
-            algorithm: the :class:`~lightning_metakd.algorithms.MetaAlgorithm` the teacher was
-                meta-trained with, e.g. ``ProtoNet()``.
+    Args:
+        episodes: meta-training episodes (at least one).
+        algorithm: the :class:`~lightning_metakd.algorithms.MetaAlgorithm` the teacher was
+            meta-trained with, e.g. ``ProtoNet()``.
 
-        Example:
-            >>> import torch
-            >>> from lightning_metakd.algorithms import ProtoNet
-            >>> from lightning_metakd.data import Episode
-            >>> from lightning_metakd.models import Conv4
-            >>> from lightning_metakd.distill.transfer import slice_state
-            >>> y = torch.arange(3).repeat(2, 1)
-            >>> episode = Episode(torch.rand(2, 3, 1, 28, 28), y, torch.rand(2, 3, 1, 28, 28), y, y)
-            >>> rule = TaylorImportance([episode], ProtoNet())
-            >>> slice_state(Conv4(hidden=8), Conv4(hidden=4), rule)["features.3.1.weight"].shape
-            torch.Size([4])
+    Example:
+        >>> import torch
+        >>> from lightning_metakd.algorithms import ProtoNet
+        >>> from lightning_metakd.data import Episode
+        >>> from lightning_metakd.models import Conv4
+        >>> from lightning_metakd.distill.transfer import slice_state
+        >>> y = torch.arange(3).repeat(2, 1)
+        >>> episode = Episode(torch.rand(2, 3, 1, 28, 28), y, torch.rand(2, 3, 1, 28, 28), y, y)
+        >>> rule = TaylorImportance([episode], ProtoNet())
+        >>> slice_state(Conv4(hidden=8), Conv4(hidden=4), rule)["features.3.1.weight"].shape
+        torch.Size([4])
     """
 
     name = "taylor"

@@ -1,0 +1,268 @@
+"""Augmented views of character images, seen identically by teacher and student.
+
+Function matching (Beyer, Zhai, Royer, Markeeva, Anil & Kolesnikov 2022, "Knowledge distillation:
+A good teacher is patient and consistent", §3-4): distillation works best when the teacher and
+the student see *the same* aggressively augmented view of every image ("consistent") over long
+training ("patient"), so the student learns to match the teacher's function on many points near
+the data rather than its outputs on the data alone. In this library the teachers and the student
+of a :class:`~lightning_metakd.modules.DistillationModule` already receive the same episode
+tensors, so an augmentation in the data pipeline (``train_transform`` of any data module) is
+consistent by construction.
+
+Two augmentations for character images (KanjiVG, Omniglot, class folders; all go through
+:class:`~lightning_metakd.data.ClassDataset`), each a small callable class with plain
+constructor arguments, so LightningCLI builds it from YAML::
+
+    data:
+      init_args:
+        train_transform:
+          class_path: lightning_metakd.data.augment.RandomAffine
+          init_args: {degrees: 10, shear: 10, scale: [0.9, 1.1], translate: 0.1}
+
+- :class:`RandomAffine` — a random rotation, shear, scale and translation;
+- :class:`ElasticDistortion` — Simard, Steinkraus & Platt (2003), "Best Practices for
+  Convolutional Neural Networks Applied to Visual Document Analysis", §2: a smoothed random
+  displacement field, the distortion a pen stroke plausibly has;
+- :class:`Compose` — several of them in order.
+
+Random numbers come from torch's default CPU generator. A :class:`~lightning_metakd.data.
+ClassDataset` seeds it for every image from the task being loaded and restores it afterwards
+(:func:`~lightning_metakd.data.dataset.view_seeds`), so the views of a training run are the same
+with 0 or 8 DataLoader workers, after a resume, and whatever else draws random numbers; called on
+their own, the transforms follow ``torch.manual_seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_range(value: Any, name: str, low: float, high: float, example: str) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        raise ValueError(
+            f"{name} must be a number in [{low}, {high}], got {value!r}; e.g. {example}."
+        )
+    return float(value)
+
+
+def _as_batch(image: Tensor, name: str) -> tuple[Tensor, bool]:
+    """``[C, H, W]`` → ``[1, C, H, W]`` (and whether it was one image); ``[B, C, H, W]`` as is."""
+    if not isinstance(image, Tensor) or image.dim() not in (3, 4) or not image.is_floating_point():
+        got = f"{tuple(image.shape)} {image.dtype}" if isinstance(image, Tensor) else type(image)
+        raise ValueError(
+            f"{name} takes float images [C, H, W] (or a batch [B, C, H, W]), got {got}; apply it "
+            "as a data module's train_transform, which hands it each image in [0, 1]."
+        )
+    return (image.unsqueeze(0), True) if image.dim() == 3 else (image, False)
+
+
+def _sample(grid: Tensor, images: Tensor, fill: float) -> Tensor:
+    """Bilinear resampling of ``images`` at ``grid`` (normalised coordinates); outside: ``fill``.
+
+    Each output pixel is a convex combination of input pixels and ``fill``, so images in [0, 1]
+    stay in [0, 1] for ``fill`` in [0, 1].
+    """
+    out = F.grid_sample(
+        images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return out + fill
+
+
+class RandomAffine:
+    """A random affine view: rotation, shear, isotropic scale and translation, about the centre.
+
+    For each image, ``a ~ U(−degrees, degrees)``, ``s ~ U(−shear, shear)`` (degrees, along x),
+    ``k ~ U(scale[0], scale[1])`` and ``t ~ U(−translate, translate)²`` (a fraction of the image
+    size) give the map ``x ↦ R(a) · Sh(s) · k · x + t`` in centred coordinates; the output is the
+    input resampled bilinearly through its inverse, pixels from outside the image are ``fill``
+    (0: the black background of KanjiVG and inverted Omniglot; 1 for black-on-white strokes).
+
+    Shapes: ``[C, H, W]`` → ``[C, H, W]`` (a batch ``[B, C, H, W]`` draws one map per image).
+
+    Args:
+        degrees: the largest rotation, in degrees, 0 to 180.
+        shear: the largest shear angle, in degrees, 0 to 60.
+        scale: ``(low, high)``, ``0 < low ≤ high``; ``(1, 1)`` keeps the size.
+        translate: the largest shift along each axis, as a fraction of the size, 0 to 1.
+        fill: the value of pixels from outside the image, 0 to 1.
+
+    Example:
+        >>> import torch
+        >>> image = torch.rand(1, 28, 28)
+        >>> torch.allclose(RandomAffine(0, 0, (1, 1), 0)(image), image, atol=1e-5)  # the identity
+        True
+        >>> RandomAffine()(image).shape
+        torch.Size([1, 28, 28])
+    """
+
+    def __init__(
+        self,
+        degrees: float = 10.0,
+        shear: float = 10.0,
+        scale: tuple[float, float] = (0.9, 1.1),
+        translate: float = 0.1,
+        fill: float = 0.0,
+    ) -> None:
+        self.degrees = _check_range(degrees, "degrees", 0, 180, "degrees=10")
+        self.shear = _check_range(shear, "shear", 0, 60, "shear=10")
+        if (
+            not isinstance(scale, Sequence)
+            or len(scale) != 2
+            or not all(isinstance(v, int | float) and math.isfinite(v) for v in scale)
+            or not 0 < scale[0] <= scale[1]
+        ):
+            raise ValueError(
+                f"scale must be (low, high) with 0 < low <= high, got {scale!r}; e.g. "
+                "scale: [0.9, 1.1] (or [1, 1] to keep the size)."
+            )
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.translate = _check_range(translate, "translate", 0, 1, "translate=0.1")
+        self.fill = _check_range(fill, "fill", 0, 1, "fill=0 (black background)")
+
+    def inverse_maps(self, count: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``count`` random inverse maps ``[count, 2, 3]`` for :func:`torch.nn.functional.affine_grid`.
+
+        The forward map is ``y = M x + t`` with ``M = R(a) Sh(s) k``; the sampling grid needs its
+        inverse, ``x = M⁻¹ (y − t)``, with ``M⁻¹ = k⁻¹ Sh(−s) R(−a)`` (in normalised coordinates,
+        where the image spans [−1, 1], so a shift of ``t`` of the size is ``2t``).
+        """
+        u = torch.rand(count, 5, dtype=torch.float64)
+        angle = math.radians(self.degrees) * (2 * u[:, 0] - 1)
+        shear = math.tan(math.radians(self.shear)) * (2 * u[:, 1] - 1)
+        low, high = self.scale
+        k = low + (high - low) * u[:, 2]
+        shift = 2 * self.translate * (2 * u[:, 3:5] - 1)
+        cos, sin = angle.cos(), angle.sin()
+        rotation_inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+        shear_inv = torch.eye(2, dtype=torch.float64).repeat(count, 1, 1)
+        shear_inv[:, 0, 1] = -shear
+        linear = shear_inv @ rotation_inv / k[:, None, None]
+        offset = -(linear @ shift.unsqueeze(-1))
+        return torch.cat([linear, offset], -1).to(dtype)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        images, single = _as_batch(image, "RandomAffine")
+        theta = self.inverse_maps(len(images), images.dtype).to(images.device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        out = _sample(grid, images, self.fill)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomAffine(degrees={self.degrees}, shear={self.shear}, scale={self.scale}, "
+            f"translate={self.translate}, fill={self.fill})"
+        )
+
+
+def gaussian_kernel(sigma: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A normalised 1-d Gaussian of standard deviation ``sigma`` pixels, ``2·⌈3σ⌉ + 1`` taps."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+class ElasticDistortion:
+    """Elastic distortion (Simard, Steinkraus & Platt 2003, §2): a smooth random displacement field.
+
+    Each pixel gets a displacement ``(Δx, Δy)`` drawn from ``U(−1, 1)``; both fields are convolved
+    with a Gaussian of standard deviation ``sigma`` (the elasticity, in pixels) and multiplied by
+    ``alpha`` (the intensity, in pixels); the image is resampled bilinearly at the displaced
+    positions, with ``fill`` outside it. A small ``sigma`` gives near-random noise, a large one
+    near-uniform shifts; between, local warps like those of handwriting. The paper's values for
+    28×28 digits are ``sigma = 4`` and ``alpha = 34``; the field is convolved with zero padding,
+    so it fades at the borders.
+
+    Shapes: ``[C, H, W]`` → ``[C, H, W]`` (a batch ``[B, C, H, W]`` draws one field per image; all
+    channels of an image share it).
+
+    Args:
+        alpha: the intensity α ≥ 0, in pixels (0: the identity).
+        sigma: the elasticity σ > 0, in pixels.
+        fill: the value of pixels from outside the image, 0 to 1.
+
+    Example:
+        >>> import torch
+        >>> image = torch.rand(1, 28, 28)
+        >>> torch.allclose(ElasticDistortion(alpha=0.0)(image), image, atol=1e-5)
+        True
+        >>> ElasticDistortion(alpha=34.0, sigma=4.0)(image).shape
+        torch.Size([1, 28, 28])
+    """
+
+    def __init__(self, alpha: float = 34.0, sigma: float = 4.0, fill: float = 0.0) -> None:
+        self.alpha = _check_range(alpha, "alpha", 0, 1e4, "alpha=34 (Simard et al.)")
+        if not isinstance(sigma, int | float) or not math.isfinite(sigma) or not 0 < sigma <= 1e3:
+            raise ValueError(
+                f"sigma must be a positive number of pixels, got {sigma!r}; e.g. sigma=4 "
+                "(Simard et al.)."
+            )
+        self.sigma = float(sigma)
+        self.fill = _check_range(fill, "fill", 0, 1, "fill=0 (black background)")
+
+    def displacements(self, count: int, height: int, width: int) -> Tensor:
+        """``count`` random smoothed fields ``[count, 2, H, W]`` (x, then y), in pixels."""
+        field = 2 * torch.rand(count * 2, 1, height, width) - 1
+        kernel = gaussian_kernel(self.sigma)
+        radius = len(kernel) // 2
+        field = F.conv2d(field, kernel.view(1, 1, 1, -1), padding=(0, radius))
+        field = F.conv2d(field, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+        return self.alpha * field.view(count, 2, height, width)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        images, single = _as_batch(image, "ElasticDistortion")
+        count, _, height, width = images.shape
+        shift = self.displacements(count, height, width).to(images)
+        identity = torch.eye(2, 3, dtype=images.dtype, device=images.device).expand(count, 2, 3)
+        grid = F.affine_grid(identity, list(images.shape), align_corners=False)
+        # pixels to normalised units: the image spans 2 units over `width` (`height`) pixels
+        scale = torch.tensor([2.0 / width, 2.0 / height], dtype=images.dtype, device=images.device)
+        grid = grid + shift.permute(0, 2, 3, 1) * scale
+        out = _sample(grid, images, self.fill)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"ElasticDistortion(alpha={self.alpha}, sigma={self.sigma}, fill={self.fill})"
+
+
+class Compose:
+    """Several transforms applied in order: ``transforms[-1](... transforms[0](image))``.
+
+    Args:
+        transforms: callables on a ``[C, H, W]`` image (these classes, or your own).
+
+    Example:
+        >>> import torch
+        >>> views = Compose([RandomAffine(degrees=15), ElasticDistortion(alpha=8, sigma=3)])
+        >>> views(torch.rand(1, 28, 28)).shape
+        torch.Size([1, 28, 28])
+    """
+
+    def __init__(self, transforms: list[Callable[[Tensor], Any]]) -> None:
+        if isinstance(transforms, str) or not isinstance(transforms, Sequence):
+            raise ValueError(
+                f"transforms must be a list of callables, got {transforms!r}; e.g. "
+                "Compose([RandomAffine(), ElasticDistortion()])."
+            )
+        wrong = [repr(t) for t in transforms if not callable(t)]
+        if wrong:
+            raise ValueError(f"Compose takes callables on an image; these are not: {wrong}.")
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Tensor) -> Tensor:
+        for transform in self.transforms:
+            image = transform(image)
+        return image
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+__all__ = ["Compose", "ElasticDistortion", "RandomAffine", "gaussian_kernel"]

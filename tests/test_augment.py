@@ -1,0 +1,234 @@
+"""Augmented views (lightning_metakd.data.augment): shapes, values, seeding, and YAML configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import TinyDataModule, make_class_dataset
+
+from lightning_metakd.data import ClassDataset, TaskSpec
+from lightning_metakd.data.augment import (
+    Compose,
+    ElasticDistortion,
+    RandomAffine,
+    gaussian_kernel,
+)
+from lightning_metakd.data.dataset import view_seeds
+from lightning_metakd.lightning_cli import run_lightning_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TRANSFORMS = {
+    "affine": lambda: RandomAffine(degrees=30, shear=15, scale=(0.8, 1.2), translate=0.1),
+    "elastic": lambda: ElasticDistortion(alpha=34.0, sigma=4.0),
+    "both": lambda: Compose([RandomAffine(), ElasticDistortion(alpha=8.0, sigma=3.0)]),
+}
+
+
+def strokes(channels: int = 1, size: int = 28) -> torch.Tensor:
+    """A cross of white strokes on black, in [0, 1]."""
+    image = torch.zeros(channels, size, size)
+    image[:, size // 2 - 2 : size // 2 + 2, 4:-4] = 1.0
+    image[:, 4:-4, size // 2 - 1 : size // 2 + 1] = 0.7
+    return image
+
+
+@pytest.mark.parametrize("make", TRANSFORMS.values(), ids=TRANSFORMS)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 16, 16), (5, 1, 12, 12)])
+def test_shapes_and_values_stay_in_range(make, shape):
+    torch.manual_seed(0)
+    image = torch.rand(shape)
+    out = make()(image)
+    assert out.shape == image.shape and out.dtype == image.dtype
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6  # convex combinations of pixels and fill
+    assert not torch.allclose(out, image)
+
+
+@pytest.mark.parametrize("make", TRANSFORMS.values(), ids=TRANSFORMS)
+def test_determinism_given_a_seed(make):
+    transform, image = make(), strokes()
+    torch.manual_seed(3)
+    first = transform(image)
+    torch.manual_seed(3)
+    assert torch.equal(transform(image), first)
+    torch.manual_seed(4)
+    assert not torch.equal(transform(image), first)
+
+
+def test_identity_settings_give_the_image_back():
+    image = torch.rand(2, 20, 20)
+    assert torch.allclose(RandomAffine(0, 0, (1, 1), 0)(image), image, atol=1e-5)
+    assert torch.allclose(ElasticDistortion(alpha=0.0)(image), image, atol=1e-5)
+
+
+def test_a_zoom_by_two_halves_the_slope_of_a_ramp():
+    size = 16
+    ramp = (torch.arange(size, dtype=torch.float32) / (size - 1)).expand(1, size, size)
+    out = RandomAffine(degrees=0, shear=0, scale=(2, 2), translate=0)(ramp)
+    # Output pixel j (centre x_j = (2j+1)/W - 1 in [-1, 1]) samples the input at x_j / 2, i.e. at
+    # pixel coordinate ((x_j/2 + 1) W - 1) / 2; bilinear interpolation of a ramp is exact.
+    x = (2 * torch.arange(size) + 1) / size - 1
+    expected = (((x / 2 + 1) * size - 1) / 2) / (size - 1)
+    torch.testing.assert_close(out[0], expected.expand(size, size), atol=1e-5, rtol=0)
+
+
+def test_inverse_maps_are_within_the_ranges():
+    torch.manual_seed(0)
+    maps = RandomAffine(degrees=20, shear=0, scale=(1, 1), translate=0.25).inverse_maps(500)
+    linear, offset = maps[:, :, :2], maps[:, :, 2]
+    # no shear, no scale: the inverse of a rotation, orthogonal, by at most 20 degrees
+    torch.testing.assert_close(linear @ linear.transpose(1, 2), torch.eye(2).expand(500, 2, 2))
+    angles = torch.atan2(linear[:, 0, 1], linear[:, 0, 0]).abs()
+    assert angles.max() <= math.radians(20) + 1e-6 and angles.max() > math.radians(18)
+    shifts = (linear.transpose(1, 2) @ -offset.unsqueeze(-1)).squeeze(-1)  # t = -M x offset
+    assert shifts.abs().max() <= 2 * 0.25 + 1e-6 and shifts.abs().max() > 0.45
+    scaled = RandomAffine(degrees=0, shear=0, scale=(0.5, 0.5), translate=0).inverse_maps(2)
+    torch.testing.assert_close(scaled, torch.tensor([[2.0, 0, 0], [0, 2.0, 0]]).expand(2, 2, 3))
+
+
+def test_fill_is_the_background_outside_the_image():
+    black_on_white = 1.0 - strokes()
+    out = RandomAffine(degrees=0, shear=0, scale=(0.5, 0.5), translate=0, fill=1.0)(black_on_white)
+    assert torch.allclose(out[:, :3, :], torch.ones(1, 3, 28))  # shrunk: the border is fill
+    assert out.min() < 0.5  # the strokes are still there
+
+
+def test_elastic_field_is_smooth_and_scales_with_alpha():
+    kernel = gaussian_kernel(1.0)
+    assert len(kernel) == 7 and math.isclose(float(kernel.sum()), 1.0, rel_tol=1e-6)
+    torch.testing.assert_close(kernel[4] / kernel[3], torch.tensor(math.exp(-0.5)))
+    torch.manual_seed(0)
+    weak = ElasticDistortion(alpha=1.0, sigma=4.0).displacements(64, 28, 28)
+    torch.manual_seed(0)
+    strong = ElasticDistortion(alpha=34.0, sigma=4.0).displacements(64, 28, 28)
+    torch.testing.assert_close(strong, 34 * weak)
+    # smoothing: neighbouring displacements nearly equal, far ones nearly independent
+    centre = strong[..., 8:20, 8:20]
+    near = torch.corrcoef(torch.stack([centre[..., :-1].flatten(), centre[..., 1:].flatten()]))
+    assert near[0, 1] > 0.95
+    assert 0.5 < float(centre.std()) < 3.0  # about 1.2 px at Simard et al.'s alpha=34, sigma=4
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: RandomAffine(degrees=-1), "degrees must be a number in"),
+        (lambda: RandomAffine(scale=(1.2, 0.8)), "scale must be"),
+        (lambda: RandomAffine(translate=2), "translate must be"),
+        (lambda: RandomAffine(fill=255), "fill must be"),
+        (lambda: ElasticDistortion(sigma=0), "sigma must be a positive"),
+        (lambda: ElasticDistortion(alpha=float("nan")), "alpha must be"),
+        (lambda: Compose(RandomAffine()), "transforms must be a list"),
+        (lambda: Compose([1]), "not"),
+        (lambda: RandomAffine()(torch.zeros(28, 28)), r"float images \[C, H, W\]"),
+        (lambda: ElasticDistortion()(torch.zeros(1, 8, 8, dtype=torch.uint8)), "float images"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+# -- seeded per image by ClassDataset: reproducible, whatever the workers ------------------------
+def dataset(transform) -> ClassDataset:
+    """4 classes of 5 images at 16 px (images 5c .. 5c+4 are class c)."""
+    data = make_class_dataset(num_classes=4, per_class=5, size=16)
+    data.transform = transform
+    return data
+
+
+def test_a_task_gets_the_same_views_and_leaves_the_global_generator_alone():
+    data, plain = dataset(TRANSFORMS["both"]()), dataset(None)
+    spec = TaskSpec(classes=(2, 0, 3), support=(10, 0, 15), query=(11, 1, 16))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = data[spec]
+    assert torch.equal(torch.get_rng_state(), before)  # dropout etc. draw what they would have
+    torch.rand(100)  # other random draws in between change nothing
+    again = data[spec]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    unaugmented = plain[spec]
+    assert not torch.allclose(first[0], unaugmented[0]) and torch.equal(first[1], unaugmented[1])
+    # the same image in another task gets another view
+    other = data[TaskSpec(classes=(2, 1, 3), support=(10, 5, 15), query=(11, 6, 16))]
+    assert not torch.equal(other[0][0], first[0][0])
+    assert torch.equal(plain[TaskSpec((2, 1), (10, 5), (11, 6))][0][0], unaugmented[0][0])
+
+
+def test_view_seeds_differ_per_image_and_per_task():
+    spec = TaskSpec(classes=(2, 0), support=(10, 0), query=(11, 1))
+    seeds = view_seeds(spec).tolist()
+    assert len(set(seeds)) == 4 and seeds == view_seeds(spec).tolist()
+    assert view_seeds(TaskSpec(classes=(0, 2), support=(0, 10), query=(1, 11))).tolist() != seeds
+
+
+def test_training_episodes_are_the_same_with_or_without_workers():
+    batches = {}
+    for workers in (0, 2):
+        dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=4, steps_per_epoch=3,
+                            num_workers=workers, train_transform=TRANSFORMS["both"]())  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        batches[workers] = [b.support_x.clone() for b in loader]
+        del loader  # shuts the persistent workers down
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_config_builds_the_transforms(tmp_path):
+    config = {
+        "model": {
+            "class_path": "lightning_metakd.modules.MetaLearnerModule",
+            "init_args": {
+                "backbone": {"class_path": "lightning_metakd.models.Conv4",
+                             "init_args": {"hidden": 4, "image_size": 8}},
+                "algorithm": {"class_path": "lightning_metakd.algorithms.ProtoNet"},
+                "ways": 3,
+            },
+        },
+        "data": {
+            "class_path": "conftest.TinyDataModule",
+            "init_args": {
+                "ways": 3,
+                "queries": 2,
+                "train_transform": {
+                    "class_path": "lightning_metakd.data.augment.Compose",
+                    "init_args": {"transforms": [
+                        {"class_path": "lightning_metakd.data.augment.RandomAffine",
+                         "init_args": {"degrees": 15, "scale": [0.8, 1.0], "fill": 0.0}},
+                        {"class_path": "lightning_metakd.data.augment.ElasticDistortion",
+                         "init_args": {"alpha": 8.0, "sigma": 3.0}},
+                    ]},
+                },
+                "eval_transform": {"class_path": "lightning_metakd.data.augment.RandomAffine"},
+            },
+        },
+        "trainer": {"logger": False, "default_root_dir": str(tmp_path)},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cli = run_lightning_cli(["--config", str(tmp_path / "config.yaml")], run=False)
+    views = cli.datamodule.train_transform
+    assert isinstance(views, Compose)
+    affine, elastic = views.transforms
+    assert isinstance(affine, RandomAffine) and isinstance(elastic, ElasticDistortion)
+    assert (affine.degrees, affine.shear, affine.scale) == (15.0, 10.0, (0.8, 1.0))
+    assert (elastic.alpha, elastic.sigma) == (8.0, 3.0)
+    assert isinstance(cli.datamodule.eval_transform, RandomAffine)
+    cli.datamodule.setup("fit")
+    assert cli.datamodule.splits["train"].transform is views
+
+
+def test_the_kanji_config_turns_the_views_on(tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs/kanji/distill_protonet_augmented.yaml"
+    cli = run_lightning_cli(
+        ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False
+    )
+    views = cli.datamodule.train_transform
+    assert [type(t).__name__ for t in views.transforms] == ["RandomAffine", "ElasticDistortion"]
+    assert cli.datamodule.eval_transform is None

@@ -1,0 +1,93 @@
+"""Cached teacher outputs: the same objective as running the teacher, computed once per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyDataModule, make_distiller
+
+from lightning_metakd.algorithms import MAML, Learner, ProtoNet
+from lightning_metakd.distill import FeatureHints, SoftLabels, TaskLoss
+from lightning_metakd.models import Conv4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def data() -> TinyDataModule:
+    dm = TinyDataModule(ways=3, shots=2, queries=3, meta_batch_size=3, image_size=16)
+    dm.setup()
+    return dm
+
+
+def teacher(algorithm=None, policy: str = "population") -> Learner:
+    torch.manual_seed(0)
+    learner = Learner(Conv4(hidden=8, image_size=16), algorithm or ProtoNet(), 3, policy)
+    if policy == "population":
+        learner.calibrate(data().calibration_images(8))
+    return learner
+
+
+def test_episodes_carry_the_sample_index_of_every_image():
+    dm = data()
+    episode = next(iter(dm.train_dataloader()))
+    assert episode.support_index.shape == (3, 6) and episode.query_index.shape == (3, 9)
+    images = dm.splits["train"]
+    for t in range(3):
+        for x, i in zip(episode.support_x[t], episode.support_index[t], strict=True):
+            assert torch.equal(x, images.load_image(int(i)))
+
+
+@pytest.mark.parametrize("vmap", [False, True])
+def test_the_cached_teacher_gives_the_same_loss_and_gradients(vmap):
+    dm = data()
+    loader = iter(dm.train_dataloader())
+    first, second = next(loader), next(loader)
+    results = {}
+    for cached in (False, True):
+        model = make_distiller(teacher(), Conv4(hidden=4, image_size=16), cache_teachers=cached,
+                               terms=[TaskLoss(), SoftLabels(weight=1.0)])  # fmt: skip
+        model.student.vmap_tasks = vmap
+        for batch in (first, second, first):  # the third pass is answered from the cache alone
+            out = model.episode_loss(batch)
+            out.loss.backward()
+        results[cached] = out, [p.grad.clone() for p in model.student.parameters()], model
+    (plain, plain_grads, _), (cached, cached_grads, model) = results[False], results[True]
+    torch.testing.assert_close(cached.terms["soft_labels"], plain.terms["soft_labels"])
+    for a, b in zip(cached_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    (cache,) = model._caches
+    seen = torch.cat([b.support_index.flatten() for b in (first, second)] +
+                     [b.query_index.flatten() for b in (first, second)]).unique()  # fmt: skip
+    assert cache.computed == len(seen)  # every image embedded exactly once
+
+
+def test_what_is_not_cached():
+    assert make_distiller(teacher(policy="transductive"))._caches == [None]  # batch statistics
+    maml = make_distiller(teacher(MAML(inner_lr=0.3)), algorithm=MAML(inner_lr=0.3))
+    assert maml._caches == [None]  # an adapted head is no per-image output
+    hints = make_distiller(teacher(), terms=[TaskLoss(), FeatureHints()])
+    assert hints._caches == [None]  # a term reads the teacher's layers
+    assert make_distiller(teacher(), cache_teachers=False)._caches == [None]
+    assert make_distiller(teacher())._caches[0] is not None
+
+
+def test_a_teacher_normalisation_override_is_recorded_with_the_teacher():
+    model = make_distiller(teacher(policy="transductive"), teacher_normalization="population")
+    assert model.teachers[0].normalization == "population"
+    assert model.components()["teachers"][0]["normalization"] == "population"
+    with pytest.raises(ValueError, match="unknown normalization 'running'"):
+        make_distiller(teacher(), teacher_normalization="running")
+
+
+def test_fit_calibrates_the_teacher_and_fills_the_cache(tmp_path):
+    import lightning as L
+
+    model = make_distiller(teacher(policy="transductive"), teacher_normalization="population")
+    dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=2, steps_per_epoch=3,
+                        val_episodes=2, test_episodes=2, image_size=16)  # fmt: skip
+    L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    assert bool(model.teachers[0].calibrated)
+    (cache,) = model._caches
+    assert 0 < cache.computed <= 3 * 2 * 3 * 3  # at most every image of the 3 steps
