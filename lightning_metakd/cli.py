@@ -40,6 +40,16 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
         "lightning_metakd.command_line:report_parser",
         "compare checkpoints on the same test episodes: accuracy, paired differences, size, FLOPs",
     ),
+    "bench": (
+        "lightning_metakd.bench:bench_main",
+        "lightning_metakd.command_line:bench_parser",
+        "papers' settings on your data vs reported",
+    ),
+    "sweep": (
+        "lightning_metakd.seeds:sweep_main",
+        "lightning_metakd.command_line:sweep_parser",
+        "configs once per seed: mean ± sd, paired Δ",
+    ),
     "finetune": (
         "lightning_metakd.deploy.finetune:finetune_main",
         "lightning_metakd.command_line:finetune_parser",

@@ -4,7 +4,8 @@ Three conventions, kept in one place so that every subcommand follows them:
 
 - **Parsers that load in a blink.** One function per subcommand builds its parser from argparse
   or jsonargparse alone (:func:`pipeline_parser`, :func:`report_parser`, :func:`finetune_parser`,
-  :func:`export_parser`, :func:`classify_parser`, :func:`episodes_parser`). This module imports
+  :func:`export_parser`, :func:`classify_parser`, :func:`episodes_parser`, :func:`sweep_parser`,
+  :func:`bench_parser`). This module imports
   nothing of ours, torch or Lightning, so ``metakd <command> --help`` answers in a fraction of a
   second (:func:`lightning_metakd.cli.main` builds the parser and prints its help before it
   imports the command's module) instead of the 6-9 s that importing torch and Lightning takes.
@@ -316,6 +317,13 @@ def report_parser() -> CommandParser:
         help="a LightningCLI YAML whose `data:` section gives the episodes",
     )
     parser.add_argument(
+        "--data",
+        default=None,
+        metavar="YAML",
+        help="test on other data (cross-domain): a config whose `data:` section, or a YAML "
+        "holding only class_path/init_args, replaces --config's data whole",
+    )
+    parser.add_argument(
         "--checkpoint",
         action="append",
         required=True,
@@ -336,6 +344,79 @@ def report_parser() -> CommandParser:
         help="the row (learner name) the paired per-episode accuracy differences are taken "
         "against (default: the first row)",
     )
+    return parser
+
+
+def sweep_parser() -> CommandParser:
+    """``metakd sweep``: configs to compare, the seeds, overrides, the sweep folder."""
+    parser = CommandParser(
+        prog="metakd sweep",
+        description="Fit and test each config once per seed (seed_everything and the training "
+        "episodes change; the class split and test episodes do not), then print accuracy mean ± "
+        "sd over seeds beside each run's 95%% CI and, with several configs, the paired "
+        "per-episode difference of each against the first. Finished runs are skipped.",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        metavar="[NAME=]YAML",
+        help="a metakd fit config (repeat it to compare configs)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[NAME:]KEY=VALUE",
+        help="a config override for every run, e.g. trainer.max_epochs=2; NAME: for one "
+        "config's runs only",
+    )
+    parser.add_argument("--out", default=None, help="the sweep folder (default runs/sweep/<name>)")
+    parser.add_argument("--force", action="store_true", help="rerun every seed")
+    return parser
+
+
+def bench_parser() -> CommandParser:
+    """``metakd bench``: the data, the published settings, seeds, overrides, the bench folder."""
+    parser = CommandParser(
+        prog="metakd bench",
+        description="Run the papers' settings (configs/omniglot, configs/miniimagenet) on your "
+        "copy of the data and print reported vs ours, with each row's normalisation policy and "
+        "seeds. Finished runs are skipped when run again.",
+    )
+    parser.add_argument("--root", nargs="+", default=None, help="the folder(s) holding the data")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="published settings by name or glob, e.g. 'omniglot/*'",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED")
+    parser.add_argument("--max_steps", type=int, default=None, help="cap every run's steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test in minutes: 2 steps, 20 test episodes (numbers mean nothing)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, e.g. data.init_args.num_workers=4",
+    )
+    parser.add_argument(
+        "--out", default="runs/bench", help="the bench folder (default %(default)s)"
+    )
+    parser.add_argument(
+        "--configs",
+        default=str(Path(_PACKAGE).parent / "configs"),
+        help="the configs/ folder",
+    )
+    parser.add_argument("--force", action="store_true", help="rerun every run")
+    parser.add_argument("--list", action="store_true", help="list the published settings")
     return parser
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
+import json
 import re
 import shutil
 import sys
@@ -122,8 +124,46 @@ class MetaKDCLI(LightningCLI):
     """LightningCLI with a checkpoint on the best ``val/acc`` and the last step, always on.
 
     See the module docstring for what it adds: checked checkpoints, ``--ckpt_path last``, one
-    folder per run, one-line config errors.
+    folder per run, one-line config errors, image sizes checked before the data is prepared.
+    ``replaced_data``: the data came from ``--data <yaml>`` (:func:`replace_data_args`); then
+    ``validate``, ``test`` and ``predict`` first check that it can feed the model's learner
+    (:func:`check_replaced_data`), with a message in flags.
     """
+
+    def __init__(self, *args: Any, replaced_data: bool = False, **kwargs: Any) -> None:
+        self.replaced_data = replaced_data
+        super().__init__(*args, **kwargs)
+
+    def _check_data(self, stage: str) -> None:
+        if not self.replaced_data:
+            return
+        # Lightning refuses to log module and data hyper-parameters that share a key with other
+        # values (`ways`: the learner's training tasks vs the other data's); the data's stay in
+        # the run's config.yaml and in HyperparameterMetrics' data.* entries.
+        self.datamodule._log_hyperparams = False
+        if stage == "fit":
+            return
+        try:
+            check_replaced_data(self.model, self.datamodule, stage)
+        except ValueError as err:
+            print(f"metakd {stage}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def before_fit(self) -> None:
+        self._check_data("fit")
+        check_sizes(self.model, self.datamodule)
+
+    def before_validate(self) -> None:
+        self._check_data("validate")
+        check_sizes(self.model, self.datamodule)
+
+    def before_test(self) -> None:
+        self._check_data("test")
+        check_sizes(self.model, self.datamodule)
+
+    def before_predict(self) -> None:
+        self._check_data("predict")
+        check_sizes(self.model, self.datamodule)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
@@ -206,18 +246,6 @@ class MetaKDCLI(LightningCLI):
         return found[-1]
 
     # -- one folder per run -----------------------------------------------------------------------
-    def before_fit(self) -> None:
-        check_sizes(self.model, self.datamodule)
-
-    def before_validate(self) -> None:
-        check_sizes(self.model, self.datamodule)
-
-    def before_test(self) -> None:
-        check_sizes(self.model, self.datamodule)
-
-    def before_predict(self) -> None:
-        check_sizes(self.model, self.datamodule)
-
     def before_instantiate_classes(self) -> None:
         """Log into the run a ``--ckpt_path`` belongs to; name a non-fit config after its command."""
         subcommand = self.subcommand
@@ -406,14 +434,143 @@ def check_sizes(model: Any, datamodule: Any) -> None:
             )
 
 
+def data_section(path: str | Path) -> dict[str, Any]:
+    """The data module a YAML names: the ``data:`` section of a config, or a data-only YAML.
+
+    A data-only YAML holds ``class_path`` (and ``init_args``) at its top level. What
+    ``--data <yaml>`` of ``metakd fit|validate|test|predict`` and ``metakd report --data`` read:
+    any shipped config (``configs/omniglot/protonet_5way_1shot.yaml``) gives its data.
+
+    Raises:
+        ValueError: no such file, not YAML, or neither a ``data:`` section nor a ``class_path``.
+    """
+    path = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ValueError(f"--data {path}: cannot read it ({err.strerror or err}).") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"--data {path}: not valid YAML ({err}).") from None
+    section = data.get("data") if isinstance(data, dict) and "class_path" not in data else data
+    if not isinstance(section, dict) or "class_path" not in section:
+        raise ValueError(
+            f"--data {path}: it has no `data:` section with a class_path; pass a config that has "
+            "one (e.g. configs/omniglot/protonet_5way_1shot.yaml), or a YAML holding only "
+            "`class_path: lightning_metakd.data.FolderDataModule` and its `init_args:`."
+        )
+    return section
+
+
+def replace_data_args(args: list[str]) -> list[str]:
+    """``args`` with each ``--data <yaml file>`` made to replace the ``--config``'s data whole.
+
+    jsonargparse reads ``--data other.yaml`` only when the file holds nothing but the data's
+    ``class_path``/``init_args``, and then keeps every ``init_args`` of the earlier data that the
+    new class accepts (a KanjiVG config's ``grouping: radical``, ``test_ways``, ``val_episodes``
+    ...). Here the file may be a whole config (its ``data:`` section is taken, see
+    :func:`data_section`), and ``--data null`` goes first so that nothing carries over; flags after
+    it (``--data.init_args.test_ways 20``) still apply on top.
+
+    Example:
+        >>> replace_data_args(["test", "--data", "lightning_metakd.data.KanjiDataModule"])
+        ['test', '--data', 'lightning_metakd.data.KanjiDataModule']
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg, value = args[i], None
+        if arg == "--data" and i + 1 < len(args):
+            value, step = args[i + 1], 2
+        elif arg.startswith("--data="):
+            value, step = arg.split("=", 1)[1], 1
+        if value is not None and value.lower().endswith((".yaml", ".yml")):
+            out += ["--data", "null", "--data", json.dumps(data_section(value))]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def data_fixes(learner: Any, datamodule: EpisodicDataModule, stage: str = "test") -> dict[str, int]:
+    """The data settings that make ``datamodule``'s images fit ``learner``; ``{}`` when they do.
+
+    Compares the learner's backbone (``image_size``, ``in_channels``) with the data module
+    (``image_size``; its channels after ``setup``, which this calls). A size always fits after
+    ``image_size`` changes (images are resized); channels fit when the data module converts them
+    (a ``channels`` argument: FolderDataModule, Learn2LearnDataModule), and cannot otherwise
+    (Omniglot is grey, mini-ImageNet RGB). Example: ``{"image_size": 28, "channels": 1}``.
+
+    Raises:
+        ValueError: the channels differ and the data module cannot convert them.
+    """
+    backbone = getattr(learner, "backbone", None)
+    size, channels = getattr(backbone, "image_size", None), getattr(backbone, "in_channels", None)
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+    fixes = {}
+    if isinstance(size, int) and size != datamodule.image_size:
+        fixes["image_size"] = size
+    if isinstance(channels, int) and channels != datamodule.channels:
+        name = type(datamodule).__name__
+        if "channels" not in inspect.signature(type(datamodule)).parameters:
+            raise ValueError(
+                f"{name} serves {datamodule.channels}-channel images and has no channels "
+                f"setting, so a {channels}-channel learner cannot be tested on it; read the "
+                f"images with lightning_metakd.data.FolderDataModule (channels: {channels}) instead."
+            )
+        fixes["channels"] = channels
+    return fixes
+
+
+def describe_mismatch(learner: Any, datamodule: EpisodicDataModule, who: str) -> str:
+    """``"--data gives 3-channel 84x84 images but <who> takes 1-channel 28x28"``."""
+    backbone = learner.backbone
+    size = getattr(backbone, "image_size", "?")
+    return (
+        f"--data gives {datamodule.channels}-channel {datamodule.image_size}x"
+        f"{datamodule.image_size} images but {who} takes "
+        f"{getattr(backbone, 'in_channels', '?')}-channel {size}x{size}"
+    )
+
+
+def check_replaced_data(model: L.LightningModule, datamodule: Any, stage: str) -> None:
+    """Raise a ValueError naming the flags to add when ``--data``'s images cannot feed the model.
+
+    See :func:`data_fixes`; models without a ``learner`` and foreign data modules pass.
+    """
+    learner = getattr(model, "learner", None)
+    if getattr(learner, "backbone", None) is None or not isinstance(datamodule, EpisodicDataModule):
+        return
+    fixes = data_fixes(learner, datamodule, stage)
+    if fixes:
+        flags = " ".join(f"--data.init_args.{k} {v}" for k, v in fixes.items())
+        mismatch = describe_mismatch(learner, datamodule, "the checkpoint's learner")
+        raise ValueError(f"{mismatch}; add {flags} after --data.")
+
+
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKDCLI:
-    """Run (or, with ``run=False``, only build) the LightningCLI on ``args`` (default ``sys.argv``).
+    """Run (or, with ``run=False``, only build) the LightningCLI on ``args`` (default: the console's).
+
+    ``--data <yaml>`` takes the data module of another config whole (:func:`replace_data_args`):
+    a checkpoint is tested on data it was not trained on, its image size and channels checked at
+    setup (``Learner.check_data``).
 
     Raises:
         UsageError: a config or flag the parser rejects (one line, with "did you mean").
         CheckpointError: a ``--ckpt_path`` that is missing, unreadable or of the other module type.
     """
     check_legacy_config(args)
+    given = list(sys.argv[1:] if args is None else args)
+    try:
+        replaced = replace_data_args(given)
+    except ValueError as err:
+        print(f"metakd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args is None:  # LightningCLI reads the console's arguments itself
+        sys.argv[1:] = replaced
+    else:
+        args = replaced
     return MetaKDCLI(
         L.LightningModule,
         EpisodicDataModule,
@@ -424,6 +581,7 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> MetaKD
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        replaced_data=replaced != given,
     )
 
 
@@ -435,7 +593,12 @@ __all__ = [
     "TRAINER_DEFAULTS",
     "MetaKDCLI",
     "check_legacy_config",
+    "check_replaced_data",
+    "data_fixes",
+    "describe_mismatch",
+    "data_section",
     "legacy_terms_yaml",
     "one_line_errors",
+    "replace_data_args",
     "run_lightning_cli",
 ]

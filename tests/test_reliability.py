@@ -386,7 +386,7 @@ def test_a_session_that_leaves_files_behind_fails(tmp_path, leak):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "leftovers",
          "--basetemp", str(tmp_path / "basetemp"), "test_leaky.py"],
         capture_output=True, text=True, timeout=120, cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])},
     )  # fmt: skip
     assert "1 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.returncode == (1 if leak else 0), proc.stdout[-2000:]

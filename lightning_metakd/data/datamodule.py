@@ -78,6 +78,11 @@ class EpisodicDataModule(L.LightningDataModule):
         rotations: add the 90° rotations of each training class as new classes (Omniglot practice).
         num_workers: DataLoader worker processes.
         seed: seeds the class split (where the source makes one) and every episode list.
+        train_seed: seeds the training episodes (and the training loader's worker seeds) alone;
+            default: ``seed``. Runs that differ only in ``train_seed`` (and ``seed_everything``)
+            train on other episodes but share the class split and the fixed validation and test
+            episodes, which ``seed`` picks: what comparing runs across training seeds needs
+            (:func:`lightning_metakd.seeds.run_seeds`).
         image_size: images are resized to ``image_size x image_size``.
         train_transform: optional callable on each ``[C, H, W]`` float training image, after
             resizing.
@@ -108,6 +113,7 @@ class EpisodicDataModule(L.LightningDataModule):
         rotations: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        train_seed: int | None = None,
         image_size: int = 28,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
@@ -137,6 +143,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.rotations = rotations
         self.num_workers = num_workers
         self.seed = seed
+        self.train_seed = seed if train_seed is None else train_seed
         self.image_size = image_size
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.splits: dict[str, ClassDataset] = {}
@@ -376,7 +383,7 @@ class EpisodicDataModule(L.LightningDataModule):
             queries=self.queries if train else self.test_queries,
             num_tasks=num_tasks,
             fixed=not train,
-            seed=self.seed,
+            seed=self.train_seed if train else self.seed,
             stream=_STREAMS[split],
             grouping=self.grouping != "none",
             num_replicas=world,
@@ -410,7 +417,8 @@ class EpisodicDataModule(L.LightningDataModule):
         An :class:`~lightning_metakd.data.loader.EpisodeLoader`: Lightning resumes it mid-epoch.
         """
         sampler = self.sampler(split)
-        seed = int(np.random.SeedSequence([self.seed, _STREAMS[split]]).generate_state(1)[0])
+        base = self.train_seed if split == "train" else self.seed
+        seed = int(np.random.SeedSequence([base, _STREAMS[split]]).generate_state(1)[0])
         loader = EpisodeLoader(
             self.task_dataset(split),
             sampler=sampler,

@@ -108,9 +108,11 @@ class ClassDataset(Dataset):
     Example:
         >>> images = torch.randint(0, 255, (20, 1, 28, 28), dtype=torch.uint8)
         >>> ds = ClassDataset(images, [i // 5 for i in range(20)], ["a", "b", "c", "d"])
-        >>> sx, sy, qx, qy, classes = ds[TaskSpec(classes=(2, 0), support=(10, 0), query=(11, 1))]
-        >>> sx.shape, sy.tolist(), classes.tolist()
-        (torch.Size([2, 1, 28, 28]), [0, 1], [2, 0])
+        >>> sx, sy, qx, qy, classes, s_index, q_index = ds[
+        ...     TaskSpec(classes=(2, 0), support=(10, 0), query=(11, 1))
+        ... ]
+        >>> sx.shape, sy.tolist(), classes.tolist(), s_index.tolist(), q_index.tolist()
+        (torch.Size([2, 1, 28, 28]), [0, 1], [2, 0], [10, 0], [11, 1])
     """
 
     def __init__(

@@ -240,7 +240,7 @@ class Learn2LearnDataModule(EpisodicDataModule):
         return TaskKeySampler(
             self.num_tasks(split),
             fixed=not train,
-            seed=self.seed,
+            seed=self.train_seed if train else self.seed,
             stream=_STREAMS[split],
             num_replicas=world,
             rank=rank,

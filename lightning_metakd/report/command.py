@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_metakd.data import EpisodicDataModule
+from lightning_metakd.distill import TeacherEnsemble
+from lightning_metakd.lightning_cli import data_fixes, data_section, describe_mismatch
 from lightning_metakd.modules import read_checkpoint
 from lightning_metakd.report.comparison import Measured, checkpoint_learners, compare
 from lightning_metakd.report.tables import markdown_table
@@ -74,6 +76,20 @@ def _learners_from_checkpoints(specs: list[str]) -> dict[str, Measured]:
     return learners
 
 
+def check_report_data(
+    learners: Mapping[str, Measured], datamodule: EpisodicDataModule, source: str
+) -> None:
+    """Raise a ValueError naming the settings to change when ``--data`` cannot feed a learner."""
+    for name, measured in learners.items():
+        members = measured.learners if isinstance(measured, TeacherEnsemble) else [measured]
+        for learner in members:
+            fixes = data_fixes(learner, datamodule)
+            if fixes:
+                settings = ", ".join(f"{k}: {v}" for k, v in fixes.items())
+                mismatch = describe_mismatch(learner, datamodule, repr(name))
+                raise ValueError(f"{mismatch}; set {settings} in {source}'s data init_args.")
+
+
 def report_main(argv: list[str]) -> int:
     """``metakd report``: compare checkpoints on the same fixed test episodes (:func:`compare`)."""
     import yaml
@@ -84,7 +100,7 @@ def report_main(argv: list[str]) -> int:
     opts = parser.parse_args(argv)
     try:
         config = yaml.safe_load(Path(opts.config).read_text()) or {}
-        data = copy.deepcopy(config.get("data") or {})
+        data = copy.deepcopy(data_section(opts.data) if opts.data else config.get("data") or {})
         if not data:
             raise ValueError(
                 f"{opts.config} has no `data:` section to take the test episodes from."
@@ -96,6 +112,8 @@ def report_main(argv: list[str]) -> int:
         datamodule = report_datamodule(data)
         datamodule.prepare_data()
         learners = _learners_from_checkpoints(opts.checkpoint)
+        if opts.data:
+            check_report_data(learners, datamodule, opts.data)
         with episode_progress(datamodule, len(learners)):
             rows = compare(
                 learners, datamodule, opts.out, repeats=opts.repeats, reference=opts.reference
@@ -107,4 +125,4 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["episode_progress", "report_datamodule", "report_main"]
+__all__ = ["check_report_data", "episode_progress", "report_datamodule", "report_main"]
