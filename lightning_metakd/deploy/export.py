@@ -301,8 +301,18 @@ def export_main(argv: list[str]) -> int:
         description="Export a classifier written by `metakd finetune` to torch.export and ONNX, "
         "checking the exported logits against PyTorch's.",
     )
-    parser.add_argument("--classifier", required=True, help="classifier.pt of `metakd finetune`")
-    parser.add_argument("--output", default=None, help="default: <classifier folder>/export")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--classifier", help="classifier.pt of `metakd finetune`")
+    source.add_argument(
+        "--learner",
+        help="a MetaLearnerModule or DistillationModule checkpoint (its student): export the "
+        "adaptation itself, enrol + classify graphs (lightning_metakd.deploy.learner_export)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="default: <classifier folder>/export; for --learner runs/<name>/version_N/export",
+    )
     parser.add_argument(
         "--images",
         nargs="+",
@@ -313,7 +323,25 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=0.0)
+    learner = parser.add_argument_group("--learner options")
+    learner.add_argument("--normalization", choices=["support", "population"], default=None,
+                         help="the BatchNorm policy baked in (default: the learner's; "
+                         "transductive learners: support)")  # fmt: skip
+    learner.add_argument("--frozen-body", action="store_true",
+                         help="MAML / Meta-SGD: adapt only the head in the graph")  # fmt: skip
+    learner.add_argument("--calibration", default=None, metavar="CONFIG",
+                         help="a config whose data: gives meta-training tasks (population "
+                         "statistics, int8 calibration)")  # fmt: skip
+    learner.add_argument("--int8", action="store_true",
+                         help="also write int8 graphs to <output>/int8 (needs --calibration)")  # fmt: skip
+    learner.add_argument("--invert", action="store_true", help="images are inverted (1 - x)")
+    learner.add_argument("--mean", type=float, nargs="+", default=None)
+    learner.add_argument("--std", type=float, nargs="+", default=None)
     opts = parser.parse_args(argv)
+    if opts.learner is not None:
+        from lightning_metakd.deploy.learner_export import export_learner_main
+
+        return export_learner_main(opts)
     path = Path(opts.classifier)
     try:
         classifier = FixedClassifier.load(path)
