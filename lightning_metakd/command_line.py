@@ -488,14 +488,24 @@ def finetune_parser() -> Any:  # a jsonargparse ArgumentParser
 
 
 def export_parser() -> CommandParser:
-    """``metakd export``: a fine-tuned classifier, the formats, the check tolerances."""
+    """``metakd export``: a fine-tuned classifier or a learner, the formats, the check tolerances."""
     parser = CommandParser(
         prog="metakd export",
         description="Export a classifier written by `metakd finetune` to torch.export and ONNX, "
         "checking the exported logits against PyTorch's.",
     )
-    parser.add_argument("--classifier", required=True, help="classifier.pt of `metakd finetune`")
-    parser.add_argument("--output", default=None, help="default: <classifier folder>/export")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--classifier", help="classifier.pt of `metakd finetune`")
+    source.add_argument(
+        "--learner",
+        help="a MetaLearnerModule or DistillationModule checkpoint (its student): export the "
+        "adaptation itself, enrol + classify graphs (lightning_metakd.deploy.learner_export)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="default: <classifier folder>/export; for --learner <run folder>/export",
+    )
     parser.add_argument(
         "--images",
         nargs="+",
@@ -506,6 +516,20 @@ def export_parser() -> CommandParser:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--atol", type=float, default=1e-4)
     parser.add_argument("--rtol", type=float, default=0.0)
+    learner = parser.add_argument_group("--learner options")
+    learner.add_argument("--normalization", choices=["support", "population"], default=None,
+                         help="the BatchNorm policy baked in (default: the learner's; "
+                         "transductive learners: support)")  # fmt: skip
+    learner.add_argument("--frozen_body", action="store_true",
+                         help="MAML / Meta-SGD: adapt only the head in the graph")  # fmt: skip
+    learner.add_argument("--calibration", default=None, metavar="CONFIG",
+                         help="a config whose data: gives meta-training tasks (population "
+                         "statistics, int8 calibration)")  # fmt: skip
+    learner.add_argument("--int8", action="store_true",
+                         help="also write int8 graphs to <output>/int8 (needs --calibration)")  # fmt: skip
+    learner.add_argument("--invert", action="store_true", help="images are inverted (1 - x)")
+    learner.add_argument("--mean", type=float, nargs="+", default=None)
+    learner.add_argument("--std", type=float, nargs="+", default=None)
     return parser
 
 
@@ -528,6 +552,15 @@ def classify_parser() -> CommandParser:
     parser.add_argument(
         "--sheet", default=None, help="also write a PNG of the images with their predictions"
     )
+    parser.add_argument(
+        "--enrol",
+        default=None,
+        metavar="FOLDER",
+        help="an exported learner (`metakd export --learner`): enrol the classes of this folder "
+        "of class folders, a few images each, then classify",
+    )
+    parser.add_argument("--state", default=None, help="an exported learner: a saved enrolment")
+    parser.add_argument("--save_state", default=None, help="write the enrolment to this .npz")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     return parser
 

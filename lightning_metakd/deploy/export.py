@@ -296,6 +296,10 @@ def export_main(argv: list[str]) -> int:
 
     parser = export_parser()
     opts = parser.parse_args(argv)
+    if opts.learner is not None:
+        from lightning_metakd.deploy.learner_export import export_learner_main
+
+        return export_learner_main(opts)
     path = Path(opts.classifier)
     try:
         classifier = FixedClassifier.load(path)

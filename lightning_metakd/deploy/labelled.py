@@ -31,21 +31,28 @@ class LabelledImages(NamedTuple):
 
 
 def read_class_folders(
-    root: str | Path, image_size: int, channels: int, invert: bool = False
+    root: str | Path,
+    image_size: int,
+    channels: int,
+    invert: bool = False,
+    purpose: tuple[str, str] = ("metakd finetune data_root", "fine-tuning"),
 ) -> LabelledImages:
     """Every image of ``root/<class>/*`` as one batch, read as ``FolderDataModule`` reads them.
 
     Classes are the sorted sub-folders that hold images; files are name-sorted; each image is
     converted to ``channels``, inverted if ``invert``, resized (antialiased) to ``image_size``.
+    ``purpose``: the argument and the task that error messages name (``metakd classify --enrol``
+    reads its classes here too).
     """
     from lightning_metakd.data.folder import check_root, files_dataset, find_class_folders
 
-    folder = check_root(root, "metakd finetune data_root", _LAYOUT)
+    argument, task = purpose
+    folder = check_root(root, argument, _LAYOUT)
     classes = find_class_folders(folder)
     if len(classes) < 2:
         found = f"only {list(classes)}" if classes else "no sub-folder with images"
         raise FinetuneError(
-            f"{str(folder)!r} holds {found}; fine-tuning needs at least 2 class folders with "
+            f"{str(folder)!r} holds {found}; {task} needs at least 2 class folders with "
             f"images:\n{_LAYOUT}"
         )
     dataset = files_dataset(classes, image_size, channels, invert)

@@ -63,33 +63,50 @@ class ExportedClassifier:
         if format == "torch_export":
             self._module = torch.export.load(path).module()
             return
+        self._graph = OnnxGraph(path, threads)
+        self._session = self._graph.session
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if self.format == "torch_export":
+            with torch.no_grad():
+                return self._module(images)
+        (logits,) = self._graph.run([images.detach().float().contiguous().numpy()])
+        return torch.from_numpy(np.asarray(logits))
+
+
+class OnnxGraph:
+    """An ONNX file run on numpy arrays: an ONNX Runtime CPU session, or
+    ``onnx.reference.ReferenceEvaluator`` when onnxruntime is missing (slow, but exact).
+
+    :meth:`run` takes the inputs in the graph's order and returns every output in order.
+    """
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        self.path = path
         try:
             import onnxruntime
         except ImportError:
             require_onnx("onnx")
             from onnx.reference import ReferenceEvaluator
 
+            self.session = None
             self._reference = ReferenceEvaluator(str(path))
-            self._session = None
+            self.input_names = list(self._reference.input_names)
             return
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(
+        self.session = onnxruntime.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, images: Tensor) -> Tensor:
-        if self.format == "torch_export":
-            with torch.no_grad():
-                return self._module(images)
-        array = images.detach().float().contiguous().numpy()
-        if self._session is not None:
-            (logits,) = self._session.run(["logits"], {"images": array})
-        else:
-            (logits,) = self._reference.run(None, {"images": array})
-        return torch.from_numpy(np.asarray(logits))
+    def run(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        inputs = dict(zip(self.input_names, feeds, strict=True))
+        if self.session is not None:
+            return self.session.run(None, inputs)
+        return list(self._reference.run(None, inputs))
 
 
 def read_metadata(model_dir: str | Path) -> dict[str, Any]:
@@ -179,11 +196,18 @@ def classify(
 def classify_main(argv: list[str]) -> int:
     """``metakd classify``: print ``path<TAB>class<TAB>probability`` for every image."""
     from lightning_metakd.command_line import classify_parser, fail
+    from lightning_metakd.deploy.exported_learner import classify_enrolled, is_learner_export
 
     parser = classify_parser()
     opts = parser.parse_args(argv)
+    class_names = None
     try:
-        rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
+        if opts.enrol or opts.state or is_learner_export(opts.model):
+            rows, class_names = classify_enrolled(
+                opts.model, opts.images, opts.enrol, opts.state, opts.format, opts.save_state
+            )
+        else:
+            rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
     except (OSError, ValueError, ImportError) as err:
         return fail("metakd classify", err)
     for path, name, probability in rows:
@@ -192,7 +216,8 @@ def classify_main(argv: list[str]) -> int:
         from lightning_metakd.deploy.sheet import classify_sheet
 
         try:
-            sheet = classify_sheet(opts.sheet, rows, read_metadata(opts.model)["class_names"])
+            names = class_names or read_metadata(opts.model)["class_names"]
+            sheet = classify_sheet(opts.sheet, rows, names)
         except OSError as err:
             return fail("metakd classify", OSError(f"cannot write the sheet: {err}"))
         print(f"metakd classify: wrote {sheet.path}: {sheet.summary}", file=sys.stderr)
