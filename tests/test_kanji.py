@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -122,6 +123,51 @@ def test_render_is_deterministic_per_class_and_sample() -> None:
     assert a.max() > 200 and np.median(a) < 10 and a[0, 0] == 0
     small = render_kanji(go, RenderConfig(image_size=20), sample_rng(0, go.codepoint, 3))
     assert small.shape == (20, 20)
+
+
+# Computed from the renderer before the handwriting style was added (PIL 13.0, kanjivg 20260714):
+# every README number and the bit-exact quickstart reproduction depend on these drawings.
+DEFAULT_CACHE_NAME = "kanjivg-v1-28px-20x-c1858d7f843f93ff.npz"
+DEFAULT_RENDER = {
+    "curve_samples": 8,
+    "image_size": 28,
+    "point_jitter": 1.5,
+    "rotation": 10.0,
+    "scale": 0.12,
+    "shear": 0.15,
+    "stroke_offset": 1.5,
+    "stroke_width": [3.0, 6.0],
+    "supersample": 4,
+    "translation": 7.5,
+}
+DEFAULT_SAMPLES_SHA256 = "11db71d429c6a7ce668bf2457c3309ae03e240bd27f0c90c8097c55abbb8c4f4"
+DEFAULT_DRAWINGS = {  # character: (sha256 of drawing 5, its pixel sum)
+    "語": ("25704d7b646818f5129089414b6aca4fc73bae71bf115b20ee6924c36d271dbc", 36481),
+    "一": ("cf36c94b415fc493d97963e431305dc410b2946867c82cf29a4e277a047dd4ab", 3494),
+    "あ": ("9ed054c4f2f197363ea11adfe2a2060bd3998ecc720248da7ad34e7029afe0e8", 23685),
+}
+
+
+def test_default_cache_key_and_drawings_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default render is frozen: same cache file name (so users' caches stay valid), same
+    render parameters, and bit-identical drawings of a sample of characters."""
+    monkeypatch.setattr(kanji_module, "kanjivg_version", lambda: "20260714")
+    dm = KanjiDataModule(cache_dir="/nonexistent")
+    assert dm.cache_path.name == DEFAULT_CACHE_NAME
+    assert dm.cache_params["render"] == DEFAULT_RENDER
+    assert dm.cache_params["format_version"] == 1
+    kanji = select_kanji(max_classes_per_group=2, max_classes=8)
+    assert "".join(k.character for k in kanji) == "彬木氵氾募墓扌才"
+    images = render_samples(kanji, 3, RenderConfig(), progress=False)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == DEFAULT_SAMPLES_SHA256
+    lib = by_codepoint()
+    for character, (digest, total) in DEFAULT_DRAWINGS.items():
+        k = lib[ord(character)]
+        drawing = render_kanji(k, RenderConfig(), sample_rng(0, k.codepoint, 5))
+        assert (hashlib.sha256(drawing.tobytes()).hexdigest(), int(drawing.sum())) == (
+            digest,
+            total,
+        ), character
 
 
 def test_render_samples_do_not_depend_on_batching() -> None:
