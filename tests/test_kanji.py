@@ -19,6 +19,7 @@ from conftest import run_together
 
 from lightning_metakd.data import KanjiDataModule
 from lightning_metakd.data import kanji as kanji_module
+from lightning_metakd.data import kanji_render as render_module
 from lightning_metakd.data.kanji import default_cache_dir, select_kanji
 from lightning_metakd.data.kanji_handwriting import HANDWRITING_VERSION, HandwritingConfig
 from lightning_metakd.data.kanji_render import (
@@ -171,6 +172,20 @@ def test_default_cache_key_and_drawings_are_unchanged(monkeypatch: pytest.Monkey
             digest,
             total,
         ), character
+
+
+@pytest.mark.slow
+def test_render_samples_are_the_same_in_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spawned render workers give the single process's bytes (each worker imports the package
+    with torch first: seconds each, hence slow)."""
+    monkeypatch.setattr(render_module, "PARALLEL_RENDER_IMAGES", 1)
+    kanji = select_kanji(max_classes_per_group=2, max_classes=8)
+    for config in (RenderConfig(), HandwritingConfig()):
+        alone = render_samples(kanji, 3, config, progress=False)
+        shared = render_samples(kanji, 3, config, progress=False, processes=2)
+        np.testing.assert_array_equal(shared, alone)
+    images = render_samples(kanji, 3, RenderConfig(), progress=False, processes=2)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == DEFAULT_SAMPLES_SHA256
 
 
 def test_render_samples_do_not_depend_on_batching() -> None:

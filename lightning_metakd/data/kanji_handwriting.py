@@ -48,7 +48,22 @@ class HandwritingConfig:
     """The ranges a handwriting-style drawing samples from (see the module docs for each step).
 
     Pairs ``(low, high)`` are sampled uniformly per drawing (``pen_width`` and ``spacing``
-    log-uniformly); single numbers are the largest amplitude or probability.
+    log-uniformly); single numbers are the largest amplitude or a probability. Lengths are
+    KanjiVG units (box 109).
+
+    - ``pen_width``: stroke width; ``pressure``: relative swell along a stroke; ``taper``: how
+      much a stroke thins over its first 20% and last 25%; ``spacing``: distance between the
+      points of a drawn stroke (large: a mouse's polygonal lines).
+    - ``point_jitter``: Gaussian noise on the Bézier points; ``wobble``: sideways sway of a
+      stroke; ``drift``: step of the hand's random walk from stroke to stroke; ``end_jitter``:
+      over- or undershoot of stroke ends; the last three grow with speed and stroke order.
+    - ``ligature``: chance (times speed) that a stroke is joined to the previous one;
+      ``stroke_dropout``: chance that one stroke of a 3+ stroke character is left out.
+    - ``rotation`` (degrees), ``scale``, ``aspect`` (log x/y stretch), ``shear``, ``translation``
+      and ``elastic`` (displacement amplitude): the paper.
+    - ``blur``: Gaussian sigma in pen radii before binarising at ``threshold`` (a fraction of
+      full ink); ``low_resolution``: chance of a coarse scan of ``scan_size`` pixels a side.
+    - ``supersample``: the one-bit canvas is ``image_size * supersample`` pixels a side.
     """
 
     image_size: int = 28

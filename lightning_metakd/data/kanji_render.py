@@ -310,6 +310,10 @@ def sample_rng(seed: int, codepoint: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, codepoint, index])
 
 
+#: Renders of fewer images stay in one process (a spawned worker takes seconds to start).
+PARALLEL_RENDER_IMAGES = 5000
+
+
 def render_samples(
     kanji: Sequence[KanjiStrokes],
     samples_per_class: int,
@@ -322,7 +326,8 @@ def render_samples(
 
     Image ``i * S + j`` is drawing ``j`` of ``kanji[i]``, drawn from :func:`sample_rng` so that it
     does not depend on which other characters are rendered, or in which order, or on how many
-    ``processes`` share the work (chunks of characters in spawned worker processes).
+    ``processes`` share the work (chunks of characters in spawned worker processes, for renders of
+    at least :data:`PARALLEL_RENDER_IMAGES` images: below that, starting them costs more).
     """
     size = config.image_size
     out = np.empty((len(kanji) * samples_per_class, 1, size, size), dtype=np.uint8)
@@ -330,7 +335,7 @@ def render_samples(
         total=len(out), desc="Rendering KanjiVG", unit="img", file=sys.stderr, disable=not progress
     )
     with bar:
-        if processes <= 1 or len(kanji) < 2 * processes:
+        if processes <= 1 or len(out) < PARALLEL_RENDER_IMAGES or len(kanji) < 2 * processes:
             for i, character in enumerate(kanji):
                 out[i * samples_per_class : (i + 1) * samples_per_class] = _draw_class(
                     character, samples_per_class, config, seed
