@@ -275,6 +275,8 @@ def test_render_style_has_its_own_cache_and_the_same_classes(
     assert not torch.equal(styled.splits["train"].images, classic.splits["train"].images)
     with pytest.raises(ValueError, match="render_style must be one of"):
         KanjiDataModule(render_style="brush")
+    with pytest.raises(ValueError, match="render_processes must be at least 1"):
+        KanjiDataModule(render_processes=0)
 
 
 # --- the DataModule ------------------------------------------------------------------------------

@@ -121,8 +121,10 @@ class KanjiDataModule(EpisodicDataModule):
             :mod:`~lightning_metakd.data.kanji_handwriting`), for models that must work on real
             handwriting. Same characters and splits; its own cache file (``-handwriting-`` in the
             name, about 2 minutes to render).
-        render_processes: processes that render a missing cache (default: two, or one on a
-            one-core machine); the drawings are the same for any number.
+        render_processes: processes that render a missing cache (spawned; the drawings are the
+            same for any number). 1 by default: spawned workers re-import the calling script,
+            so a script that renders with more must keep its top-level code under
+            ``if __name__ == "__main__":`` (the ``metakd`` command and notebooks are fine).
         **kwargs: the task shape, episode counts, seed and loader settings of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
             the rendered size (no resampling afterwards).
@@ -148,7 +150,7 @@ class KanjiDataModule(EpisodicDataModule):
         max_classes: int | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         render_style: str = "classic",
-        render_processes: int | None = None,
+        render_processes: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -172,7 +174,9 @@ class KanjiDataModule(EpisodicDataModule):
         self.max_classes = max_classes
         self.split_fractions = fractions
         self.render_style = render_style
-        self.render_processes = render_processes or min(2, os.cpu_count() or 1)
+        if render_processes < 1:
+            raise ValueError(f"render_processes must be at least 1, got {render_processes}.")
+        self.render_processes = render_processes
         self.render_config = RENDER_STYLES[render_style](image_size=self.image_size)
 
     @property
