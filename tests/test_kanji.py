@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_together
 
 from lightning_metakd.data import KanjiDataModule
 from lightning_metakd.data import kanji as kanji_module
+from lightning_metakd.data import kanji_render as render_module
 from lightning_metakd.data.kanji import default_cache_dir, select_kanji
+from lightning_metakd.data.kanji_handwriting import HANDWRITING_VERSION, HandwritingConfig
 from lightning_metakd.data.kanji_render import (
     RenderConfig,
     kanjivg_files,
@@ -124,6 +129,65 @@ def test_render_is_deterministic_per_class_and_sample() -> None:
     assert small.shape == (20, 20)
 
 
+# Computed from the renderer before the handwriting style was added (PIL 13.0, kanjivg 20260714):
+# every README number and the bit-exact quickstart reproduction depend on these drawings.
+DEFAULT_CACHE_NAME = "kanjivg-v1-28px-20x-c1858d7f843f93ff.npz"
+DEFAULT_RENDER = {
+    "curve_samples": 8,
+    "image_size": 28,
+    "point_jitter": 1.5,
+    "rotation": 10.0,
+    "scale": 0.12,
+    "shear": 0.15,
+    "stroke_offset": 1.5,
+    "stroke_width": [3.0, 6.0],
+    "supersample": 4,
+    "translation": 7.5,
+}
+DEFAULT_SAMPLES_SHA256 = "11db71d429c6a7ce668bf2457c3309ae03e240bd27f0c90c8097c55abbb8c4f4"
+DEFAULT_DRAWINGS = {  # character: (sha256 of drawing 5, its pixel sum)
+    "語": ("25704d7b646818f5129089414b6aca4fc73bae71bf115b20ee6924c36d271dbc", 36481),
+    "一": ("cf36c94b415fc493d97963e431305dc410b2946867c82cf29a4e277a047dd4ab", 3494),
+    "あ": ("9ed054c4f2f197363ea11adfe2a2060bd3998ecc720248da7ad34e7029afe0e8", 23685),
+}
+
+
+def test_default_cache_key_and_drawings_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default render is frozen: same cache file name (so users' caches stay valid), same
+    render parameters, and bit-identical drawings of a sample of characters."""
+    monkeypatch.setattr(kanji_module, "kanjivg_version", lambda: "20260714")
+    dm = KanjiDataModule(cache_dir="/nonexistent")
+    assert dm.cache_path.name == DEFAULT_CACHE_NAME
+    assert dm.cache_params["render"] == DEFAULT_RENDER
+    assert dm.cache_params["format_version"] == 1
+    kanji = select_kanji(max_classes_per_group=2, max_classes=8)
+    assert "".join(k.character for k in kanji) == "彬木氵氾募墓扌才"
+    images = render_samples(kanji, 3, RenderConfig(), progress=False)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == DEFAULT_SAMPLES_SHA256
+    lib = by_codepoint()
+    for character, (digest, total) in DEFAULT_DRAWINGS.items():
+        k = lib[ord(character)]
+        drawing = render_kanji(k, RenderConfig(), sample_rng(0, k.codepoint, 5))
+        assert (hashlib.sha256(drawing.tobytes()).hexdigest(), int(drawing.sum())) == (
+            digest,
+            total,
+        ), character
+
+
+@pytest.mark.slow
+def test_render_samples_are_the_same_in_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spawned render workers give the single process's bytes (each worker imports the package
+    with torch first: seconds each, hence slow)."""
+    monkeypatch.setattr(render_module, "PARALLEL_RENDER_IMAGES", 1)
+    kanji = select_kanji(max_classes_per_group=2, max_classes=8)
+    for config in (RenderConfig(), HandwritingConfig()):
+        alone = render_samples(kanji, 3, config, progress=False)
+        shared = render_samples(kanji, 3, config, progress=False, processes=2)
+        np.testing.assert_array_equal(shared, alone)
+    images = render_samples(kanji, 3, RenderConfig(), progress=False, processes=2)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == DEFAULT_SAMPLES_SHA256
+
+
 def test_render_samples_do_not_depend_on_batching() -> None:
     lib = by_codepoint()
     first, second = lib[ord("語")], lib[ord("話")]
@@ -132,6 +196,87 @@ def test_render_samples_do_not_depend_on_batching() -> None:
     assert both.shape == (6, 1, 28, 28)
     np.testing.assert_array_equal(both[3:], alone)
     assert not np.array_equal(both[0], both[1])
+
+
+# --- the handwriting style ---------------------------------------------------------------------
+
+
+def test_handwriting_style_is_deterministic_white_on_black_and_varied() -> None:
+    lib = by_codepoint()
+    config = HandwritingConfig()
+    go = lib[ord("語")]
+    a = config.draw(go, sample_rng(0, go.codepoint, 3))
+    assert a.shape == (28, 28) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, config.draw(go, sample_rng(0, go.codepoint, 3)))
+    assert a.max() > 200 and a[0, 0] == 0
+    images = render_samples([lib[ord(c)] for c in "木口語"], 8, config, progress=False)
+    assert images.shape == (24, 1, 28, 28)
+    ink = (images > 127).mean(axis=(1, 2, 3)).reshape(3, 8)  # [character, drawing]
+    assert ink.min() > 0.01  # no drawing vanishes under blur and thresholding
+    # the ink of one character varies twice as much as in the classic drawings (0.047 vs 0.021):
+    # pen widths, hands and scanners differ from drawing to drawing
+    classic = render_samples([lib[ord(c)] for c in "木口語"], 8, RenderConfig(), progress=False)
+    classic_ink = (classic > 127).mean(axis=(1, 2, 3)).reshape(3, 8)
+    assert ink.std(1).mean() > 1.8 * classic_ink.std(1).mean()
+
+    # edges range from sharp (a thick one-bit pen) to soft (a blurred or coarse scan): grey
+    # pixels per ink pixel spread three times as widely as in the classic drawings
+    def softness(drawings: np.ndarray) -> np.ndarray:
+        grey = ((drawings > 30) & (drawings < 225)).mean(axis=(1, 2, 3))
+        return grey / (drawings > 127).mean(axis=(1, 2, 3))
+
+    assert softness(images).std() > 2 * softness(classic).std()
+
+
+def test_handwriting_style_draws_each_step() -> None:
+    """Each randomisation switched on alone changes the drawing; all off gives a clean pen line."""
+    one = by_codepoint()[ord("口")]
+    off = HandwritingConfig(
+        pressure=0, taper=0, point_jitter=0, wobble=0, drift=0, end_jitter=0, ligature=0,
+        stroke_dropout=0, rotation=0, scale=(1, 1), aspect=0, shear=0, translation=0, elastic=0,
+        blur=(0, 0), threshold=(0.5, 0.5), low_resolution=0, pen_width=(6, 6), spacing=(3, 3),
+    )  # fmt: skip
+    base = off.draw(one, sample_rng(0, one.codepoint, 0))
+    assert base.max() == 255
+    for change in (
+        {"pressure": 0.4}, {"wobble": 2.0}, {"elastic": 5.0}, {"rotation": 12.0},
+        {"blur": (1.0, 1.0), "threshold": (0.6, 0.6)}, {"low_resolution": 0.999},
+        {"pen_width": (10, 10)},
+    ):  # fmt: skip
+        drawn = replace(off, **change).draw(one, sample_rng(0, one.codepoint, 0))
+        assert not np.array_equal(drawn, base), change
+    dropped = replace(off, stroke_dropout=0.999).draw(one, sample_rng(0, one.codepoint, 0))
+    assert 0 < (dropped > 127).sum() < (base > 127).sum()  # one of the three strokes is left out
+
+
+def test_handwriting_config_is_checked_and_keyed() -> None:
+    with pytest.raises(ValueError, match="pen_width must be"):
+        HandwritingConfig(pen_width=(5, 2))
+    with pytest.raises(ValueError, match="stroke_dropout is a probability"):
+        HandwritingConfig(stroke_dropout=1.5)
+    keyed = HandwritingConfig().as_dict()
+    assert keyed["style"] == "handwriting" and keyed["style_version"] == HANDWRITING_VERSION
+    assert "style" not in RenderConfig().as_dict()
+
+
+def test_render_style_has_its_own_cache_and_the_same_classes(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    classic = KanjiDataModule(cache_dir=str(cache_dir), **SMALL)
+    styled = KanjiDataModule(cache_dir=str(tmp_path), render_style="handwriting", **SMALL)
+    assert styled.cache_path.name.startswith("kanjivg-v1-handwriting-28px-6x-")
+    assert styled.cache_path.name.split("-")[-1] != classic.cache_path.name.split("-")[-1]
+    assert styled.cache_params["render"]["style"] == "handwriting"
+    classic.setup()
+    styled.setup()
+    for split in ("train", "val", "test"):
+        assert styled.splits[split].class_names == classic.splits[split].class_names
+        assert styled.splits[split].groups == classic.splits[split].groups
+    assert not torch.equal(styled.splits["train"].images, classic.splits["train"].images)
+    with pytest.raises(ValueError, match="render_style must be one of"):
+        KanjiDataModule(render_style="brush")
+    with pytest.raises(ValueError, match="render_processes must be at least 1"):
+        KanjiDataModule(render_processes=0)
 
 
 # --- the DataModule ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.episode import Episode, TaskSpec
 from lightning_metakd.data.folder import FolderDataModule
+from lightning_metakd.data.handwriting import HandwritingDataModule
 from lightning_metakd.data.kanji import KanjiDataModule
 from lightning_metakd.data.learn2learn import Learn2LearnDataModule  # imports learn2learn lazily
 from lightning_metakd.data.loader import EpisodeLoader
@@ -22,6 +23,7 @@ __all__ = [
 ]
 __all__ += [
     "FolderDataModule",
+    "HandwritingDataModule",
     "KanjiDataModule",
     "MiniImageNetDataModule",
     "NumpyOnlyUnpickler",

@@ -25,9 +25,11 @@ from lightning_metakd.atomic import atomic_write
 from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.folder import check_fractions
+from lightning_metakd.data.kanji_handwriting import HandwritingConfig
 from lightning_metakd.data.kanji_render import (
     KanjiStrokes,
     RenderConfig,
+    RenderStyle,
     kanjivg_version,
     load_kanjivg,
     render_samples,
@@ -42,6 +44,12 @@ except ImportError:  # Windows: no advisory locks; concurrent renders there are 
 CACHE_FORMAT_VERSION = 1
 #: The drawings are a fixed data set: ``seed`` picks splits and episodes, never the drawings.
 RENDER_SEED = 0
+#: ``render_style`` -> how characters are drawn. "classic" is the original renderer (its cache
+#: files keep their names); "handwriting" the domain-randomised one (docs/handwriting.md).
+RENDER_STYLES: dict[str, type[RenderStyle]] = {
+    "classic": RenderConfig,
+    "handwriting": HandwritingConfig,
+}
 
 
 def default_cache_dir() -> Path:
@@ -107,6 +115,16 @@ class KanjiDataModule(EpisodicDataModule):
             for tests and quick starts.
         split_fractions: fractions of the radical groups in train, val and test; a zero fraction
             means no such split (``(1, 0, 0)``: meta-train on every group).
+        render_style: ``"classic"`` (the default drawings above) or ``"handwriting"``: pens of
+            varying width and pressure, a hand that wobbles and drifts in stroke order, elastic
+            paper, missing strokes and scanner blur and thresholds (domain randomisation, see
+            :mod:`~lightning_metakd.data.kanji_handwriting`), for models that must work on real
+            handwriting. Same characters and splits; its own cache file (``-handwriting-`` in the
+            name, about 2 minutes to render).
+        render_processes: processes that render a missing cache (spawned; the drawings are the
+            same for any number). 1 by default: spawned workers re-import the calling script,
+            so a script that renders with more must keep its top-level code under
+            ``if __name__ == "__main__":`` (the ``metakd`` command and notebooks are fine).
         **kwargs: the task shape, episode counts, seed and loader settings of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
             the rendered size (no resampling afterwards).
@@ -131,9 +149,15 @@ class KanjiDataModule(EpisodicDataModule):
         max_classes_per_group: int | None = None,
         max_classes: int | None = None,
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        render_style: str = "classic",
+        render_processes: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if render_style not in RENDER_STYLES:
+            raise ValueError(
+                f"render_style must be one of {sorted(RENDER_STYLES)}, got {render_style!r}."
+            )
         for name, value in (
             ("samples_per_class", samples_per_class),
             ("min_group_size", min_group_size),
@@ -149,7 +173,11 @@ class KanjiDataModule(EpisodicDataModule):
         self.max_classes_per_group = max_classes_per_group
         self.max_classes = max_classes
         self.split_fractions = fractions
-        self.render_config = RenderConfig(image_size=self.image_size)
+        self.render_style = render_style
+        if render_processes < 1:
+            raise ValueError(f"render_processes must be at least 1, got {render_processes}.")
+        self.render_processes = render_processes
+        self.render_config = RENDER_STYLES[render_style](image_size=self.image_size)
 
     @property
     def cache_params(self) -> dict:
@@ -167,10 +195,14 @@ class KanjiDataModule(EpisodicDataModule):
 
     @property
     def cache_path(self) -> Path:
-        """The cache file of these render parameters, e.g. ``kanjivg-v1-28px-20x-<hash>.npz``."""
+        """The cache file of these render parameters, e.g. ``kanjivg-v1-28px-20x-<hash>.npz``
+        (``kanjivg-v1-handwriting-28px-20x-<hash>.npz`` for the handwriting style)."""
         params = self.cache_params
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-        name = f"kanjivg-v{CACHE_FORMAT_VERSION}-{self.image_size}px-{self.samples_per_class}x"
+        style = "" if self.render_style == "classic" else f"-{self.render_style}"
+        name = (
+            f"kanjivg-v{CACHE_FORMAT_VERSION}{style}-{self.image_size}px-{self.samples_per_class}x"
+        )
         return self.cache_dir / f"{name}-{digest}.npz"
 
     def prepare_data(self) -> None:
@@ -203,7 +235,13 @@ class KanjiDataModule(EpisodicDataModule):
                 f"No KanjiVG radical group has at least min_group_size={self.min_group_size} "
                 "characters; lower min_group_size."
             )
-        images = render_samples(kanji, self.samples_per_class, self.render_config, RENDER_SEED)
+        images = render_samples(
+            kanji,
+            self.samples_per_class,
+            self.render_config,
+            RENDER_SEED,
+            processes=self.render_processes,
+        )
         return {
             "images": images,
             "labels": np.repeat(np.arange(len(kanji), dtype=np.int64), self.samples_per_class),

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import multiprocessing
 import re
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -233,8 +236,24 @@ class RenderConfig:
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def draw(self, kanji: KanjiStrokes, rng: np.random.Generator) -> np.ndarray:
+        """One drawing of ``kanji`` in this style (:func:`render_kanji`)."""
+        return render_kanji(kanji, self, rng)
 
-def _bernstein(samples: int) -> np.ndarray:
+
+class RenderStyle(Protocol):
+    """A way of drawing characters: this module's :class:`RenderConfig` (the classic style) or
+    :class:`~lightning_metakd.data.kanji_handwriting.HandwritingConfig`."""
+
+    image_size: int
+
+    def as_dict(self) -> dict: ...
+
+    def draw(self, kanji: KanjiStrokes, rng: np.random.Generator) -> np.ndarray: ...
+
+
+def bernstein(samples: int) -> np.ndarray:
+    """The cubic Bernstein basis at ``samples`` evenly spaced ``t``: ``[samples, 4]``."""
     t = np.linspace(0.0, 1.0, samples)[:, None]
     return np.concatenate([(1 - t) ** 3, 3 * t * (1 - t) ** 2, 3 * t**2 * (1 - t), t**3], axis=1)
 
@@ -265,7 +284,7 @@ def render_kanji(kanji: KanjiStrokes, config: RenderConfig, rng: np.random.Gener
 
     width = rng.uniform(*c.stroke_width) * canvas / KANJIVG_BOX
     radius = width / 2
-    basis = _bernstein(c.curve_samples)
+    basis = bernstein(c.curve_samples)
     image = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(image)
     start = 0
@@ -291,17 +310,24 @@ def sample_rng(seed: int, codepoint: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, codepoint, index])
 
 
+#: Renders of fewer images stay in one process (a spawned worker takes seconds to start).
+PARALLEL_RENDER_IMAGES = 5000
+
+
 def render_samples(
     kanji: Sequence[KanjiStrokes],
     samples_per_class: int,
-    config: RenderConfig,
+    config: RenderStyle,
     seed: int = 0,
     progress: bool = True,
+    processes: int = 1,
 ) -> np.ndarray:
     """Draw ``samples_per_class`` images of each character: uint8 ``[len(kanji) * S, 1, H, W]``.
 
     Image ``i * S + j`` is drawing ``j`` of ``kanji[i]``, drawn from :func:`sample_rng` so that it
-    does not depend on which other characters are rendered, or in which order.
+    does not depend on which other characters are rendered, or in which order, or on how many
+    ``processes`` share the work (chunks of characters in spawned worker processes, for renders of
+    at least :data:`PARALLEL_RENDER_IMAGES` images: below that, starting them costs more).
     """
     size = config.image_size
     out = np.empty((len(kanji) * samples_per_class, 1, size, size), dtype=np.uint8)
@@ -309,9 +335,39 @@ def render_samples(
         total=len(out), desc="Rendering KanjiVG", unit="img", file=sys.stderr, disable=not progress
     )
     with bar:
-        for i, character in enumerate(kanji):
-            for j in range(samples_per_class):
-                rng = sample_rng(seed, character.codepoint, j)
-                out[i * samples_per_class + j, 0] = render_kanji(character, config, rng)
-            bar.update(samples_per_class)
+        if processes <= 1 or len(out) < PARALLEL_RENDER_IMAGES or len(kanji) < 2 * processes:
+            for i, character in enumerate(kanji):
+                out[i * samples_per_class : (i + 1) * samples_per_class] = _draw_class(
+                    character, samples_per_class, config, seed
+                )
+                bar.update(samples_per_class)
+            return out
+        chunk = max(1, min(64, len(kanji) // (4 * processes)))
+        context = multiprocessing.get_context("spawn")  # fork is unsafe beside torch's threads
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            jobs = {
+                pool.submit(_draw_classes, kanji[i : i + chunk], samples_per_class, config, seed): i
+                for i in range(0, len(kanji), chunk)
+            }
+            for job in as_completed(jobs):
+                images = job.result()
+                start = jobs[job] * samples_per_class
+                out[start : start + len(images)] = images
+                bar.update(len(images))
     return out
+
+
+def _draw_class(
+    character: KanjiStrokes, samples_per_class: int, config: RenderStyle, seed: int
+) -> np.ndarray:
+    images = [
+        config.draw(character, sample_rng(seed, character.codepoint, j))
+        for j in range(samples_per_class)
+    ]
+    return np.stack(images)[:, None]
+
+
+def _draw_classes(
+    kanji: Sequence[KanjiStrokes], samples_per_class: int, config: RenderStyle, seed: int
+) -> np.ndarray:
+    return np.concatenate([_draw_class(k, samples_per_class, config, seed) for k in kanji])
