@@ -11,7 +11,9 @@ learnables/learn2learn#413). This script rebuilds it from the source distributio
 1. check that torch and torchvision are importable (they are not installed here: a pip-resolved
    torchvision can drag in a torch build that does not match yours);
 2. install the build tool ``cython<3.1`` and the runtime dependencies ``gym==0.26.2``, ``scipy``,
-   ``tqdm``, ``requests``, ``qpth`` where missing;
+   ``tqdm``, ``requests``, ``cvxpy``, ``qpth`` where missing, never replacing the installed numpy,
+   torch or torchvision (qpth goes in with ``--no-deps``: its ``numpy<2`` cap would downgrade
+   numpy under packages built against numpy 2);
 3. ``pip download --no-deps --no-binary :all: learn2learn==0.2.0`` into a temporary folder, unpack;
 4. delete the stale generated ``.c`` files (every ``.c`` beside a ``.pyx`` of the same name) and the
    Cython eggs bundled in the sdist's ``.eggs/``;
@@ -54,8 +56,15 @@ DEPENDENCIES: tuple[tuple[str, str, Callable[[str], bool] | None], ...] = (
     ("scipy", "scipy", None),
     ("tqdm", "tqdm", None),
     ("requests", "requests", None),
+    ("cvxpy", "cvxpy", None),
     ("qpth", "qpth", None),
 )
+#: Installed with ``--no-deps`` (their other dependencies are in DEPENDENCIES): qpth 0.0.18 declares
+#: ``numpy<2`` although it imports and runs on numpy 2, and letting pip honour that cap replaced
+#: numpy 2 under the packages built against it (``ml_dtypes``, hence ``onnx``, stopped importing).
+NO_DEPS = frozenset({"qpth"})
+#: Never replaced by this script: the pip calls are constrained to their installed versions.
+KEEP = ("numpy", "torch", "torchvision")
 
 
 class InstallError(RuntimeError):
@@ -141,8 +150,19 @@ def install_dependencies() -> None:
         needed.append("setuptools")
     elif _version_tuple(setuptools_version) < (70, 1) and _installed_version("wheel") is None:
         needed.append("wheel")  # setuptools < 70.1 builds wheels only with the `wheel` package
-    if needed:
-        _pip("install", *needed, what=f"Installing {', '.join(needed)}")
+    if not needed:
+        return
+    pins = [f"{name}=={v}" for name in KEEP if (v := _installed_version(name)) is not None]
+    with tempfile.TemporaryDirectory() as folder:
+        constraints = Path(folder) / "keep.txt"
+        constraints.write_text("\n".join(pins) + "\n")
+        _say(f"keeping {', '.join(pins) or 'nothing'} as installed")
+        plain = [r for r in needed if r.split("<")[0].split("=")[0] not in NO_DEPS]
+        bare = [r for r in needed if r not in plain]
+        if plain:
+            _pip("install", "-c", str(constraints), *plain, what=f"Installing {', '.join(plain)}")
+        if bare:
+            _pip("install", "--no-deps", *bare, what=f"Installing {', '.join(bare)} (no deps)")
 
 
 def check_compiler() -> None:
