@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Does distillation pay on KanjiVG? Every arm over seeds, paired on the same fixed test episodes.
+
+The successor of ``kanji_ablation.py``: each arm is a config plus overrides, run once per training
+seed with :func:`lightning_metakd.seeds.run_seeds` (``metakd sweep``'s engine: a real ``metakd
+fit`` + ``test`` in a subprocess per run, resumable), then, seed by seed, every arm's checkpoint
+answers the same 600 fixed test episodes in one :func:`lightning_metakd.report.compare` call, so
+every difference against the study's reference arm is paired per episode. Tables give the mean ±
+sd over seeds of the accuracy and of the paired difference beside the per-seed 95% CI; a gain
+counts when it exceeds both.
+
+Studies (``STUDIES``; the teachers are trained once, by their own configs):
+
+- ``main``: the Conv4-16 ProtoNet student alone (``protonet_conv4_16.yaml``, the undistilled
+  twin) and the same student distilled from the Conv4-64 ProtoNet teacher (θ* by BN |γ|, soft
+  labels, the teacher's embeddings cached under population statistics), each trained 8 and 16
+  epochs (StepLR every 3). A distillation step costs more than a twin's (the teacher's embeddings
+  are computed in the first epoch), so the 16-epoch twin, whose wall time exceeds the 8-epoch
+  distilled student's, is the reference of every paired difference. Validation accuracy against
+  training wall time (``docs/results/main_accuracy_vs_time.png``) shows the arms at every budget.
+- ``ablation``: one knowledge source at a time, then combinations, 6 epochs (the configs' schedule).
+- ``maml``: MAML-anchored distillation, a Conv4-64 MAML teacher → Conv4-16 MAML student: λ over
+  a range (λ = 0 included) against soft labels alone.
+- ``vit``: attention distillation on a ViT pair whose teacher clearly beats the student alone.
+
+Usage (teachers first: ``metakd fit --config configs/kanji/protonet.yaml``, ``.../maml.yaml``,
+``.../vit_teacher.yaml --trainer.max_epochs 20``)::
+
+    OMP_NUM_THREADS=1 python scripts/kanji_study.py main ablation --jobs 2
+    OMP_NUM_THREADS=1 python scripts/kanji_study.py maml --seeds 0 1 2 --out runs/study
+    python scripts/kanji_study.py ablation --smoke     # every arm for 3 steps: do the configs run?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs" / "kanji"
+#: The teachers, where their own configs write them (``metakd fit --config configs/kanji/...``).
+TEACHERS = {
+    "protonet": "runs/kanji-protonet/version_0/checkpoints/best.ckpt",
+    "maml": "runs/kanji-maml/version_0/checkpoints/best.ckpt",
+    "vit": "runs/kanji-vit-teacher/version_0/checkpoints/best.ckpt",
+}
+#: Overrides of ``--smoke``: every arm runs a few steps; the numbers mean nothing.
+SMOKE = {
+    "trainer.max_epochs": 1,
+    "trainer.max_steps": 3,
+    "data.init_args.val_episodes": 4,
+    "data.init_args.test_episodes": 8,
+}
+
+
+def term(name: str, **init_args: Any) -> dict[str, Any]:
+    """One entry of ``model.init_args.terms``: ``lightning_metakd.distill.<name>(**init_args)``."""
+    return {"class_path": f"lightning_metakd.distill.{name}", "init_args": init_args}
+
+
+TASK = term("TaskLoss", weight=1.0)
+SOFT = term("SoftLabels", weight=1.0, temperature=4.0)
+#: The cached teacher: per-image embeddings under population statistics (``distill/cache.py``).
+CACHED = {"model.init_args.teacher_normalization": "population"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of a study: a ``metakd fit`` config and its overrides (dotted keys)."""
+
+    key: str  #: its folder under ``<out>/<study>/``
+    label: str  #: its name in the tables
+    config: str  #: relative to configs/kanji/
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Study:
+    """Arms trained with the same seeds and compared on the same test episodes."""
+
+    name: str
+    title: str
+    arms: tuple[Arm, ...]
+    reference: str  #: the key of the arm every paired difference is taken against
+    teacher: str  #: a key of TEACHERS: its row in the tables (trained once, not per seed)
+    test_ways: tuple[int, ...] = (5,)
+    overrides: dict[str, Any] = field(default_factory=dict)  #: for every arm
+    curves: bool = False  #: plot validation accuracy against training time
+
+
+def _distill(terms: list[dict[str, Any]], init: bool = True, **more: Any) -> dict[str, Any]:
+    return {"model.init_args.terms": terms, "model.init_args.init_from_teacher": init, **more}
+
+
+#: The main study trains a third longer than the configs' 6 epochs (StepLR keeps its step of 3), so
+#: that the twin's validation curve has flattened before its budget ends.
+LONG = {"trainer.max_epochs": 8, "model.init_args.lr_scheduler.init_args.step_size": 3}
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in [
+        Study(
+            "main",
+            "Conv4-16 ProtoNet alone vs distilled from Conv4-64, 8 and 16 epochs each",
+            (
+                Arm("twin", "Conv4-16 alone, 8 epochs", "protonet_conv4_16.yaml"),
+                Arm(
+                    "twin-long",
+                    "Conv4-16 alone, 16 epochs",
+                    "protonet_conv4_16.yaml",
+                    {"trainer.max_epochs": 16},
+                ),  # fmt: skip
+                Arm("distilled", "Conv4-16 distilled, 8 epochs", "distill_protonet.yaml", CACHED),
+                Arm(
+                    "distilled-long",
+                    "Conv4-16 distilled, 16 epochs",
+                    "distill_protonet.yaml",
+                    {**CACHED, "trainer.max_epochs": 16},
+                ),  # fmt: skip
+            ),
+            reference="twin-long",
+            teacher="protonet",
+            test_ways=(5, 10),
+            overrides=LONG,
+            curves=True,
+        ),
+        Study(
+            "ablation",
+            "Conv4-64 ProtoNet → Conv4-16 ProtoNet, one knowledge source at a time, 6 epochs",
+            (
+                Arm("twin", "alone (undistilled twin)", "protonet_conv4_16.yaml"),
+                Arm("theta", "θ* (BN |γ| slice)", "distill_protonet.yaml", _distill([TASK])),
+                Arm("soft", "soft labels", "distill_protonet.yaml", _distill([TASK, SOFT], False)),
+                Arm("theta-soft", "θ* + soft labels", "distill_protonet.yaml"),
+                Arm(
+                    "theta-soft-cached",
+                    "θ* + soft labels, cached teacher",
+                    "distill_protonet.yaml",
+                    CACHED,
+                ),  # fmt: skip
+                Arm(
+                    "rkd",
+                    "θ* + soft + relational (RKD)",
+                    "distill_protonet.yaml",
+                    _distill([TASK, SOFT, term("RelationalKD", weight=1.0)], **CACHED),
+                ),  # fmt: skip
+                Arm(
+                    "prototypes",
+                    "θ* + soft + prototype matching",
+                    "distill_protonet.yaml",
+                    _distill([TASK, SOFT, term("PrototypeMatching", weight=1.0)], **CACHED),
+                ),  # fmt: skip
+                Arm("augmented", "θ* + soft, augmented views", "distill_protonet_augmented.yaml"),
+            ),
+            reference="twin",
+            teacher="protonet",
+            test_ways=(5, 10),
+        ),
+        Study(
+            "maml",
+            "MAML-anchored distillation, Conv4-64 MAML → Conv4-16 MAML, 4 epochs",
+            (
+                Arm(
+                    "twin",
+                    "alone (random init)",
+                    "maml.yaml",
+                    {"model.init_args.backbone.init_args.hidden": 16},
+                ),  # fmt: skip
+                Arm("lambda-0", "θ*, λ = 0", "distill_maml.yaml", _distill([TASK])),
+                Arm("lambda-0.01", "θ* + anchor λ = 0.01", "distill_maml.yaml"),
+                Arm(
+                    "lambda-0.1",
+                    "θ* + anchor λ = 0.1",
+                    "distill_maml.yaml",
+                    _distill([TASK, term("ParameterAnchor", weight=0.1)]),
+                ),  # fmt: skip
+                Arm(
+                    "lambda-1",
+                    "θ* + anchor λ = 1",
+                    "distill_maml.yaml",
+                    _distill([TASK, term("ParameterAnchor", weight=1.0)]),
+                ),  # fmt: skip
+                Arm(
+                    "soft", "θ* + soft labels (λ = 0)", "distill_maml.yaml", _distill([TASK, SOFT])
+                ),  # fmt: skip
+            ),
+            reference="lambda-0",
+            teacher="maml",
+            overrides={
+                "trainer.max_epochs": 4,
+                "model.init_args.lr_scheduler.init_args.step_size": 2,
+            },
+        ),
+        Study(
+            "vit",
+            "ViT-64×4 ProtoNet (20 epochs) → ViT-32×2 (5 epochs), attention distillation",
+            (
+                Arm(
+                    "alone",
+                    "ViT-32×2 alone",
+                    "vit_teacher.yaml",
+                    {
+                        "model.init_args.backbone.init_args.embed_dim": 32,
+                        "model.init_args.backbone.init_args.depth": 2,
+                        "model.init_args.backbone.init_args.heads": 2,
+                    },
+                ),  # fmt: skip
+                Arm("attention", "attention distillation", "distill_vit_attention.yaml"),
+                Arm(
+                    "attention-soft",
+                    "attention + soft labels",
+                    "distill_vit_attention.yaml",
+                    {
+                        "model.init_args.terms": [
+                            TASK,
+                            term("AttentionDistillation", weight=1.0, kind="frobenius"),
+                            SOFT,
+                        ]
+                    },
+                ),  # fmt: skip
+            ),
+            reference="alone",
+            teacher="vit",
+        ),
+    ]
+}
+
+
+def arm_overrides(study: Study, arm: Arm, smoke: bool) -> dict[str, Any]:
+    return {**study.overrides, **arm.overrides, **(SMOKE if smoke else {})}
+
+
+def train(study: Study, seeds: list[int], out: Path, jobs: int, smoke: bool) -> dict[str, Any]:
+    """Every arm once per seed (``jobs`` runs at a time); returns ``{arm key: SeedRuns}``."""
+    from lightning_metakd.seeds import run_seeds
+
+    def one(arm: Arm, seed_list: list[int]):  # noqa: ANN202 - SeedRuns
+        return run_seeds(CONFIGS / arm.config, seed_list, out / study.name / arm.key,
+                         arm_overrides(study, arm, smoke), name=arm.label)  # fmt: skip
+
+    # Seed-major order: the arms of one seed run side by side and share the machine's load.
+    work = [(arm, [seed]) for seed in seeds for arm in study.arms]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda job: one(*job), work))
+    return {arm.key: one(arm, seeds) for arm in study.arms}  # all finished: collects them
+
+
+def evaluate(study: Study, runs: dict[str, Any], out: Path, smoke: bool) -> dict[str, Any]:
+    """Per test shape and seed, every arm (and, once, the teacher) on the same test episodes."""
+    from lightning_metakd.modules import load_learner
+    from lightning_metakd.report import compare, report_datamodule
+    from lightning_metakd.seeds import mean_sd
+
+    reference = runs[study.reference]
+    labels = {arm.key: arm.label for arm in study.arms}
+    results: dict[str, Any] = {}
+    for ways in study.test_ways:
+        data = reference.data_config()
+        data.setdefault("init_args", {})["test_ways"] = ways
+        datamodule = report_datamodule(data)
+        datamodule.prepare_data()
+        per_seed: dict[str, dict[str, dict[str, float | None]]] = {}
+        teacher_row = None
+        for seed in reference.seeds:
+            learners = {
+                labels[key]: load_learner(
+                    next(r for r in runs[key].runs if r.seed == seed).checkpoint
+                )
+                for key in labels
+            }
+            if teacher_row is None and not smoke:
+                learners["teacher"] = load_learner(TEACHERS[study.teacher])
+            where = out / study.name / "report" / f"{ways}-way" / f"seed_{seed}"
+            rows = compare(learners, datamodule, where, warmup=0, repeats=1, plot=False,
+                           reference=labels[study.reference])  # fmt: skip
+            for row in rows:
+                if row["name"] == "teacher":
+                    teacher_row = row
+                    continue
+                per_seed.setdefault(row["name"], {})[str(seed)] = {
+                    "accuracy": row["accuracy"], "ci95": row["ci95"],
+                    "diff": row["diff_vs_reference"], "diff_ci95": row["diff_ci95"],
+                    "parameters": row["parameters"],
+                }  # fmt: skip
+        table = []
+        for label, seeds in per_seed.items():
+            acc, acc_sd = mean_sd([s["accuracy"] for s in seeds.values()])
+            row: dict[str, Any] = {"name": label, "seeds": len(seeds), "accuracy": acc,
+                                   "accuracy_sd": acc_sd,
+                                   "ci95": mean_sd([s["ci95"] for s in seeds.values()])[0],
+                                   "parameters": next(iter(seeds.values()))["parameters"],
+                                   "per_seed": seeds}  # fmt: skip
+            diffs = [s["diff"] for s in seeds.values() if s["diff"] is not None]
+            if diffs:
+                row["diff"], row["diff_sd"] = mean_sd(diffs)
+                row["diff_ci95"] = mean_sd([s["diff_ci95"] for s in seeds.values()])[0]
+            if teacher_row is not None:
+                row["share_of_teacher"] = acc / teacher_row["accuracy"]
+            table.append(row)
+        results[f"{ways}-way"] = {"rows": table, "teacher": teacher_row}
+    return results
+
+
+def gains(rows: list[dict[str, Any]]) -> None:
+    """Mark each row whose paired gain exceeds both its sd over seeds and its per-seed CI."""
+    for row in rows:
+        if "diff" in row:
+            spread = max(row.get("diff_sd") or 0.0, row.get("diff_ci95") or 0.0)
+            row["counts"] = abs(row["diff"]) > spread
+
+
+def markdown(study: Study, results: dict[str, Any]) -> str:
+    """One table per test shape: accuracy mean ± sd, paired Δ mean ± sd and CI, share of teacher."""
+    reference = next(a.label for a in study.arms if a.key == study.reference)
+    lines = [f"## {study.title}", ""]
+    for shape, result in results.items():
+        gains(result["rows"])
+        teacher = result["teacher"]
+        lines += [
+            f"### {shape} 1-shot, within a radical group (paired against {reference})",
+            "",
+            "| arm | params | accuracy (%), mean ± sd over seeds | per-run 95% CI | "
+            "Δ (points, paired), mean ± sd | per-seed Δ 95% CI | of teacher |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        if teacher is not None:
+            lines.append(f"| teacher (one run) | {teacher['parameters']:,} | "
+                         f"{100 * teacher['accuracy']:.2f} | ± {100 * teacher['ci95']:.2f} | | | |")  # fmt: skip
+        for row in result["rows"]:
+            sd = f" ± {100 * row['accuracy_sd']:.2f}" if row["accuracy_sd"] is not None else ""
+            diff = ci = ""
+            if "diff" in row:
+                dsd = f" ± {100 * row['diff_sd']:.2f}" if row["diff_sd"] is not None else ""
+                mark = " **✓**" if row["counts"] else ""
+                diff, ci = f"{100 * row['diff']:+.2f}{dsd}{mark}", f"± {100 * row['diff_ci95']:.2f}"
+            share = f"{100 * row['share_of_teacher']:.1f}%" if "share_of_teacher" in row else ""
+            lines.append(f"| {row['name']} | {row['parameters']:,} | {100 * row['accuracy']:.2f}{sd} "
+                         f"| ± {100 * row['ci95']:.2f} | {diff} | {ci} | {share} |")  # fmt: skip
+        lines.append("")
+    lines.append(
+        "✓: the paired difference (a gain or a loss) exceeds both its sd over seeds and its per-seed 95% CI.\n"
+    )
+    return "\n".join(lines)
+
+
+# -- accuracy against training time ------------------------------------------------------------------
+def val_curve(run_dir: Path) -> list[tuple[float, int, float]]:
+    """``[(seconds since the run's logger started, step, val/acc)]`` from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    if not events:
+        raise FileNotFoundError(f"no TensorBoard events under {run_dir}")
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    start = accumulator.FirstEventTimestamp()
+    return [(e.wall_time - start, e.step, e.value) for e in accumulator.Scalars("val/acc")]
+
+
+def budget_margins(curves: dict[str, dict[int, list]], arm: str, reference: str) -> dict[str, Any]:
+    """Per seed: at each validation of ``arm``, its accuracy minus the best ``reference`` had by then.
+
+    The reference gets every second ``arm`` was given (its best checkpoint so far is what it would
+    ship at that budget); a budget before its first validation counts its first validation.
+    """
+    out = {}
+    for seed, points in curves[arm].items():
+        ref = curves[reference][seed]
+        margins = []
+        for seconds, _, acc in points:
+            seen = [a for t, _, a in ref if t <= seconds] or [ref[0][2]]
+            margins.append(acc - max(seen))
+        out[str(seed)] = {
+            "min_margin": min(margins),
+            "mean_margin": sum(margins) / len(margins),
+            "above_everywhere": min(margins) > 0,
+            "arm_seconds": points[-1][0],
+            "reference_seconds": ref[-1][0],
+            "reference_best": max(a for _, _, a in ref),
+            "arm_best": max(a for _, _, a in points),
+        }
+    return out
+
+
+def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Validation accuracy against training wall time, every seed of every arm; returns margins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    curves = {
+        key: {r.seed: val_curve(r.run_dir) for r in seeds.runs} for key, seeds in runs.items()
+    }
+    figure, axis = pyplot.subplots(figsize=(7.5, 4.5), dpi=120)
+    colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
+    for colour, arm in zip(colours, study.arms, strict=False):
+        for index, (_seed, points) in enumerate(sorted(curves[arm.key].items())):
+            axis.plot([t / 60 for t, _, _ in points], [100 * a for _, _, a in points], "-o",
+                      color=colour, markersize=3, alpha=0.8, linewidth=1.2,
+                      label=arm.label if index == 0 else None)  # fmt: skip
+    axis.set_xlabel("training wall time (min; 1 thread per run, the arms of a seed side by side)")
+    axis.set_ylabel("validation accuracy (%), 5-way 1-shot")
+    axis.set_title(study.title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    low = min(100 * a for c in curves.values() for p in c.values() for _, _, a in p)
+    axis.set_ylim(max(low - 1, 0), 100)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot.close(figure)
+    others = [a.key for a in study.arms if a.key != study.reference]
+    return {key: budget_margins(curves, key, study.reference) for key in others}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("studies", nargs="+", choices=list(STUDIES), help="the studies to run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at a time")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="the runs' folder")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results",
+                        help="where <study>.json/.md (and the main study's picture) go")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="3 steps per run: do the arms run?")
+    opts = parser.parse_args()
+    out = opts.out.resolve()
+    if opts.smoke:
+        out, opts.results = out / "smoke", out / "smoke" / "results"
+    for name in opts.studies:
+        study = STUDIES[name]
+        teacher = Path(TEACHERS[study.teacher])
+        if not teacher.is_file():
+            print(f"kanji_study: error: {name} needs the teacher {teacher}; train it first "
+                  "(see the usage at the top of this script).", file=sys.stderr)  # fmt: skip
+            return 2
+        began = time.perf_counter()
+        runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
+        results: dict[str, Any] = {
+            "study": study.title,
+            "date": time.strftime("%Y-%m-%d"),
+            "seeds": opts.seeds,
+            "command": "OMP_NUM_THREADS=1 python scripts/kanji_study.py " + " ".join(sys.argv[1:]),
+            "arms": {
+                a.key: {
+                    "label": a.label,
+                    "config": f"configs/kanji/{a.config}",
+                    "overrides": arm_overrides(study, a, opts.smoke),
+                }
+                for a in study.arms
+            },  # fmt: skip
+            "training_seconds": {
+                key: {str(r.seed): r.marker.get("seconds") for r in seeds.runs}
+                for key, seeds in runs.items()
+            },  # fmt: skip
+            "tests": evaluate(study, runs, out, opts.smoke),
+        }
+        table = markdown(study, results["tests"])
+        if study.curves:
+            picture = opts.results / f"{name}_accuracy_vs_time.png"
+            results["budgets"] = plot_curves(study, runs, picture)
+            table += f"\n![validation accuracy against training time]({picture.name})\n"
+        opts.results.mkdir(parents=True, exist_ok=True)
+        (opts.results / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (opts.results / f"{name}.md").write_text(table)
+        print(table)
+        if "budgets" in results:
+            print(json.dumps(results["budgets"], indent=2))
+        minutes = (time.perf_counter() - began) / 60
+        print(f"[study] {name}: {minutes:.0f} min; written {opts.results / name}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
