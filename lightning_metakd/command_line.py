@@ -491,8 +491,9 @@ def export_parser() -> CommandParser:
     """``metakd export``: a fine-tuned classifier or a learner, the formats, the check tolerances."""
     parser = CommandParser(
         prog="metakd export",
-        description="Export a classifier written by `metakd finetune` to torch.export and ONNX, "
-        "checking the exported logits against PyTorch's.",
+        description="Export a classifier written by `metakd finetune` (--classifier), or a "
+        "learner's adaptation itself as enrol + classify graphs (--learner), to torch.export and "
+        "ONNX, checking the exported logits against PyTorch's.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--classifier", help="classifier.pt of `metakd finetune`")
@@ -537,17 +538,22 @@ def classify_parser() -> CommandParser:
     """``metakd classify``: an exported classifier and image files."""
     parser = CommandParser(
         prog="metakd classify",
-        description="Classify image files with an exported classifier (model.pt2 or model.onnx).",
+        description="Classify image files with an exported classifier (model.pt2 or model.onnx), "
+        "or with an exported learner after enrolling classes (--enrol FOLDER or --state FILE).",
     )
     parser.add_argument("--model", required=True, help="directory written by export_classifier")
     parser.add_argument(
-        "--format", choices=FORMATS, default=None, help="default: model.pt2 if present"
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="default: model.pt2 if present (an exported learner: its ONNX graphs)",
     )
     parser.add_argument(
         "--batch_size",
         type=int,
         default=None,
-        help="images per forward pass (default: 32 with fixed BatchNorm statistics, else 1)",
+        help="images per forward pass (default: 32 with fixed BatchNorm statistics or an "
+        "exported learner, else 1)",
     )
     parser.add_argument(
         "--sheet", default=None, help="also write a PNG of the images with their predictions"

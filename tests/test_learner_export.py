@@ -367,6 +367,8 @@ def test_metakd_export_learner_then_classify_enrol(cli_export, capsys, tmp_path)
     again = ["classify", "--model", str(out), "--state", str(state_file), *map(str, queries)]
     assert main(again) == 0
     assert capsys.readouterr().out.strip().splitlines() == lines  # the saved enrolment
+    assert main([*again, "--batch_size", "1"]) == 0  # one query per pass: the same answers
+    assert capsys.readouterr().out.strip().splitlines() == lines
 
 
 def test_metakd_cli_errors_are_clear(cli_export, tmp_path, capsys) -> None:
@@ -404,6 +406,10 @@ def test_metakd_cli_errors_are_clear(cli_export, tmp_path, capsys) -> None:
     assert error(["classify", "--model", str(out), str(queries[0])]) == (
         "metakd classify: error: an exported learner classifies against enrolled classes: give "
         "--enrol FOLDER (a folder of class folders) or --state FILE (saved with --save_state)."
+    )
+    zero = ["classify", "--model", str(out), "--enrol", str(classes), "--batch_size", "0"]
+    assert error([*zero, str(queries[0])]) == (
+        "metakd classify: error: batch_size must be at least 1, got 0."
     )
     maml = write_checkpoint(MAML(0.4, 1), tmp_path / "maml.ckpt")
     assert error(["export", "--learner", str(maml), "--output", str(tmp_path / "maml")]).startswith(

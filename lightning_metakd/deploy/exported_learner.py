@@ -302,15 +302,19 @@ def classify_enrolled(
     state: str | Path | None = None,
     format: str | None = None,
     save_state: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
 ) -> tuple[list[tuple[str, str, float]], list[str]]:
     """``metakd classify --enrol FOLDER`` (or ``--state FILE``): ``(path, class, probability)`` rows.
 
     ``enrol`` is a folder of class folders, a few images each (read as the data modules read
-    them); ``state`` a file that ``save_state`` wrote before. Returns the rows and the class names.
+    them); ``state`` a file that ``save_state`` wrote before. Queries go through ``classify``
+    ``batch_size`` at a time (default 32); the answers do not depend on it, only memory and speed.
+    Returns the rows and the class names.
     """
     from lightning_metakd.deploy.labelled import read_class_folders
 
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if enrol is None and state is None:
         raise ValueError(
             "an exported learner classifies against enrolled classes: give --enrol FOLDER (a "
@@ -332,7 +336,8 @@ def classify_enrolled(
     if save_state is not None:
         task.save(save_state)
     queries = learner.read_images(paths)
-    logits = torch.cat([learner.classify(task, chunk) for chunk in queries.split(batch_size)])
+    chunks = queries.split(batch_size or 32)
+    logits = torch.cat([learner.classify(task, chunk) for chunk in chunks])
     probabilities, indices = logits.softmax(-1).max(-1)
     rows = [
         (str(p), task.class_names[int(i)], float(q))

@@ -204,7 +204,13 @@ def classify_main(argv: list[str]) -> int:
     try:
         if opts.enrol or opts.state or is_learner_export(opts.model):
             rows, class_names = classify_enrolled(
-                opts.model, opts.images, opts.enrol, opts.state, opts.format, opts.save_state
+                opts.model,
+                opts.images,
+                opts.enrol,
+                opts.state,
+                opts.format,
+                opts.save_state,
+                opts.batch_size,
             )
         else:
             rows = classify(opts.model, opts.images, opts.format, opts.batch_size)
