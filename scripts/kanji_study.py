@@ -38,7 +38,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +135,18 @@ STUDIES: dict[str, Study] = {
             (
                 Arm("twin", "alone (undistilled twin)", "protonet_conv4_16.yaml"),
                 Arm("theta", "θ* (BN |γ| slice)", "distill_protonet.yaml", _distill([TASK])),
-                Arm("soft", "soft labels", "distill_protonet.yaml", _distill([TASK, SOFT], False)),
-                Arm("theta-soft", "θ* + soft labels", "distill_protonet.yaml"),
+                Arm(
+                    "soft",
+                    "soft labels",
+                    "distill_protonet.yaml",
+                    _distill([TASK, SOFT], False, **CACHED),
+                ),  # fmt: skip
+                Arm(
+                    "theta-soft",
+                    "θ* + soft labels, transductive teacher",
+                    "distill_protonet.yaml",
+                    {"model.init_args.teacher_normalization": "transductive"},
+                ),  # fmt: skip
                 Arm(
                     "theta-soft-cached",
                     "θ* + soft labels, cached teacher",
@@ -159,11 +169,11 @@ STUDIES: dict[str, Study] = {
             ),
             reference="twin",
             teacher="protonet",
-            test_ways=(5, 10),
+            test_ways=(5,),  # the main study adds 10-way; 5-way keeps the 8 arms × 3 seeds short
         ),
         Study(
             "maml",
-            "MAML-anchored distillation, Conv4-64 MAML → Conv4-16 MAML, 4 epochs",
+            "MAML-anchored distillation, Conv4-64 MAML → Conv4-16 MAML, 3 epochs",
             (
                 Arm(
                     "twin",
@@ -192,7 +202,7 @@ STUDIES: dict[str, Study] = {
             reference="lambda-0",
             teacher="maml",
             overrides={
-                "trainer.max_epochs": 4,
+                "trainer.max_epochs": 3,
                 "model.init_args.lr_scheduler.init_args.step_size": 2,
             },
         ),
@@ -419,6 +429,18 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     return {key: budget_margins(curves, key, study.reference) for key in others}
 
 
+def only(study: Study, keys: list[str] | None, keep_reference: bool = True) -> Study:
+    """``study`` with the arms in ``keys`` (and its reference arm); all of them for ``None``."""
+    if keys is None:
+        return study
+    unknown = set(keys) - {a.key for a in study.arms}
+    if unknown and not any(k in {a.key for a in s.arms} for s in STUDIES.values() for k in unknown):
+        raise SystemExit(f"kanji_study: error: no arm {sorted(unknown)} in any study")
+    keep = set(keys) | ({study.reference} if keep_reference else set())
+    arms = tuple(a for a in study.arms if a.key in keep)
+    return replace(study, arms=arms)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("studies", nargs="+", choices=list(STUDIES), help="the studies to run")
@@ -428,12 +450,17 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results",
                         help="where <study>.json/.md (and the main study's picture) go")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="3 steps per run: do the arms run?")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="KEY",
+                        help="run only these arms of each study (its reference arm always runs)")  # fmt: skip
+    parser.add_argument("--train_only", action="store_true",
+                        help="train the arms, skip the evaluation (e.g. two processes training "
+                        "disjoint --arms; a last call without it evaluates)")  # fmt: skip
     opts = parser.parse_args()
     out = opts.out.resolve()
     if opts.smoke:
         out, opts.results = out / "smoke", out / "smoke" / "results"
     for name in opts.studies:
-        study = STUDIES[name]
+        study = only(STUDIES[name], opts.arms, keep_reference=not opts.train_only)
         teacher = Path(TEACHERS[study.teacher])
         if not teacher.is_file():
             print(f"kanji_study: error: {name} needs the teacher {teacher}; train it first "
@@ -441,6 +468,11 @@ def main() -> int:
             return 2
         began = time.perf_counter()
         runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
+        if opts.train_only:
+            print(
+                f"[study] {name}: trained {', '.join(runs)}; evaluate with a call without --train_only"
+            )
+            continue
         results: dict[str, Any] = {
             "study": study.title,
             "date": time.strftime("%Y-%m-%d"),
