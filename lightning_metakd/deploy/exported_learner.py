@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_metakd.deploy.classifier import normalize_images, read_image_files
-from lightning_metakd.deploy.learner_export import FORMAT, GRAPH_FILES, LEARNER_FILE, ExportError
+from lightning_metakd.deploy.learner_graphs import FORMAT, GRAPH_FILES, LEARNER_FILE, ExportError
 from lightning_metakd.deploy.predict import FORMATS, OnnxGraph
 
 #: Keys of an :class:`EnrolledState` file that are not state tensors.
