@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ import torch
 from torch import Tensor
 
 from lightning_metakd.deploy.classifier import normalize_images, read_image_files
-from lightning_metakd.deploy.learner_export import FORMAT, GRAPH_FILES, LEARNER_FILE, ExportError
-from lightning_metakd.deploy.predict import FORMATS, OnnxGraph
+from lightning_metakd.deploy.learner_graphs import FORMAT, GRAPH_FILES, LEARNER_FILE, ExportError
+from lightning_metakd.deploy.predict import FORMATS, OnnxGraph, read_model_json
 
 #: Keys of an :class:`EnrolledState` file that are not state tensors.
 _FINGERPRINT, _CLASSES = "__fingerprint__", "__class_names__"
@@ -86,20 +85,13 @@ class EnrolledState:
 
 def read_learner_metadata(model_dir: str | Path) -> dict[str, Any]:
     """Parse ``learner.json`` of ``model_dir``, with an error that says what the folder is instead."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(
-            f"Model directory {model_dir} does not exist; pass the directory that `metakd export "
-            "--learner` wrote (enrol/classify graphs + learner.json)."
-        )
-    path = model_dir / LEARNER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no {LEARNER_FILE}; it is not an exported learner (export one with "
-            "`metakd export --learner CHECKPOINT`; a fixed classifier has classes.json and takes "
-            "no --enrol)."
-        )
-    metadata = json.loads(path.read_text(encoding="utf-8"))
+    path, metadata = read_model_json(
+        model_dir,
+        LEARNER_FILE,
+        "`metakd export --learner` wrote (enrol/classify graphs + learner.json)",
+        "it is not an exported learner (export one with `metakd export --learner CHECKPOINT`; a "
+        "fixed classifier has classes.json and takes no --enrol)",
+    )
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not the learner.json of an exported learner.")
     return metadata

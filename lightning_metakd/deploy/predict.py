@@ -109,21 +109,36 @@ class OnnxGraph:
         return list(self._reference.run(None, inputs))
 
 
-def read_metadata(model_dir: str | Path) -> dict[str, Any]:
-    """Parse ``classes.json`` of ``model_dir``, with an error that says what is missing."""
+def read_model_json(
+    model_dir: str | Path, name: str, written_by: str, not_it: str
+) -> tuple[Path, dict[str, Any]]:
+    """``(path, parsed)`` of the JSON file ``name`` in an export folder ``model_dir``.
+
+    A missing folder or file raises ``FileNotFoundError`` with what the folder should be:
+    ``"Model directory DIR does not exist; pass the directory that {written_by}."`` and
+    ``"DIR has no NAME; {not_it}."``.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(
-            f"Model directory {model_dir} does not exist; pass the directory that "
-            "lightning_metakd.deploy.export_classifier wrote (model.pt2/model.onnx + classes.json)."
+            f"Model directory {model_dir} does not exist; pass the directory that {written_by}."
         )
-    path = model_dir / CLASSES_FILE
+    path = model_dir / name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{model_dir} has no {CLASSES_FILE}; it is not an exported classifier directory "
-            "(re-export it with lightning_metakd.deploy.export_classifier)."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"{model_dir} has no {name}; {not_it}.")
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """Parse ``classes.json`` of ``model_dir``, with an error that says what is missing."""
+    _, metadata = read_model_json(
+        model_dir,
+        CLASSES_FILE,
+        "lightning_metakd.deploy.export_classifier wrote (model.pt2/model.onnx + classes.json)",
+        "it is not an exported classifier directory (re-export it with "
+        "lightning_metakd.deploy.export_classifier)",
+    )
+    return metadata
 
 
 def load_exported(

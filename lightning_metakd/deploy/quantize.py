@@ -34,7 +34,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_metakd.deploy.exported_learner import load_exported_learner, read_learner_metadata
-from lightning_metakd.deploy.learner_export import GRAPH_FILES, LEARNER_FILE, ExportError
+from lightning_metakd.deploy.learner_graphs import GRAPH_FILES, LEARNER_FILE, ExportError
 
 #: Where :func:`quantize_learner` writes by default, inside the fp32 export folder.
 INT8_DIR = "int8"

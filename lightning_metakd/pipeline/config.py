@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,26 @@ def merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[s
     return out
 
 
+def _check_keys(
+    path: Path,
+    section: Mapping[str, Any],
+    allowed: Sequence[str],
+    where: str,
+    owner: str,
+    note: str = "",
+) -> None:
+    """Refuse the keys of ``section`` (``where`` in the config at ``path``) that are not ``allowed``.
+
+    The message lists them and what ``owner`` has: ``"<path>: unknown key(s) ['nme']; a pipeline
+    config has [...]"``, ``"<path>: unknown key(s) [...] in 'report'; it has [...]"``.
+    """
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise PipelineConfigError(
+            f"{path}: unknown key(s) {unknown}{where}; {owner} has {list(allowed)}{note}."
+        )
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise PipelineConfigError(f"{what} {str(path)!r} does not exist.")
@@ -147,11 +167,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
     """
     path = Path(path)
     data = _read_yaml(path, "The pipeline config")
-    unknown = sorted(set(data) - set(_TOP_KEYS))
-    if unknown:
-        raise PipelineConfigError(
-            f"{path}: unknown key(s) {unknown}; a pipeline config has {list(_TOP_KEYS)}."
-        )
+    _check_keys(path, data, _TOP_KEYS, "", "a pipeline config")
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not name or any(c in name for c in "/\\"):
         raise PipelineConfigError(f"{path}: name must be a non-empty folder name, got {name!r}.")
@@ -174,11 +190,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
                 f"{path}: the {stage!r} stage needs a config file: `{stage}: {{config: "
                 f"<stage>.yaml}}` (relative to the pipeline config)."
             )
-        extra = sorted(set(entry) - set(_STAGE_KEYS))
-        if extra:
-            raise PipelineConfigError(
-                f"{path}: unknown key(s) {extra} in {stage!r}; a stage has {list(_STAGE_KEYS)}."
-            )
+        _check_keys(path, entry, _STAGE_KEYS, f" in {stage!r}", "a stage")
         config = (path.parent / str(entry["config"])).resolve()
         if not config.is_file():
             raise PipelineConfigError(
@@ -188,11 +200,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
             config, expand_dotted(entry.get("overrides") or {}, f"{stage}.overrides")
         )
     report = dict(data.get("report") or {})
-    extra = sorted(set(report) - set(_REPORT_KEYS))
-    if extra:
-        raise PipelineConfigError(
-            f"{path}: unknown key(s) {extra} in 'report'; it has {list(_REPORT_KEYS)}."
-        )
+    _check_keys(path, report, _REPORT_KEYS, " in 'report'", "it")
     for key, least in (("warmup", 0), ("repeats", 1)):
         value = report.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -226,12 +234,8 @@ def _finetune_section(path: Path, section: Any) -> dict[str, Any]:
             f"{path}: finetune must be a mapping of arguments, e.g. `finetune: {{data_root: "
             f"<folder of class folders>, holdout: 0.25}}`; got {section!r}."
         )
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise PipelineConfigError(
-            f"{path}: unknown key(s) {unknown} in 'finetune'; it has {allowed} (the checkpoint is "
-            "the distill stage's, the output <run>/finetune/)."
-        )
+    note = " (the checkpoint is the distill stage's, the output <run>/finetune/)"
+    _check_keys(path, section, allowed, " in 'finetune'", "it", note)
     if "data_root" not in section:
         raise PipelineConfigError(
             f"{path}: the finetune stage needs a data_root: the folder of class folders to adapt to."

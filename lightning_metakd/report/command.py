@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning_metakd.config_checks import data_fixes, data_section, describe_mismatch
 from lightning_metakd.data import EpisodicDataModule
 from lightning_metakd.distill import TeacherEnsemble
-from lightning_metakd.lightning_cli import data_fixes, data_section, describe_mismatch
 from lightning_metakd.modules import read_checkpoint
 from lightning_metakd.report.comparison import Measured, checkpoint_learners, compare
 from lightning_metakd.report.tables import markdown_table

@@ -13,10 +13,9 @@ from lightning_metakd.algorithms.protonet import class_means
 from lightning_metakd.distill.term import (
     DistillationTerm,
     TaskContext,
-    check_weight,
     teacher_name,
 )
-from lightning_metakd.distill.terms.relational import relational_loss
+from lightning_metakd.distill.terms.relational import relation_weights, relational_loss
 
 #: The fewest points whose normalised distances say anything: two points have one distance,
 #: which the normalisation makes 1.
@@ -118,13 +117,9 @@ class PrototypeMatching(DistillationTerm):
         name: str | None = None,
     ) -> None:
         super().__init__(weight, name)
-        self.distance_weight = check_weight(distance_weight, "distance_weight")
-        self.angle_weight = check_weight(angle_weight, "angle_weight")
-        if not self.distance_weight and not self.angle_weight:
-            raise ValueError(
-                "PrototypeMatching got distance_weight=0 and angle_weight=0, so it matches nothing; "
-                "give one of them a positive weight, or switch the term off with weight=0."
-            )
+        self.distance_weight, self.angle_weight = relation_weights(
+            distance_weight, angle_weight, "PrototypeMatching"
+        )
         self._support_level: list[bool] = []
 
     def bind(self, student: Learner, teachers: Sequence[Learner], theta_star) -> None:  # noqa: ANN001

@@ -143,6 +143,31 @@ def _pair(student: Tensor, teacher: Tensor, least: int) -> tuple[Tensor, Tensor]
     return s, t
 
 
+def relation_weights(
+    distance_weight: float, angle_weight: float, term: str | None = None
+) -> tuple[float, float]:
+    """``(λ_D, λ_A)``, each checked by :func:`~lightning_metakd.distill.term.check_weight`, not both 0.
+
+    Two zero weights leave no relation to match; the message names ``term`` (the distillation term
+    that was given them), or :func:`relational_loss` when it is ``None``.
+
+    Example:
+        >>> relation_weights(1, 2.0)
+        (1.0, 2.0)
+    """
+    distance_weight = check_weight(distance_weight, "distance_weight")
+    angle_weight = check_weight(angle_weight, "angle_weight")
+    if not distance_weight and not angle_weight:
+        raise ValueError(
+            f"{term} got distance_weight=0 and angle_weight=0, so it matches nothing; give one "
+            "of them a positive weight, or switch the term off with weight=0."
+            if term is not None
+            else "distance_weight and angle_weight are both 0, so there is no relation to match; "
+            "give one of them a positive weight (the term's own weight=0 switches it off)."
+        )
+    return distance_weight, angle_weight
+
+
 def relational_loss(
     student_embeddings: Tensor,
     teacher_embeddings: Tensor,
@@ -162,13 +187,7 @@ def relational_loss(
         >>> float(relational_loss(3 * t @ rotation + 1, t)) < 1e-20  # same shape, other pose
         True
     """
-    distance_weight = check_weight(distance_weight, "distance_weight")
-    angle_weight = check_weight(angle_weight, "angle_weight")
-    if not distance_weight and not angle_weight:
-        raise ValueError(
-            "distance_weight and angle_weight are both 0, so there is no relation to match; give "
-            "one of them a positive weight (the term's own weight=0 switches it off)."
-        )
+    distance_weight, angle_weight = relation_weights(distance_weight, angle_weight)
     total = student_embeddings.new_zeros((), dtype=scored(student_embeddings).dtype)
     if distance_weight:
         total = total + distance_weight * rkd_distance_loss(student_embeddings, teacher_embeddings)
@@ -222,13 +241,9 @@ class RelationalKD(DistillationTerm):
         name: str | None = None,
     ) -> None:
         super().__init__(weight, name)
-        self.distance_weight = check_weight(distance_weight, "distance_weight")
-        self.angle_weight = check_weight(angle_weight, "angle_weight")
-        if not self.distance_weight and not self.angle_weight:
-            raise ValueError(
-                "RelationalKD got distance_weight=0 and angle_weight=0, so it matches nothing; give "
-                "one of them a positive weight, or switch the term off with weight=0."
-            )
+        self.distance_weight, self.angle_weight = relation_weights(
+            distance_weight, angle_weight, "RelationalKD"
+        )
         paths = [teacher_tap] if not isinstance(teacher_tap, list) else teacher_tap
         for arg, values in (("student_tap", [student_tap]), ("teacher_tap", paths)):
             if not values or not all(v is None or (isinstance(v, str) and v) for v in values):
