@@ -8,6 +8,7 @@ Besides Lightning's own CLI, :class:`MetaKDCLI`:
 - checks ``--ckpt_path`` with :func:`~lightning_metakd.modules.read_checkpoint` before Lightning
   opens it: a missing or truncated file, or a checkpoint of the other module type than the
   config's model, is one clear error that names the file and the config to use;
+  ``--ckpt_path pretrained:<name>`` is the shipped model's file (:mod:`lightning_metakd.pretrained`);
 - resolves ``--ckpt_path last`` (and ``best``) to the latest run of the config's logger
   (``runs/<name>/version_<N>/checkpoints/last.ckpt``), or refuses with a message;
 - keeps a run in one folder: resuming from a run's checkpoint logs into that run's
@@ -42,7 +43,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_metakd.callbacks import BestAndLastCheckpoint
 from lightning_metakd.command_line import UsageError, explain_config_error
 from lightning_metakd.data import EpisodicDataModule
-from lightning_metakd.modules import CheckpointError, read_checkpoint
+from lightning_metakd.modules import CheckpointError, checkpoint_file, read_checkpoint
+from lightning_metakd.pretrained.registry import name_of
 
 #: ``DistillationModule`` weight arguments of lightning-metakd 0.1 and the terms they became.
 LEGACY_WEIGHTS = {
@@ -207,9 +209,16 @@ class MetaKDCLI(LightningCLI):
                 file=sys.stderr,
                 flush=True,
             )
+        if subcommand == "fit" and name_of(path) is not None:
+            raise CheckpointError(
+                f"--ckpt_path {path}: a shipped model holds no training state to resume; test it "
+                "(metakd test --ckpt_path), distil from it (model.teacher), or fine-tune it "
+                "(metakd finetune --checkpoint)."
+            )
+        path = checkpoint_file(path)  # pretrained:<name> → the shipped file; one message if missing
         kind = getattr(_model_class(config), "checkpoint_kind", "")
         if kind:
-            read_checkpoint(path, expect=kind)  # one message for missing, truncated, foreign files
+            read_checkpoint(path, expect=kind)  # one message for truncated, foreign files
         config["ckpt_path"] = str(path)
         with one_line_errors(self.parser, prefix=f"{path}: its hyper-parameters do not fit: "):
             super()._parse_ckpt_path()

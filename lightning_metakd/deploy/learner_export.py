@@ -62,6 +62,7 @@ from lightning_metakd.algorithms.normalization import (
 )
 from lightning_metakd.deploy.predict import FORMATS, require_onnx
 from lightning_metakd.models.classifier import Classifier
+from lightning_metakd.pretrained.registry import name_of
 
 #: ``learner.json``: its ``format`` entry and layout version.
 FORMAT = "lightning_metakd.ExportedLearner"
@@ -617,7 +618,11 @@ def verify_learner_export(
 
 
 def default_output(checkpoint: str | Path) -> Path:
-    """``runs/<name>/version_N/export`` for ``runs/<name>/version_N/checkpoints/best.ckpt``."""
+    """``runs/<name>/version_N/export`` for ``runs/<name>/version_N/checkpoints/best.ckpt``;
+    ``runs/pretrained/<name>/export`` for ``pretrained:<name>`` (never inside the package)."""
+    name = name_of(checkpoint)
+    if name is not None:
+        return Path("runs") / "pretrained" / name / "export"
     path = Path(checkpoint)
     return (
         path.parent.parent / "export"
