@@ -6,8 +6,12 @@ file and reads it as it reads a ``best.ckpt``. This module imports nothing of ou
 so that ``metakd pretrained`` answers at once.
 
 Example:
+    >>> sorted(models())
+    ['kanji-protonet-conv4-64', 'kanji-student-conv4-16']
     >>> name_of("pretrained:kanji-student-conv4-16"), name_of("runs/x/best.ckpt")
     ('kanji-student-conv4-16', None)
+    >>> weights_file("kanji-student-conv4-16").name
+    'kanji-student-conv4-16.ckpt'
 """
 
 from __future__ import annotations
