@@ -65,6 +65,11 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
         "lightning_metakd.command_line:classify_parser",
         "label image files with an exported classifier",
     ),
+    "pretrained": (
+        "lightning_metakd.pretrained.command:pretrained_main",
+        "lightning_metakd.command_line:pretrained_parser",
+        "list the models shipped in the package (use one as pretrained:<name>)",
+    ),
     "episodes": (
         "lightning_metakd.cli:episodes_main",
         "lightning_metakd.command_line:episodes_parser",

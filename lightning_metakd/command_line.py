@@ -5,7 +5,7 @@ Three conventions, kept in one place so that every subcommand follows them:
 - **Parsers that load in a blink.** One function per subcommand builds its parser from argparse
   or jsonargparse alone (:func:`pipeline_parser`, :func:`report_parser`, :func:`finetune_parser`,
   :func:`export_parser`, :func:`classify_parser`, :func:`episodes_parser`, :func:`sweep_parser`,
-  :func:`bench_parser`). This module imports
+  :func:`bench_parser`, :func:`pretrained_parser`). This module imports
   nothing of ours, torch or Lightning, so ``metakd <command> --help`` answers in a fraction of a
   second (:func:`lightning_metakd.cli.main` builds the parser and prints its help before it
   imports the command's module) instead of the 6-9 s that importing torch and Lightning takes.
@@ -571,6 +571,18 @@ def classify_parser() -> CommandParser:
     return parser
 
 
+def pretrained_parser() -> CommandParser:
+    """``metakd pretrained``: list the shipped models."""
+    parser = CommandParser(
+        prog="metakd pretrained",
+        description="List the models shipped inside the package (name, kind, parameters, "
+        "normalisation policy, accuracy, file size); use one as pretrained:<name> wherever a "
+        "checkpoint path goes.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
+    return parser
+
+
 def episodes_parser() -> CommandParser:
     """``metakd episodes``: the episode shape and how many meta-batches to time."""
     parser = CommandParser(
@@ -604,6 +616,7 @@ __all__ = [
     "finetune_parser",
     "message_of",
     "pipeline_parser",
+    "pretrained_parser",
     "report_parser",
     "show_traceback",
 ]

@@ -8,6 +8,7 @@ Besides Lightning's own CLI, :class:`MetaKDCLI`:
 - checks ``--ckpt_path`` with :func:`~lightning_metakd.modules.read_checkpoint` before Lightning
   opens it: a missing or truncated file, or a checkpoint of the other module type than the
   config's model, is one clear error that names the file and the config to use;
+  ``--ckpt_path pretrained:<name>`` is the shipped model's file (:mod:`lightning_metakd.pretrained`);
 - resolves ``--ckpt_path last`` (and ``best``) to the latest run of the config's logger
   (``runs/<name>/version_<N>/checkpoints/last.ckpt``), or refuses with a message;
 - keeps a run in one folder: resuming from a run's checkpoint logs into that run's
@@ -54,7 +55,8 @@ from lightning_metakd.config_checks import (
     replace_data_args,
 )
 from lightning_metakd.data import EpisodicDataModule
-from lightning_metakd.modules import CheckpointError, read_checkpoint
+from lightning_metakd.modules import CheckpointError, checkpoint_file, read_checkpoint
+from lightning_metakd.pretrained.registry import name_of
 
 #: Trainer defaults that suit meta-learning; every one can be overridden in a config or flag.
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -202,9 +204,16 @@ class MetaKDCLI(LightningCLI):
                 file=sys.stderr,
                 flush=True,
             )
+        if subcommand == "fit" and name_of(path) is not None:
+            raise CheckpointError(
+                f"--ckpt_path {path}: a shipped model holds no training state to resume; test it "
+                "(metakd test --ckpt_path), distil from it (model.teacher), or fine-tune it "
+                "(metakd finetune --checkpoint)."
+            )
+        path = checkpoint_file(path)  # pretrained:<name> → the shipped file; one message if missing
         kind = getattr(_model_class(config), "checkpoint_kind", "")
         if kind:
-            read_checkpoint(path, expect=kind)  # one message for missing, truncated, foreign files
+            read_checkpoint(path, expect=kind)  # one message for truncated, foreign files
         config["ckpt_path"] = str(path)
         with one_line_errors(self.parser, prefix=f"{path}: its hyper-parameters do not fit: "):
             super()._parse_ckpt_path()

@@ -197,7 +197,8 @@ def test_a_truncated_checkpoint_is_named_in_one_line(tiny_runs, capsys):
     assert main(["test", "--config", tiny_runs["config"], "--ckpt_path", str(missing)]) == 2
     assert capsys.readouterr().err == (
         f"metakd test: error: No checkpoint at {missing}; pass the best.ckpt (or last.ckpt) that "
-        "`metakd fit` wrote under runs/<name>/version_<N>/checkpoints/.\n"
+        "`metakd fit` wrote under runs/<name>/version_<N>/checkpoints/, or pretrained:<name> "
+        "(`metakd pretrained` lists them).\n"
     )
 
 

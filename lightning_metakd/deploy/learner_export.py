@@ -61,6 +61,7 @@ from lightning_metakd.deploy.learner_verify import (
     verify_learner_export,
 )
 from lightning_metakd.deploy.predict import FORMATS, require_onnx
+from lightning_metakd.pretrained.registry import name_of
 
 
 def _input_format(learner: Learner) -> tuple[int, int]:
@@ -290,7 +291,11 @@ def export_learner(
 
 
 def default_output(checkpoint: str | Path) -> Path:
-    """``runs/<name>/version_N/export`` for ``runs/<name>/version_N/checkpoints/best.ckpt``."""
+    """``runs/<name>/version_N/export`` for ``runs/<name>/version_N/checkpoints/best.ckpt``;
+    ``runs/pretrained/<name>/export`` for ``pretrained:<name>`` (never inside the package)."""
+    name = name_of(checkpoint)
+    if name is not None:
+        return Path("runs") / "pretrained" / name / "export"
     path = Path(checkpoint)
     return (
         path.parent.parent / "export"

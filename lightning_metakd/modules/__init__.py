@@ -4,6 +4,8 @@ from lightning_metakd.modules.allocator import tune_cpu_allocator
 from lightning_metakd.modules.checkpoint import (
     Checkpoint,
     CheckpointError,
+    MissingCheckpointError,
+    checkpoint_file,
     load_learner,
     load_module,
     read_checkpoint,
@@ -19,7 +21,9 @@ __all__ = [
     "DistillationModule",
     "EpisodicModule",
     "MetaLearnerModule",
+    "MissingCheckpointError",
     "NonFiniteLossError",
+    "checkpoint_file",
     "load_learner",
     "load_module",
     "read_checkpoint",

@@ -5,6 +5,11 @@ the pipeline, ``metakd report``, ``metakd finetune``, export — reads it here, 
 truncated or foreign file, or a checkpoint of the other module type, gets the same clear message
 everywhere. Files load with ``torch.load(weights_only=True)``: no pickled code is executed.
 
+A path may name a model shipped in the package, ``pretrained:<name>``
+(:mod:`lightning_metakd.pretrained`): :func:`checkpoint_file` turns it into the shipped file, so
+it works wherever a path does. :meth:`Checkpoint.stripped` writes the shipped form of a run's
+checkpoint: its learner (a distillation run's student alone) without the training state.
+
 Two kinds, told apart by their ``metakd_components``:
 
 - ``"learner"``: a :class:`~lightning_metakd.modules.MetaLearnerModule` — one learner (the
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 
 from lightning_metakd.algorithms import Learner
+from lightning_metakd.pretrained.registry import UnknownPretrainedModel, name_of, weights_file
 from lightning_metakd.spec import build_component
 
 #: The layout version of the checkpoints the modules write (``metakd_format``; 0.1 had none: 1).
@@ -42,10 +48,48 @@ EXAMPLE_CONFIGS = {
     "distillation": "configs/kanji/distill_protonet.yaml",
 }
 _LEARNER_SETTINGS = ("vmap_tasks", "task_chunk_size")
+#: The hyper-parameters a stripped checkpoint keeps: ``MetaLearnerModule``'s plain arguments.
+_MODULE_SETTINGS = ("ways", "normalization", *_LEARNER_SETTINGS, "allow_tf32", "tune_cpu_allocator")
+_MISSING = (
+    "pass the best.ckpt (or last.ckpt) that `metakd fit` wrote under "
+    "runs/<name>/version_<N>/checkpoints/, or pretrained:<name> (`metakd pretrained` lists them)."
+)
 
 
 class CheckpointError(ValueError):
     """A file that is not the checkpoint it should be; the message names the file and the fix."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """No file at a checkpoint path (a ``CheckpointError`` and a ``FileNotFoundError``)."""
+
+
+def checkpoint_file(path: str | Path, what: str = "checkpoint", advice: str | None = None) -> Path:
+    """The file a checkpoint path means, checked to exist: every reader of a path calls this.
+
+    ``pretrained:<name>`` is the shipped file of that model; any other path is expanded (``~``).
+
+    Args:
+        path: a ``.ckpt`` path or ``pretrained:<name>``.
+        what: what the file is, for the message (``"teacher checkpoint"``).
+        advice: what to do when it is missing (default: where ``metakd fit`` writes checkpoints).
+
+    Raises:
+        CheckpointError: an unknown pretrained name (the message lists the shipped ones).
+        MissingCheckpointError: no such file.
+    """
+    name = name_of(path)
+    if name is not None:
+        try:
+            return weights_file(name)
+        except UnknownPretrainedModel as err:
+            raise CheckpointError(str(err)) from None
+        except FileNotFoundError as err:
+            raise MissingCheckpointError(str(err)) from None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MissingCheckpointError(f"No {what} at {file}; {advice or _MISSING}")
+    return file
 
 
 def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -71,11 +115,18 @@ class Checkpoint:
     components: dict[str, Any]
     hyper_parameters: dict[str, Any]
     state_dict: dict[str, Any]
+    pretrained: str | None = None  #: the name it was given as (``pretrained:<name>``), if shipped
 
     @property
     def module_class(self) -> str:
         """The class path of the LightningModule that wrote it."""
         return self.components.get("module", MODULES[self.kind])
+
+    @property
+    def label(self) -> str:
+        """What tables call it: the shipped model's name, else the folder above its
+        ``checkpoints/`` (``version_<N>``)."""
+        return self.pretrained or self.path.parent.parent.name
 
     # -- learners ---------------------------------------------------------------------------------
     def _build(self, spec: Mapping[str, Any], state: Mapping[str, Any], **settings: Any) -> Learner:
@@ -132,6 +183,40 @@ class Checkpoint:
                 f"no {what}; its learner loads with load_learner({str(self.path)!r})."
             )
 
+    def stripped(self, **provenance: Any) -> dict[str, Any]:
+        """Its learner as the smallest ``MetaLearnerModule`` checkpoint: what the package ships.
+
+        The learner's state and components, the module's plain hyper-parameters and the
+        ``pytorch-lightning_version`` that Lightning's loader reads; no optimiser, scheduler, loop
+        or callback state. A distillation checkpoint gives its *student* alone (the teachers'
+        weights stay behind), so it loads as a meta-learner: ``load_learner``, ``metakd test
+        --config configs/kanji/protonet_conv4_16.yaml --ckpt_path`` and as a teacher. Keyword
+        arguments are kept under ``metakd_pretrained`` (plain values: where it came from).
+        """
+        learner = self.learner()
+        raw = torch.load(self.path, map_location="cpu", weights_only=True)
+        settings = {**self.hyper_parameters, "normalization": learner.normalization}
+        return {
+            "pytorch-lightning_version": raw.get("pytorch-lightning_version", "2.0.0"),
+            "epoch": raw.get("epoch", 0),
+            "global_step": raw.get("global_step", 0),
+            "hparams_name": "kwargs",
+            "hyper_parameters": {
+                "_class_path": MODULES["learner"],
+                **{k: settings[k] for k in _MODULE_SETTINGS if k in settings},
+            },
+            "state_dict": {
+                f"learner.{k}": v.detach().clone() for k, v in learner.state_dict().items()
+            },
+            "metakd_components": {
+                "kind": "learner",
+                "module": MODULES["learner"],
+                "learner": learner.components(),
+            },
+            "metakd_format": FORMAT_VERSION,
+            "metakd_pretrained": {"source_kind": self.kind, **provenance},
+        }
+
     # -- the module -------------------------------------------------------------------------------
     def module_arguments(self) -> dict[str, Any]:
         """The constructor arguments a module needs beyond its hyper-parameters: the components."""
@@ -162,21 +247,17 @@ def read_checkpoint(path: str | Path, expect: str | None = None) -> Checkpoint:
     """Read and check a lightning-metakd checkpoint.
 
     Args:
-        path: the ``.ckpt`` file.
+        path: the ``.ckpt`` file, or ``pretrained:<name>`` (a model shipped in the package).
         expect: the kind (``"learner"``/``"distillation"``, a module class's
             ``checkpoint_kind``) the checkpoint must be of; a checkpoint of the other kind raises
             an error that names its kind and the config to use.
 
     Raises:
-        CheckpointError: no such file, an unreadable (e.g. truncated) file, a file that is not a
-            lightning-metakd checkpoint, or one of the other kind.
+        CheckpointError: no such file, an unknown pretrained name, an unreadable (e.g. truncated)
+            file, a file that is not a lightning-metakd checkpoint, or one of the other kind.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"No checkpoint at {path}; pass the best.ckpt (or last.ckpt) that `metakd fit` wrote "
-            "under runs/<name>/version_<N>/checkpoints/."
-        )
+    pretrained = name_of(path)
+    path = checkpoint_file(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -209,7 +290,13 @@ def read_checkpoint(path: str | Path, expect: str | None = None) -> Checkpoint:
     if kind not in MODULES:
         raise CheckpointError(f"{path} names an unknown kind of checkpoint {kind!r}.")
     checkpoint = Checkpoint(
-        path, kind, version, components, dict(raw.get("hyper_parameters") or {}), raw["state_dict"]
+        path,
+        kind,
+        version,
+        components,
+        dict(raw.get("hyper_parameters") or {}),
+        raw["state_dict"],
+        pretrained,
     )
     if expect is not None:
         wanted = expect
@@ -229,6 +316,7 @@ def load_learner(path: str | Path) -> Learner:
     Example::
 
         learner = load_learner("runs/kanji-protonet/version_0/checkpoints/best.ckpt")
+        learner = load_learner("pretrained:kanji-student-conv4-16")  # shipped in the package
         state = learner.adapt(support_x, support_y)
         predicted = learner.predict(state, query_x).argmax(-1)
     """
@@ -269,6 +357,8 @@ __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
     "CheckpointError",
+    "MissingCheckpointError",
+    "checkpoint_file",
     "load_learner",
     "load_module",
     "read_checkpoint",

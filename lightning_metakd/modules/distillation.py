@@ -29,7 +29,7 @@ from lightning_metakd.distill import (
 from lightning_metakd.distill.cache import TeacherCache
 from lightning_metakd.distill.term import teacher_name
 from lightning_metakd.distill.transfer import ChannelSelection, resolve_selection
-from lightning_metakd.modules.checkpoint import read_checkpoint
+from lightning_metakd.modules.checkpoint import checkpoint_file, read_checkpoint
 from lightning_metakd.modules.episodic import EpisodicModule
 from lightning_metakd.spec import component_spec
 
@@ -257,12 +257,14 @@ class DistillationModule(EpisodicModule):
             return source
         if isinstance(source, EpisodicModule):
             return source.learner
-        if not Path(source).expanduser().is_file():
-            raise FileNotFoundError(
-                f"No teacher checkpoint at {source}; train the teacher first (e.g. `metakd fit "
-                "--config configs/kanji/protonet.yaml`) or pass model.teacher=<checkpoint>."
-            )
-        return read_checkpoint(source).learner()
+        path = checkpoint_file(
+            source,
+            what="teacher checkpoint",
+            advice="train the teacher first (e.g. `metakd fit --config "
+            "configs/kanji/protonet.yaml`), pass model.teacher=<checkpoint>, or a shipped one: "
+            "model.teacher=pretrained:kanji-protonet-conv4-64.",
+        )
+        return read_checkpoint(path).learner()
 
     def _who(self, k: int) -> str:
         return teacher_name(k, self.num_teachers)

