@@ -92,6 +92,9 @@ class Study:
     test_ways: tuple[int, ...] = (5,)
     overrides: dict[str, Any] = field(default_factory=dict)  #: for every arm
     curves: bool = False  #: plot validation accuracy against training time
+    #: (distilled arm, twin arm) with equal epochs, trained side by side: their wall-time ratio is
+    #: the cost of a distillation epoch in twin epochs, the load-free axis of the second panel.
+    cost_pair: tuple[str, str] | None = None
 
 
 def _distill(terms: list[dict[str, Any]], init: bool = True, **more: Any) -> dict[str, Any]:
@@ -128,6 +131,7 @@ STUDIES: dict[str, Study] = {
             test_ways=(5, 10),
             overrides=LONG,
             curves=True,
+            cost_pair=("distilled", "twin"),
         ),
         Study(
             "ablation",
@@ -397,8 +401,27 @@ def budget_margins(curves: dict[str, dict[int, list]], arm: str, reference: str)
     return out
 
 
+def epoch_cost(study: Study, runs: dict[str, Any]) -> dict[str, float]:
+    """Per arm, what one of its epochs costs in epochs of the twin (1 for arms of the twin's config).
+
+    The ratio of ``study.cost_pair``'s training seconds, seed by seed (the two ran side by side,
+    under the same load), averaged over seeds, applies to every arm of the distilled arm's config.
+    """
+    if study.cost_pair is None:
+        return {key: 1.0 for key in runs}
+    distilled, twin = study.cost_pair
+    seconds = {
+        key: {r.seed: r.marker.get("seconds") for r in runs[key].runs} for key in study.cost_pair
+    }
+    ratios = [seconds[distilled][s] / seconds[twin][s] for s in seconds[twin] if seconds[twin][s]]
+    factor = sum(ratios) / len(ratios)
+    config = next(a.config for a in study.arms if a.key == distilled)
+    return {a.key: factor if a.config == config else 1.0 for a in study.arms}
+
+
 def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Validation accuracy against training wall time, every seed of every arm; returns margins."""
+    """Validation accuracy against training wall time, and against training cost in twin epochs
+    (see :func:`epoch_cost`), every seed of every arm; returns the margins on both axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,26 +430,40 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     curves = {
         key: {r.seed: val_curve(r.run_dir) for r in seeds.runs} for key, seeds in runs.items()
     }
-    figure, axis = pyplot.subplots(figsize=(7.5, 4.5), dpi=120)
+    cost = epoch_cost(study, runs)
+    costed = {
+        key: {seed: [((i + 1) * cost[key], step, acc) for i, (_, step, acc) in enumerate(points)]
+              for seed, points in per_seed.items()}
+        for key, per_seed in curves.items()
+    }  # fmt: skip
+    figure, (wall, work) = pyplot.subplots(1, 2, figsize=(12, 4.6), dpi=120, sharey=True)
     colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
-    for colour, arm in zip(colours, study.arms, strict=False):
-        for index, (_seed, points) in enumerate(sorted(curves[arm.key].items())):
-            axis.plot([t / 60 for t, _, _ in points], [100 * a for _, _, a in points], "-o",
-                      color=colour, markersize=3, alpha=0.8, linewidth=1.2,
-                      label=arm.label if index == 0 else None)  # fmt: skip
-    axis.set_xlabel("training wall time (min; 1 thread per run, the arms of a seed side by side)")
-    axis.set_ylabel("validation accuracy (%), 5-way 1-shot")
-    axis.set_title(study.title, fontsize=10)
-    axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    for axis, data, scale in ((wall, curves, 60), (work, costed, 1)):
+        for colour, arm in zip(colours, study.arms, strict=False):
+            for index, (_seed, points) in enumerate(sorted(data[arm.key].items())):
+                axis.plot([t / scale for t, _, _ in points], [100 * a for _, _, a in points], "-o",
+                          color=colour, markersize=3, alpha=0.8, linewidth=1.2,
+                          label=arm.label if index == 0 else None)  # fmt: skip
+        axis.grid(alpha=0.3)
+    wall.set_xlabel("training wall time (min; 1 thread per run, the arms of a seed side by side)")
+    factor = max(cost.values())
+    work.set_xlabel(f"training cost in epochs of the twin (a distillation epoch = {factor:.2f},\n"
+                    "the wall-time ratio of the 8-epoch pair trained side by side)")  # fmt: skip
+    wall.set_ylabel("validation accuracy (%), 5-way 1-shot")
+    work.legend(loc="lower right")
+    figure.suptitle(study.title, fontsize=10)
     low = min(100 * a for c in curves.values() for p in c.values() for _, _, a in p)
-    axis.set_ylim(max(low - 1, 0), 100)
+    wall.set_ylim(max(low - 1, 0), 100)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     pyplot.close(figure)
     others = [a.key for a in study.arms if a.key != study.reference]
-    return {key: budget_margins(curves, key, study.reference) for key in others}
+    return {
+        "epoch_cost": cost,
+        "wall_time": {key: budget_margins(curves, key, study.reference) for key in others},
+        "twin_epochs": {key: budget_margins(costed, key, study.reference) for key in others},
+    }
 
 
 def only(study: Study, keys: list[str] | None, keep_reference: bool = True) -> Study:
@@ -452,6 +489,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="3 steps per run: do the arms run?")
     parser.add_argument("--arms", nargs="+", default=None, metavar="KEY",
                         help="run only these arms of each study (its reference arm always runs)")  # fmt: skip
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the curves and margins of a finished study from its runs and "
+                        "<results>/<study>.json (no training, no evaluation)")  # fmt: skip
     parser.add_argument("--train_only", action="store_true",
                         help="train the arms, skip the evaluation (e.g. two processes training "
                         "disjoint --arms; a last call without it evaluates)")  # fmt: skip
@@ -468,6 +508,15 @@ def main() -> int:
             return 2
         began = time.perf_counter()
         runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
+        if opts.replot:
+            saved = opts.results / f"{name}.json"
+            results = json.loads(saved.read_text())
+            results["budgets"] = plot_curves(
+                study, runs, opts.results / f"{name}_accuracy_vs_time.png"
+            )
+            saved.write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps(results["budgets"], indent=2))
+            continue
         if opts.train_only:
             print(
                 f"[study] {name}: trained {', '.join(runs)}; evaluate with a call without --train_only"
