@@ -353,7 +353,8 @@ def markdown(study: Study, results: dict[str, Any]) -> str:
                 mark = " **✓**" if row["counts"] else ""
                 diff, ci = f"{100 * row['diff']:+.2f}{dsd}{mark}", f"± {100 * row['diff_ci95']:.2f}"
             share = f"{100 * row['share_of_teacher']:.1f}%" if "share_of_teacher" in row else ""
-            lines.append(f"| {row['name']} | {row['parameters']:,} | {100 * row['accuracy']:.2f}{sd} "
+            name = row["name"].replace("|", "\\|")  # a cell of a Markdown table
+            lines.append(f"| {name} | {row['parameters']:,} | {100 * row['accuracy']:.2f}{sd} "
                          f"| ± {100 * row['ci95']:.2f} | {diff} | {ci} | {share} |")  # fmt: skip
         lines.append("")
     lines.append(
