@@ -136,12 +136,13 @@ def check_torchvision() -> None:
 
 
 def install_dependencies() -> None:
-    needed = []
+    needed: list[str] = []
+    bare: list[str] = []  # the NO_DEPS ones, installed without their dependencies
     for distribution, requirement, accept in DEPENDENCIES:
         version = _installed_version(distribution)
         if version is None or (accept is not None and not accept(version)):
             found = "missing" if version is None else f"found {version}"
-            needed.append(requirement)
+            (bare if distribution in NO_DEPS else needed).append(requirement)
             _say(f"need {requirement} ({found})")
         else:
             _say(f"{distribution} {version} already installed")
@@ -150,17 +151,15 @@ def install_dependencies() -> None:
         needed.append("setuptools")
     elif _version_tuple(setuptools_version) < (70, 1) and _installed_version("wheel") is None:
         needed.append("wheel")  # setuptools < 70.1 builds wheels only with the `wheel` package
-    if not needed:
+    if not needed and not bare:
         return
     pins = [f"{name}=={v}" for name in KEEP if (v := _installed_version(name)) is not None]
     with tempfile.TemporaryDirectory() as folder:
         constraints = Path(folder) / "keep.txt"
         constraints.write_text("\n".join(pins) + "\n")
         _say(f"keeping {', '.join(pins) or 'nothing'} as installed")
-        plain = [r for r in needed if r.split("<")[0].split("=")[0] not in NO_DEPS]
-        bare = [r for r in needed if r not in plain]
-        if plain:
-            _pip("install", "-c", str(constraints), *plain, what=f"Installing {', '.join(plain)}")
+        if needed:
+            _pip("install", "-c", str(constraints), *needed, what=f"Installing {', '.join(needed)}")
         if bare:
             _pip("install", "--no-deps", *bare, what=f"Installing {', '.join(bare)} (no deps)")
 
