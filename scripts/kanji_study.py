@@ -471,8 +471,8 @@ def only(study: Study, keys: list[str] | None, keep_reference: bool = True) -> S
     """``study`` with the arms in ``keys`` (and its reference arm); all of them for ``None``."""
     if keys is None:
         return study
-    unknown = set(keys) - {a.key for a in study.arms}
-    if unknown and not any(k in {a.key for a in s.arms} for s in STUDIES.values() for k in unknown):
+    unknown = set(keys) - {a.key for s in STUDIES.values() for a in s.arms}
+    if unknown:  # --arms applies to every study named, so a key of another study is fine
         raise SystemExit(f"kanji_study: error: no arm {sorted(unknown)} in any study")
     keep = set(keys) | ({study.reference} if keep_reference else set())
     arms = tuple(a for a in study.arms if a.key in keep)
