@@ -280,7 +280,8 @@ def list_settings() -> str:
 
 def bench_main(argv: list[str]) -> int:
     """``metakd bench``: parse the flags and run :func:`run_bench`."""
-    from lightning_metakd.command_line import bench_parser, fail
+    from lightning_metakd.command_errors import fail
+    from lightning_metakd.command_line import bench_parser
 
     opts = bench_parser().parse_args(argv)
     if opts.list:

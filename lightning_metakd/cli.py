@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_metakd.command_line import TRACEBACK_ENV, UsageError, episodes_parser, fail
+from lightning_metakd.command_errors import TRACEBACK_ENV, UsageError, fail
+from lightning_metakd.command_line import episodes_parser
 
 #: ``{subcommand: (module:function that runs it, or "lightning"; module:function that builds its
 #: parser, or None; one-line description)}``, in help order.

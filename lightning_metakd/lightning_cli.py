@@ -41,7 +41,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_metakd.callbacks import BestAndLastCheckpoint
-from lightning_metakd.command_line import UsageError, explain_config_error
+from lightning_metakd.command_errors import UsageError, explain_config_error
 from lightning_metakd.config_checks import (
     LEGACY_OPTIONS,
     LEGACY_WEIGHTS,

@@ -259,7 +259,8 @@ def config_overrides(items: Sequence[str], names: Sequence[str]) -> dict[str, di
 
 def sweep_main(argv: list[str]) -> int:
     """``metakd sweep``: every ``--config`` once per seed, mean ± sd, paired Δ vs the first."""
-    from lightning_metakd.command_line import fail, sweep_parser
+    from lightning_metakd.command_errors import fail
+    from lightning_metakd.command_line import sweep_parser
 
     opts = sweep_parser().parse_args(argv)
     try:

@@ -291,7 +291,8 @@ def verify_export(
 
 def export_main(argv: list[str]) -> int:
     """``metakd export``: write a fine-tuned classifier as ``model.pt2`` and ``model.onnx``."""
-    from lightning_metakd.command_line import export_parser, fail
+    from lightning_metakd.command_errors import fail
+    from lightning_metakd.command_line import export_parser
     from lightning_metakd.deploy.classifier import FixedClassifier
 
     parser = export_parser()

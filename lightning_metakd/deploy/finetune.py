@@ -35,7 +35,8 @@ from torch import Tensor
 
 from lightning_metakd.algorithms import Learner
 from lightning_metakd.atomic import atomic_write
-from lightning_metakd.command_line import fail, finetune_parser
+from lightning_metakd.command_errors import fail
+from lightning_metakd.command_line import finetune_parser
 from lightning_metakd.deploy.classifier import STATISTICS, FixedClassifier, normalize_images
 from lightning_metakd.deploy.labelled import (
     FinetuneError,

@@ -316,7 +316,7 @@ def export_learner_main(opts: Any) -> int:
 
     ``opts`` are :func:`~lightning_metakd.deploy.export.export_main`'s parsed arguments.
     """
-    from lightning_metakd.command_line import fail
+    from lightning_metakd.command_errors import fail
     from lightning_metakd.modules import CheckpointError, load_learner
 
     try:

@@ -210,7 +210,8 @@ def classify(
 
 def classify_main(argv: list[str]) -> int:
     """``metakd classify``: print ``path<TAB>class<TAB>probability`` for every image."""
-    from lightning_metakd.command_line import classify_parser, fail
+    from lightning_metakd.command_errors import fail
+    from lightning_metakd.command_line import classify_parser
     from lightning_metakd.deploy.exported_learner import classify_enrolled, is_learner_export
 
     parser = classify_parser()

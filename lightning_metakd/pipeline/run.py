@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_metakd.atomic import atomic_write
-from lightning_metakd.command_line import UsageError, fail, pipeline_parser
+from lightning_metakd.command_errors import UsageError, fail
+from lightning_metakd.command_line import pipeline_parser
 from lightning_metakd.pipeline import stages
 from lightning_metakd.pipeline.config import (
     DEPENDS_ON,

@@ -94,7 +94,8 @@ def report_main(argv: list[str]) -> int:
     """``metakd report``: compare checkpoints on the same fixed test episodes (:func:`compare`)."""
     import yaml
 
-    from lightning_metakd.command_line import fail, report_parser
+    from lightning_metakd.command_errors import fail
+    from lightning_metakd.command_line import report_parser
 
     parser = report_parser()
     opts = parser.parse_args(argv)
