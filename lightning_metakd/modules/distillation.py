@@ -23,19 +23,21 @@ from lightning_metakd.distill import (
     TaskLoss,
     TeacherEnsemble,
     ensemble_weights,
-    slice_state,
     tap,
 )
 from lightning_metakd.distill.cache import TeacherCache
 from lightning_metakd.distill.term import teacher_name
 from lightning_metakd.distill.transfer import ChannelSelection, resolve_selection
-from lightning_metakd.modules.checkpoint import checkpoint_file, read_checkpoint
 from lightning_metakd.modules.episodic import EpisodicModule
+from lightning_metakd.modules.teachers import (
+    TeacherSource,
+    calibrate_teachers,
+    check_terms,
+    load_teacher,
+    teachers_on_task,
+    theta_star,
+)
 from lightning_metakd.spec import component_spec
-
-#: What a teacher may be given as (a ``pathlib.Path`` works too; the annotation keeps ``str`` so
-#: that LightningCLI parses a YAML list of paths as a list).
-TeacherSource = str | Learner | EpisodicModule
 
 
 class DistillationModule(EpisodicModule):
@@ -161,7 +163,7 @@ class DistillationModule(EpisodicModule):
     ) -> None:
         super().__init__(optimizer, lr_scheduler, allow_tf32, tune_cpu_allocator)
         terms = [TaskLoss(), SoftLabels()] if terms is None else list(terms)
-        _check_terms(terms)
+        check_terms(terms)
         several = isinstance(teacher, list | tuple)
         sources = list(teacher) if several else [teacher]
         if not sources or not all(isinstance(t, TeacherSource | Path) for t in sources):
@@ -225,7 +227,7 @@ class DistillationModule(EpisodicModule):
         """Load the teachers given as paths, freeze them, set θ* and bind every term (once)."""
         if not self._sources:
             return
-        teachers = [self._load_teacher(source) for source in self._sources]
+        teachers = [load_teacher(source) for source in self._sources]
         for k, teacher in enumerate(teachers):
             if teacher.algorithm.needs_head and teacher.ways != self.ways:
                 raise ValueError(
@@ -242,9 +244,13 @@ class DistillationModule(EpisodicModule):
                 teacher.normalization = self.teacher_normalization
         self.teachers = nn.ModuleList(t.requires_grad_(False).eval().to(device) for t in teachers)
         self._sources = []
-        theta_star = self._theta_star(teachers[self.anchor_teacher])
+        anchor = teachers[self.anchor_teacher]
+        star = theta_star(
+            anchor, self.student.model, self.selection, self.init_from_teacher,
+            self.anchor_teacher, self.num_teachers,
+        )  # fmt: skip
         for term in self.terms:
-            term.bind(self.student, teachers, theta_star)
+            term.bind(self.student, teachers, star)
         self._caches = [
             TeacherCache.for_teacher(t)
             if self.cache_teachers and not any(term.teacher_paths(k) for term in self.terms)
@@ -252,51 +258,8 @@ class DistillationModule(EpisodicModule):
             for k, t in enumerate(teachers)
         ]
 
-    def _load_teacher(self, source: TeacherSource | Path) -> Learner:
-        if isinstance(source, Learner):
-            return source
-        if isinstance(source, EpisodicModule):
-            return source.learner
-        path = checkpoint_file(
-            source,
-            what="teacher checkpoint",
-            advice="train the teacher first (e.g. `metakd fit --config "
-            "configs/kanji/protonet.yaml`), pass model.teacher=<checkpoint>, or a shipped one: "
-            "model.teacher=pretrained:kanji-protonet-conv4-64.",
-        )
-        return read_checkpoint(path).learner()
-
     def _who(self, k: int) -> str:
         return teacher_name(k, self.num_teachers)
-
-    def _theta_star(self, teacher: Learner) -> dict[str, Tensor] | None:
-        """θ* for the student from ``teacher`` (``anchor_teacher``); the student starts there with
-        ``init_from_teacher``. ``None`` when the teacher's state does not fit the student."""
-        student = self.student.model
-        t_state, s_state = teacher.model.state_dict(), student.state_dict()
-        same = set(t_state) == set(s_state) and all(
-            t_state[k].shape == v.shape for k, v in s_state.items()
-        )
-        if same:
-            theta_star = {k: v.detach().clone() for k, v in t_state.items()}
-        elif not self.init_from_teacher:
-            return None
-        else:
-            try:
-                theta_star = slice_state(teacher.model, student, self.selection)
-            except ValueError as err:
-                if self.num_teachers == 1:
-                    raise
-                k = self.anchor_teacher
-                raise ValueError(
-                    f"θ* comes from teacher {k} (anchor_teacher={k}), a "
-                    f"{type(teacher.algorithm).__name__} {type(teacher.backbone).__name__}, which "
-                    f"does not fit the student: {err} Set anchor_teacher to a teacher of the "
-                    "student's family, or turn init_from_teacher off."
-                ) from None
-        if self.init_from_teacher:
-            student.load_state_dict(theta_star)
-        return theta_star
 
     def teacher_ensemble(self) -> TeacherEnsemble:
         """The teachers as one learner (weights ``teacher_weights``), sharing their modules."""
@@ -317,17 +280,7 @@ class DistillationModule(EpisodicModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data = getattr(self._trainer, "datamodule", None)
-        for k, teacher in enumerate(self.teachers):
-            if teacher.normalization == "population" and not bool(
-                getattr(teacher, "calibrated", False)
-            ):
-                if data is None or not hasattr(data, "calibration_images"):
-                    raise ValueError(
-                        f"the {self._who(k)} normalises with population statistics but has none "
-                        "and this run has no EpisodicDataModule to estimate them from; pass one, "
-                        "or calibrate the teacher first (learner.calibrate(images))."
-                    )
-                teacher.calibrate(x.to(self.device) for x in data.calibration_images())
+        calibrate_teachers(list(self.teachers), data, self.device)
         train = getattr(data, "splits", {}).get("train") if data is not None else None
         if train is not None and train.transform is not None and any(self._caches):
             rank_zero_info(
@@ -366,26 +319,11 @@ class DistillationModule(EpisodicModule):
         student, on = self.student, [t for t in self.terms if t.weight]
         t_states, t_logits, t_taps = [], [], []
         if self._needs_teachers():
-            bf16 = self.teacher_precision == "bf16"
-            with torch.no_grad(), torch.autocast(support_x.device.type, torch.bfloat16, bf16):
-                pairs = zip(self.teachers, teacher_params, strict=True)
-                for k, (teacher, params) in enumerate(pairs):
-                    algorithm, model = teacher.algorithm, teacher.model
-                    lookup = lookups[k] if lookups else None
-                    if lookup is not None:  # cached per-image embeddings (distill/cache.py)
-                        state = algorithm.adapt(lookup, {}, support_index, support_y, ways, False)
-                        t_logits.append(algorithm.logits(lookup, {}, state, query_index, ways))
-                        t_states.append(state)
-                        t_taps.append({})
-                        continue
-                    task = algorithm.adapt_task(
-                        model, params, support_x, support_y, ways, False, teacher.policy()
-                    )
-                    with tap(model, [p for term in on for p in term.teacher_paths(k)]) as taps:
-                        t_logits.append(algorithm.predict_task(model, params, task, query_x, ways))
-                    t_states.append(task.state)
-                    t_taps.append({p: _float(v) for p, v in taps.items()})
-            t_logits = [_float(z) for z in t_logits]
+            t_states, t_logits, t_taps = teachers_on_task(
+                list(self.teachers), teacher_params, support_x, support_y, query_x, ways,
+                lambda k: [p for term in on for p in term.teacher_paths(k)],
+                self.teacher_precision == "bf16", lookups, support_index, query_index,
+            )  # fmt: skip
         algorithm, model = student.algorithm, student.model
         task = algorithm.adapt_task(
             model, student_params, support_x, support_y, ways, training,
@@ -467,33 +405,6 @@ class DistillationModule(EpisodicModule):
             "teachers": [teacher.components() for teacher in self.teachers],
             "terms": [component_spec(term) for term in self.terms],
         }
-
-
-def _float(value: Tensor) -> Tensor:
-    """A teacher's output in float32 (bf16 autocast leaves some in bfloat16); others as they are."""
-    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-
-
-def _check_terms(terms: list[Any]) -> None:
-    """Raise a clear error for a term list the module cannot train with."""
-    wrong = [type(t).__name__ for t in terms if not isinstance(t, DistillationTerm)]
-    if wrong:
-        raise TypeError(
-            f"terms must be DistillationTerm objects (TaskLoss, SoftLabels, FeatureHints, ...), got "
-            f"{wrong}; in YAML each is `- class_path: lightning_metakd.distill.SoftLabels`."
-        )
-    names = [t.name for t in terms]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(
-            f"two terms are both named {repeated}; give one of them another name (init_args: "
-            "{name: ...}) so each is logged as train/loss_<name> on its own."
-        )
-    if not any(t.weight for t in terms):
-        raise ValueError(
-            "every term's weight is 0 (or there is no term), so there is nothing to train; add "
-            "TaskLoss(weight=1) and at least one distillation term, e.g. SoftLabels(weight=1)."
-        )
 
 
 __all__ = ["DistillationModule"]
