@@ -41,10 +41,13 @@ from lightning_metakd.deploy.classifier import STATISTICS, FixedClassifier, norm
 from lightning_metakd.deploy.labelled import (
     FinetuneError,
     LabelledImages,
+    accuracy,
+    holdout_sheet,
     holdout_split,
+    probabilities,
     read_class_folders,
 )
-from lightning_metakd.deploy.sheet import SHEET_FILE, Sheet, prediction_sheet
+from lightning_metakd.deploy.sheet import SHEET_FILE
 from lightning_metakd.distill import parameter_anchor_loss
 from lightning_metakd.modules import CheckpointError
 from lightning_metakd.modules import load_learner as read_learner
@@ -251,43 +254,7 @@ def _train(
         p.grad = None
 
 
-# -- evaluation, the whole job ----------------------------------------------------------------------
-def probabilities(classifier: FixedClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
-    """The classifier's class probabilities ``[M, N]`` (softmax of the logits) on the CPU.
-
-    With batch statistics all images go through in one batch (their statistics are the ones a
-    deployment would see only if it classified them together); with fixed statistics in chunks.
-    """
-    device = next(classifier.parameters()).device
-    size = len(images) if classifier.statistics == "batch" else batch_size
-    chunks = [images[i : i + size] for i in range(0, len(images), size)]
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.cat([classifier(chunk.to(device)).softmax(-1).cpu() for chunk in chunks])
-
-
-def accuracy(
-    classifier: FixedClassifier, images: Tensor, labels: Tensor, batch_size: int = 256
-) -> dict[str, object]:
-    """``{"accuracy", "correct", "images", "per_class": {name: {"correct", "images"}}}``.
-
-    The predictions are the argmax of :func:`probabilities` (same batching).
-    """
-    predicted = probabilities(classifier, images, batch_size).argmax(-1)
-    labels = labels.cpu()
-    hits = predicted == labels
-    per_class = {
-        name: {"correct": int(hits[labels == k].sum()), "images": int((labels == k).sum())}
-        for k, name in enumerate(classifier.class_names)
-    }
-    correct = int(hits.sum())
-    return {
-        "accuracy": correct / len(labels),
-        "correct": correct,
-        "images": len(labels),
-        "per_class": per_class,
-    }
-
-
+# -- the whole job ---------------------------------------------------------------------------------
 def run_finetune(
     checkpoint: str,
     data_root: str,
@@ -414,22 +381,6 @@ def run_finetune(
     if held_out:
         say(f"[finetune] wrote {out / SHEET_FILE}: the held-out images, wrong ones in red")
     return report
-
-
-def holdout_sheet(
-    classifier: FixedClassifier, data: LabelledImages, held_out: Sequence[int], path: Path
-) -> Sheet:
-    """``holdout.png``: the held-out images with the classifier's prediction and the true class."""
-    p = probabilities(classifier, data.images[list(held_out)])
-    confidence, predicted = p.max(-1)
-    return prediction_sheet(
-        path,
-        [data.paths[i] for i in held_out],
-        [classifier.class_names[int(k)] for k in predicted],
-        confidence.tolist(),
-        [data.class_names[int(data.labels[i])] for i in held_out],
-        title=f"metakd finetune: held-out images of {len(data.class_names)} classes",
-    )
 
 
 def finetune_main(argv: list[str]) -> int:

@@ -1,4 +1,5 @@
-"""A user's labelled images: class folders read as the data modules read them, and a held-out split."""
+"""A user's labelled images: class folders read as the data modules read them, a held-out split,
+and a fixed classifier scored on them (accuracy per class, the held-out sheet)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_metakd.deploy.classifier import FixedClassifier
+from lightning_metakd.deploy.sheet import Sheet, prediction_sheet
 
 _LAYOUT = """\
   <data_root>/
@@ -109,4 +113,65 @@ def holdout_split(
     return sorted(train), sorted(held_out)
 
 
-__all__ = ["FinetuneError", "LabelledImages", "holdout_split", "read_class_folders"]
+# -- scoring a classifier on them -------------------------------------------------------------------
+def probabilities(classifier: FixedClassifier, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The classifier's class probabilities ``[M, N]`` (softmax of the logits) on the CPU.
+
+    With batch statistics all images go through in one batch (their statistics are the ones a
+    deployment would see only if it classified them together); with fixed statistics in chunks.
+    """
+    device = next(classifier.parameters()).device
+    size = len(images) if classifier.statistics == "batch" else batch_size
+    chunks = [images[i : i + size] for i in range(0, len(images), size)]
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.cat([classifier(chunk.to(device)).softmax(-1).cpu() for chunk in chunks])
+
+
+def accuracy(
+    classifier: FixedClassifier, images: Tensor, labels: Tensor, batch_size: int = 256
+) -> dict[str, object]:
+    """``{"accuracy", "correct", "images", "per_class": {name: {"correct", "images"}}}``.
+
+    The predictions are the argmax of :func:`probabilities` (same batching).
+    """
+    predicted = probabilities(classifier, images, batch_size).argmax(-1)
+    labels = labels.cpu()
+    hits = predicted == labels
+    per_class = {
+        name: {"correct": int(hits[labels == k].sum()), "images": int((labels == k).sum())}
+        for k, name in enumerate(classifier.class_names)
+    }
+    correct = int(hits.sum())
+    return {
+        "accuracy": correct / len(labels),
+        "correct": correct,
+        "images": len(labels),
+        "per_class": per_class,
+    }
+
+
+def holdout_sheet(
+    classifier: FixedClassifier, data: LabelledImages, held_out: Sequence[int], path: Path
+) -> Sheet:
+    """``holdout.png``: the held-out images with the classifier's prediction and the true class."""
+    p = probabilities(classifier, data.images[list(held_out)])
+    confidence, predicted = p.max(-1)
+    return prediction_sheet(
+        path,
+        [data.paths[i] for i in held_out],
+        [classifier.class_names[int(k)] for k in predicted],
+        confidence.tolist(),
+        [data.class_names[int(data.labels[i])] for i in held_out],
+        title=f"metakd finetune: held-out images of {len(data.class_names)} classes",
+    )
+
+
+__all__ = [
+    "FinetuneError",
+    "LabelledImages",
+    "accuracy",
+    "holdout_sheet",
+    "holdout_split",
+    "probabilities",
+    "read_class_folders",
+]
