@@ -5,21 +5,20 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_metakd.data.dataset import ClassDataset, Transform, check_image_files
+from lightning_metakd.data.dataset import ClassDataset, Transform
 from lightning_metakd.data.episode import Episode
 from lightning_metakd.data.loader import EpisodeLoader, random_states
 from lightning_metakd.data.sampler import EpisodeSampler
+from lightning_metakd.data.splits import Split, checked_splits, split_summary
 
-Split = Literal["train", "val", "test"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 _CALIBRATION_STREAM = 3  # the training tasks population statistics are estimated from
 
@@ -196,36 +195,7 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _set_up_splits(self) -> None:
         """Build, check and summarise the splits (the first :meth:`setup` of this DataModule)."""
-        name = type(self).__name__
-        built = self.build_splits()
-        unknown = sorted(set(built) - set(SPLITS))
-        if unknown:
-            raise ValueError(
-                f"{name}.build_splits() returned unknown split(s) {unknown}; the splits are "
-                f"{list(SPLITS)}."
-            )
-        splits = {s: built[s] for s in SPLITS if built.get(s) is not None and built[s].num_classes}
-        if "train" not in splits:
-            raise ValueError(
-                f"{name}.build_splits() returned no train split (or one without classes); "
-                "meta-training needs one."
-            )
-        names = {s: set(ds.base_class_names) for s, ds in splits.items()}
-        present = list(splits)
-        for i, a in enumerate(present):
-            for b in present[i + 1 :]:
-                shared = names[a] & names[b]
-                if shared:
-                    raise ValueError(
-                        f"The {a} and {b} splits share {len(shared)} class(es), e.g. "
-                        f"{sorted(shared)[:3]}; class splits must be disjoint. Keep each class in "
-                        "one split (a class folder copied into two split folders is the usual "
-                        "cause)."
-                    )
-        check_image_files(
-            [path for ds in splits.values() for path in ds.image_files()],
-            progress=rank_zero_only.rank == 0,
-        )
+        splits = checked_splits(type(self).__name__, self.build_splits())
         if self.rotations:
             splits["train"] = splits["train"].with_rotations(4)
         splits["train"].transform = self.train_transform or splits["train"].transform
@@ -253,32 +223,9 @@ class EpisodicDataModule(L.LightningDataModule):
               test     423 classes    8,460 images   13 alphabets, 13 held out: Gurmukhi, ...
         """
         self._require_setup()
-        classes = sum(len(ds.base_class_names) for ds in self.splits.values())
-        images = sum(len(ds.base_labels) for ds in self.splits.values())
-        note = f" ({self.describe_source()})" if self.describe_source() else ""
-        lines = [f"{type(self).__name__}{note}: {classes:,} classes, {images:,} images"]
-        train_groups = set(self.splits["train"].base_groups)
-        for split in SPLITS:
-            ds = self.splits.get(split)
-            if ds is None:
-                off = "validation is off" if split == "val" else "test and predict are off"
-                lines.append(f"  {split:5s}  none ({off})")
-                continue
-            line = (
-                f"  {split:5s}  {len(ds.base_class_names):5,d} classes  "
-                f"{len(ds.base_labels):7,d} images"
-            )
-            if ds.base_groups:
-                count = len(ds.base_groups)
-                line += f"  {count:3,d} {self.group_name}{'' if count == 1 else 's'}"
-                if split != "train":
-                    held_out = sorted(set(ds.base_groups) - train_groups)
-                    shown = ", ".join(held_out[:3]) + (", ..." if len(held_out) > 3 else "")
-                    line += f", {len(held_out)} held out" + (f": {shown}" if held_out else "")
-            if ds.rotations > 1:
-                line += f"  (x{ds.rotations} rotations: {ds.num_classes:,} classes)"
-            lines.append(line)
-        return "\n".join(lines)
+        return split_summary(
+            type(self).__name__, self.splits, self.describe_source(), self.group_name
+        )
 
     def _absent_message(self, split: Split, stage: str | None = None) -> str:
         """Why ``split`` is missing and what to change; ``stage=None``: the info line of a fit."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from lightning_metakd.data.datamodule import SPLITS, EpisodicDataModule, Split
+from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.learn2learn_datasets import (
     ShapeMismatch,
@@ -27,6 +27,7 @@ from lightning_metakd.data.learn2learn_datasets import (
     to_class_dataset,
 )
 from lightning_metakd.data.sampler import EpisodeSampler
+from lightning_metakd.data.splits import SPLITS, Split
 
 _INSTALL_HINT = (
     "learn2learn is an optional extra of lightning-metakd. Install learn2learn 0.2.0 with "
