@@ -104,6 +104,9 @@ def _distill(terms: list[dict[str, Any]], init: bool = True, **more: Any) -> dic
 #: The main study trains a third longer than the configs' 6 epochs (StepLR keeps its step of 3), so
 #: that the twin's validation curve has flattened before its budget ends.
 LONG = {"trainer.max_epochs": 8, "model.init_args.lr_scheduler.init_args.step_size": 3}
+#: The twin trained until it stops rising: four times the distilled arm's epochs, its StepLR
+#: schedule stretched to that length (the 16-epoch twin's step of 3 leaves it still rising).
+CONVERGED = {"trainer.max_epochs": 32, "model.init_args.lr_scheduler.init_args.step_size": 6}
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in [
@@ -117,6 +120,12 @@ STUDIES: dict[str, Study] = {
                     "Conv4-16 alone, 16 epochs",
                     "protonet_conv4_16.yaml",
                     {"trainer.max_epochs": 16},
+                ),  # fmt: skip
+                Arm(
+                    "twin-32",
+                    "Conv4-16 alone, 32 epochs (StepLR step 6)",
+                    "protonet_conv4_16.yaml",
+                    CONVERGED,
                 ),  # fmt: skip
                 Arm("distilled", "Conv4-16 distilled, 8 epochs", "distill_protonet.yaml", CACHED),
                 Arm(
