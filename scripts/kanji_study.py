@@ -134,6 +134,12 @@ STUDIES: dict[str, Study] = {
                     "distill_protonet.yaml",
                     {**CACHED, "trainer.max_epochs": 16},
                 ),  # fmt: skip
+                Arm(
+                    "distilled-32",
+                    "Conv4-16 distilled, 32 epochs (StepLR step 6)",
+                    "distill_protonet.yaml",
+                    {**CACHED, **CONVERGED},
+                ),  # fmt: skip
             ),
             reference="twin-long",
             teacher="protonet",
