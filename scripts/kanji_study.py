@@ -112,7 +112,7 @@ STUDIES: dict[str, Study] = {
     for s in [
         Study(
             "main",
-            "Conv4-16 ProtoNet alone vs distilled from Conv4-64, 8 and 16 epochs each",
+            "Conv4-16 ProtoNet alone vs distilled from Conv4-64, 8, 16 and 32 epochs each",
             (
                 Arm("twin", "Conv4-16 alone, 8 epochs", "protonet_conv4_16.yaml"),
                 Arm(
@@ -141,7 +141,7 @@ STUDIES: dict[str, Study] = {
                     {**CACHED, **CONVERGED},
                 ),  # fmt: skip
             ),
-            reference="twin-long",
+            reference="twin-32",
             teacher="protonet",
             test_ways=(5, 10),
             overrides=LONG,
@@ -453,7 +453,15 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
         for key, per_seed in curves.items()
     }  # fmt: skip
     figure, (wall, work) = pyplot.subplots(1, 2, figsize=(12, 4.6), dpi=120, sharey=True)
-    colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
+    colours = [
+        "tab:gray",
+        "tab:blue",
+        "tab:purple",
+        "tab:orange",
+        "tab:green",
+        "tab:red",
+        "tab:brown",
+    ]
     for axis, data, scale in ((wall, curves, 60), (work, costed, 1)):
         for colour, arm in zip(colours, study.arms, strict=False):
             for index, (_seed, points) in enumerate(sorted(data[arm.key].items())):
@@ -475,11 +483,32 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     figure.savefig(path)
     pyplot.close(figure)
     others = [a.key for a in study.arms if a.key != study.reference]
-    return {
+    budgets: dict[str, Any] = {
         "epoch_cost": cost,
         "wall_time": {key: budget_margins(curves, key, study.reference) for key in others},
         "twin_epochs": {key: budget_margins(costed, key, study.reference) for key in others},
     }
+    if study.cost_pair is not None:  # every distilled arm against the best of all twin arms
+        twin_config = next(a.config for a in study.arms if a.key == study.cost_pair[1])
+        twins = [a.key for a in study.arms if a.config == twin_config]
+        for axis, data in (("wall_time", curves), ("twin_epochs", costed)):
+            best = {**data, BEST_TWIN: envelope(data, twins)}
+            budgets[f"{axis}_vs_best_twin"] = {
+                a.key: budget_margins(best, a.key, BEST_TWIN)
+                for a in study.arms if a.config != twin_config
+            }  # fmt: skip
+    return budgets
+
+
+#: The pseudo-arm of :func:`envelope`: at every budget, the best any twin arm of the seed had.
+BEST_TWIN = "best twin"
+
+
+def envelope(curves: dict[str, dict[int, list]], keys: list[str]) -> dict[int, list]:
+    """Per seed, the validations of all arms ``keys`` in one time-sorted list (their envelope:
+    :func:`budget_margins` takes the best of them seen by each budget)."""
+    seeds = set.intersection(*(set(curves[key]) for key in keys))
+    return {seed: sorted(p for key in keys for p in curves[key][seed]) for seed in seeds}
 
 
 def only(study: Study, keys: list[str] | None, keep_reference: bool = True) -> Study:
