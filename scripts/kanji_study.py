@@ -54,6 +54,7 @@ TEACHERS = {
 SMOKE = {
     "trainer.max_epochs": 1,
     "trainer.max_steps": 3,
+    "trainer.val_check_interval": 3,  # one validation: the curves have a point
     "data.init_args.val_episodes": 4,
     "data.init_args.test_episodes": 8,
 }
