@@ -470,7 +470,8 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
                           color=colour, markersize=3, alpha=0.8, linewidth=1.2,
                           label=arm.label if index == 0 else None)  # fmt: skip
         axis.grid(alpha=0.3)
-    wall.set_xlabel("training wall time (min; 1 thread per run, the arms of a seed side by side)")
+    wall.set_xlabel("training wall time (min; 1 thread per run; the load of the shared CPU varied\n"
+                    "between runs: the right panel is the load-free axis)")  # fmt: skip
     factor = max(cost.values())
     work.set_xlabel(f"training cost in epochs of the twin (a distillation epoch = {factor:.2f},\n"
                     "the wall-time ratio of the 8-epoch pair trained side by side)")  # fmt: skip
