@@ -218,6 +218,18 @@ STUDIES: dict[str, Study] = {
                 Arm(
                     "soft", "θ* + soft labels (λ = 0)", "distill_maml.yaml", _distill([TASK, SOFT])
                 ),  # fmt: skip
+                Arm(
+                    "stepwise",
+                    "θ* + soft labels at every inner step (StepwiseSoftLabels)",
+                    "distill_maml.yaml",
+                    _distill([TASK, term("StepwiseSoftLabels", weight=1.0, temperature=4.0)]),
+                ),  # fmt: skip
+                Arm(
+                    "adapted-head",
+                    "θ* + the teacher's adapted head (AdaptedHead)",
+                    "distill_maml.yaml",
+                    _distill([TASK, term("AdaptedHead", weight=1.0)]),
+                ),  # fmt: skip
             ),
             reference="lambda-0",
             teacher="maml",
