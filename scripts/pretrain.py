@@ -27,6 +27,12 @@ Usage::
         --student runs/pretrain/student/seed_0/checkpoints/best.ckpt    # package existing runs
     python scripts/pretrain.py --smoke --out /tmp/pretrain --package_dir /tmp/pretrain/package
     python scripts/pretrain.py --render_style handwriting             # on the handwriting renders
+    python scripts/pretrain.py --summarize runs/pretrain-*/package/manifest.json   # over seeds
+
+Each render style has its pair of names (``PAIRS``); packaging one pair replaces its own two
+entries of ``manifest.json`` and keeps the other's. ``--seed N --out DIR --package_dir DIR/package``
+trains another seed outside the package, and ``--summarize`` gives the mean ± sd over seeds of
+those runs' manifests (with the handwriting − classic difference paired by seed).
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lightning_metakd" / "pretrained"
 TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
+#: The shipped pair of each render style: (teacher, student).
+PAIRS = {
+    "classic": (TEACHER, STUDENT),
+    "handwriting": ("kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"),
+}
 TEACHER_CONFIG = Path("configs/kanji/protonet.yaml")
 STUDENT_CONFIG = Path("configs/kanji/distill_protonet.yaml")
 #: The student's recipe beyond its config (the teacher's path is added at run time).
@@ -94,19 +105,21 @@ def train(opts: argparse.Namespace) -> tuple[Path, Path, dict[str, dict[str, Any
     """Fit and test the teacher, then the student; their best checkpoints and run records."""
     from lightning_metakd.seeds import run_seeds
 
+    teacher_name, student_name = PAIRS[opts.render_style]
     common = {**render_overrides(opts.render_style), **(SMOKE if opts.smoke else {})}
     teacher_runs = run_seeds(
-        ROOT / TEACHER_CONFIG, [opts.seed], opts.out / "teacher", common, name=TEACHER
+        ROOT / TEACHER_CONFIG, [opts.seed], opts.out / "teacher", common, name=teacher_name
     )
     teacher = Path(teacher_runs.runs[0].checkpoint)
     student_overrides = {**STUDENT_OVERRIDES, "model.init_args.teacher": str(teacher), **common}
     student_runs = run_seeds(
-        ROOT / STUDENT_CONFIG, [opts.seed], opts.out / "student", student_overrides, name=STUDENT
-    )
+        ROOT / STUDENT_CONFIG, [opts.seed], opts.out / "student", student_overrides,
+        name=student_name,
+    )  # fmt: skip
     student = Path(student_runs.runs[0].checkpoint)
     records = {
-        TEACHER: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
-        STUDENT: run_record(student, command(STUDENT_CONFIG, student_overrides, opts.seed)),
+        teacher_name: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
+        student_name: run_record(student, command(STUDENT_CONFIG, student_overrides, opts.seed)),
     }
     return teacher, student, records
 
@@ -251,20 +264,36 @@ def describe(learner: Any) -> tuple[str, str]:
     return backbone, type(learner.algorithm).__name__
 
 
+def merged(existing: dict[str, Any], entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The manifest's models with ``entries`` in place of theirs, in ``PAIRS`` order."""
+    by_name = {e["name"]: e for e in existing.get("models", [])}
+    by_name.update({e["name"]: e for e in entries})
+    order = [name for pair in PAIRS.values() for name in pair]
+    return sorted(by_name.values(), key=lambda e: (order + [e["name"]]).index(e["name"]))
+
+
 def package(
     teacher: Path,
     student: Path,
     records: dict[str, dict[str, Any]],
     opts: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Strip both checkpoints into ``opts.package_dir``, measure them, write ``manifest.json``."""
+    """Strip both checkpoints into ``opts.package_dir``, measure them, update ``manifest.json``.
+
+    The manifest keeps the other render style's pair: packaging one pair replaces its two
+    entries and files only.
+    """
     import torch
 
     from lightning_metakd.modules import read_checkpoint
 
     out = opts.package_dir
     out.mkdir(parents=True, exist_ok=True)
-    sources = {TEACHER: (teacher, "teacher", None), STUDENT: (student, "student", TEACHER)}
+    teacher_name, student_name = PAIRS[opts.render_style]
+    sources = {
+        teacher_name: (teacher, "teacher", None),
+        student_name: (student, "student", teacher_name),
+    }
     files, entries = {}, []
     for name, (source, kind, distilled_from) in sources.items():
         checkpoint = read_checkpoint(source)
@@ -300,15 +329,20 @@ def package(
         found = measured["models"][entry["name"]]
         entry["accuracy"] = found["accuracy"]
         entry["check_accuracy"] = {"accuracy": found["check_accuracy"], **check_spec()}
+        entry["measured"] = {
+            "date": measured["date"],
+            "command": f"python scripts/pretrain.py --package_only --render_style "
+            f"{opts.render_style} --seed {opts.seed} --teacher {teacher} --student {student}",
+        }
+    path = out / "manifest.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
     manifest = {
         "format": 1,
-        "models": entries,
+        "models": merged(existing, entries),
         "measured": {
-            "date": measured["date"],
             "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
             f"{torch.__version__}, 1 thread",
-            "command": f"python scripts/pretrain.py --package_only --teacher {teacher} "
-            f"--student {student}",
+            "command": "each model's measured.command",
             "tests": {
                 "kanji": "KanjiVG, 5-way 1-shot within one radical, 15 queries per class, the "
                 f"{kanji_episodes} fixed test episodes of configs/kanji/protonet.yaml (classic "
@@ -323,10 +357,84 @@ def package(
         "pixels": measured["pixels"],
         "own_classes": own_classes(),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(e["bytes"] for e in entries)
-    say(f"wrote {out / 'manifest.json'} and {len(entries)} files ({total / 1024:.0f} kB)")
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    total = sum(e["bytes"] for e in manifest["models"])
+    say(f"wrote {path} ({len(manifest['models'])} models, {total / 1024:.0f} kB)")
     return manifest
+
+
+# -- over seeds ---------------------------------------------------------------------------------------
+def summarize(manifests: list[Path]) -> dict[str, Any]:
+    """Mean ± sd over seeds of every (render style, kind) in ``manifests``, per test.
+
+    Each manifest is one ``scripts/pretrain.py --seed N`` run (or the package's own); the
+    handwriting − classic difference is paired by seed (the seeds both styles have).
+    """
+    import statistics
+
+    per: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    pixels: dict[str, float] = {}
+    for path in manifests:
+        found = json.loads(Path(path).read_text())
+        pixels = {test: r["acc"] for test, r in found.get("pixels", {}).items()} or pixels
+        for e in found["models"]:
+            runs = per.setdefault((e["render_style"], e["kind"]), {})
+            if e["seed"] in runs:
+                raise SystemExit(f"{path}: a second {e['render_style']} {e['kind']} of seed {e['seed']}.")  # fmt: skip
+            runs[e["seed"]] = {test: r["acc"] for test, r in e["accuracy"].items()}
+
+    def stats(values: list[float]) -> dict[str, Any]:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": statistics.fmean(values), "sd": sd, "per_seed": values, "n": len(values)}
+
+    every = [run for runs in per.values() for run in runs.values()]
+    tests = [t for t in ("kanji", *HANDWRITING_TESTS) if all(t in run for run in every)]
+    groups = {
+        f"{style} {kind}": {
+            "seeds": sorted(runs),
+            "tests": {t: stats([runs[s][t] for s in sorted(runs)]) for t in tests},
+        }
+        for (style, kind), runs in sorted(per.items())
+    }
+    deltas = {}
+    for kind in ("teacher", "student"):
+        classic, handwriting = per.get(("classic", kind), {}), per.get(("handwriting", kind), {})
+        seeds = sorted(set(classic) & set(handwriting))
+        if seeds:
+            deltas[kind] = {
+                "seeds": seeds,
+                "tests": {t: stats([handwriting[s][t] - classic[s][t] for s in seeds]) for t in tests},
+            }  # fmt: skip
+    return {"tests": tests, "groups": groups, "handwriting_minus_classic": deltas, "pixels": pixels,
+            "own_classes": own_classes().get("results", {}),
+            "manifests": [str(p) for p in manifests]}  # fmt: skip
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The Markdown table of :func:`summarize`: points, mean ± sd over seeds."""
+
+    def cell(found: dict[str, Any] | None, digits: int) -> str:
+        if found is None:
+            return "–"
+        return f"{100 * found['mean']:.{digits}f} ± {100 * found['sd']:.{digits}f}"
+
+    groups, deltas = summary["groups"], summary["handwriting_minus_classic"]
+    names = [g for g in ("classic teacher", "classic student", "handwriting teacher",
+                         "handwriting student") if g in groups]  # fmt: skip
+    header = ["test (1-shot)", "pixels", *names]
+    header += [f"Δ {kind} (handwriting − classic)" for kind in deltas] + ["own classes"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for test in summary["tests"]:
+        digits = 2 if test == "kanji" else 1
+        own = summary["own_classes"].get(test)
+        own = own and {"mean": own["acc"], "sd": own["sd_over_seeds"]}
+        pixels = summary["pixels"].get(test)
+        row = [test, "–" if pixels is None else f"{100 * pixels:.1f}"]
+        row += [cell(groups[g]["tests"].get(test), digits) for g in names]
+        row += [cell(d["tests"].get(test), digits) for d in deltas.values()]
+        row.append(cell(own, 1))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +454,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="fixed episodes per real-handwriting test")  # fmt: skip
     parser.add_argument("--smoke", action="store_true",
                         help="3 steps per run, 8 test episodes; not into the package")  # fmt: skip
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="MANIFEST",
+                        help="no training: mean ± sd over seeds of these runs' manifest.json")  # fmt: skip
+    parser.add_argument("--summary_out", type=Path, default=ROOT / "docs/results/pretrained_seeds.json",
+                        help="with --summarize: where the JSON goes")  # fmt: skip
     opts = parser.parse_args(argv)
+    if opts.summarize:
+        missing = [str(p) for p in opts.summarize if not p.is_file()]
+        if missing:
+            parser.error(f"--summarize: no manifest at {', '.join(missing)}.")
+        found = summarize(opts.summarize)
+        opts.summary_out.parent.mkdir(parents=True, exist_ok=True)
+        opts.summary_out.write_text(json.dumps(found, indent=2) + "\n")
+        print(summary_table(found), end="")
+        say(f"wrote {opts.summary_out}")
+        return 0
     if opts.smoke:
         if opts.package_dir.resolve() == PACKAGE.resolve():
             parser.error("--smoke needs --package_dir outside the package (e.g. /tmp/pretrain).")
@@ -356,11 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         if opts.teacher is None or opts.student is None:
             parser.error("--package_only needs --teacher CKPT and --student CKPT.")
         style = render_overrides(opts.render_style)
+        teacher_name, student_name = PAIRS[opts.render_style]
         # The shipped teacher is the given one's learner, bit for bit: the same distillation.
-        shown = {**STUDENT_OVERRIDES, "model.init_args.teacher": f"pretrained:{TEACHER}", **style}
+        shown = {**STUDENT_OVERRIDES, "model.init_args.teacher": f"pretrained:{teacher_name}"}
+        shown.update(style)
         records = {
-            TEACHER: run_record(opts.teacher, command(TEACHER_CONFIG, style, opts.seed)),
-            STUDENT: run_record(opts.student, command(STUDENT_CONFIG, shown, opts.seed)),
+            teacher_name: run_record(opts.teacher, command(TEACHER_CONFIG, style, opts.seed)),
+            student_name: run_record(opts.student, command(STUDENT_CONFIG, shown, opts.seed)),
         }
         teacher, student = opts.teacher, opts.student
     else:

