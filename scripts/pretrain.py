@@ -413,10 +413,11 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
 def summary_table(summary: dict[str, Any]) -> str:
     """The Markdown table of :func:`summarize`: points, mean ± sd over seeds."""
 
-    def cell(found: dict[str, Any] | None, digits: int) -> str:
+    def cell(found: dict[str, Any] | None, digits: int, sign: str = "") -> str:
         if found is None:
             return "–"
-        return f"{100 * found['mean']:.{digits}f} ± {100 * found['sd']:.{digits}f}"
+        mean = f"{100 * found['mean']:{sign}.{digits}f}".replace("-", "−")
+        return f"{mean} ± {100 * found['sd']:.{digits}f}"
 
     groups, deltas = summary["groups"], summary["handwriting_minus_classic"]
     names = [g for g in ("classic teacher", "classic student", "handwriting teacher",
@@ -431,7 +432,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         pixels = summary["pixels"].get(test)
         row = [test, "–" if pixels is None else f"{100 * pixels:.1f}"]
         row += [cell(groups[g]["tests"].get(test), digits) for g in names]
-        row += [cell(d["tests"].get(test), digits) for d in deltas.values()]
+        row += [cell(d["tests"].get(test), digits, "+") for d in deltas.values()]
         row.append(cell(own, 1))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

