@@ -116,7 +116,7 @@ STUDIES: dict[str, Study] = {
     for s in [
         Study(
             "main",
-            "Conv4-16 ProtoNet alone vs distilled from Conv4-64, 8, 16 and 32 epochs each",
+            "Conv4-16 ProtoNet alone vs distilled from Conv4-64, 8 to 64 epochs",
             (
                 Arm("twin", "Conv4-16 alone, 8 epochs", "protonet_conv4_16.yaml"),
                 Arm(
