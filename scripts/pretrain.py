@@ -268,8 +268,8 @@ def merged(existing: dict[str, Any], entries: list[dict[str, Any]]) -> list[dict
     """The manifest's models with ``entries`` in place of theirs, in ``PAIRS`` order."""
     by_name = {e["name"]: e for e in existing.get("models", [])}
     by_name.update({e["name"]: e for e in entries})
-    order = [name for pair in PAIRS.values() for name in pair]
-    return sorted(by_name.values(), key=lambda e: (order + [e["name"]]).index(e["name"]))
+    order = {name: i for i, name in enumerate(n for pair in PAIRS.values() for n in pair)}
+    return sorted(by_name.values(), key=lambda e: order.get(e["name"], len(order)))
 
 
 def package(
@@ -370,7 +370,7 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
     Each manifest is one ``scripts/pretrain.py --seed N`` run (or the package's own); the
     handwriting − classic difference is paired by seed (the seeds both styles have).
     """
-    import statistics
+    from lightning_metakd.seeds import mean_sd
 
     per: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     pixels: dict[str, float] = {}
@@ -384,8 +384,8 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
             runs[e["seed"]] = {test: r["acc"] for test, r in e["accuracy"].items()}
 
     def stats(values: list[float]) -> dict[str, Any]:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": statistics.fmean(values), "sd": sd, "per_seed": values, "n": len(values)}
+        mean, sd = mean_sd(values)
+        return {"mean": mean, "sd": sd or 0.0, "per_seed": values, "n": len(values)}
 
     every = [run for runs in per.values() for run in runs.values()]
     tests = [t for t in ("kanji", *HANDWRITING_TESTS) if all(t in run for run in every)]
