@@ -113,6 +113,25 @@ def test_conv4_shapes_for_reference() -> None:
     assert Conv4(3, 32, image_size=84)(torch.randn(2, 3, 84, 84)).shape == (2, 32 * 25)
 
 
+def test_conv4_channels_last_is_the_same_function_and_survives_copies_and_loading() -> None:
+    torch.manual_seed(0)
+    fast, plain = Conv4(1, 16), Conv4(1, 16, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    weight = "features.1.0.weight"  # (the first has one input channel: both layouts at once)
+    assert fast.get_parameter(weight).is_contiguous(memory_format=torch.channels_last)
+    assert not fast.get_parameter(weight).is_contiguous()
+    assert plain.get_parameter(weight).is_contiguous()
+    x = torch.randn(40, 1, 28, 28)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+    # the layout stays through a copy, loading NCHW weights and a gradient step
+    again = copy.deepcopy(fast)
+    again.load_state_dict(plain.state_dict())
+    assert again.get_parameter(weight).is_contiguous(memory_format=torch.channels_last)
+    again(x).sum().backward()
+    grad_ = again.get_parameter(weight).grad
+    assert grad_ is not None and grad_.is_contiguous(memory_format=torch.channels_last)
+
+
 # --- width multiplier ---------------------------------------------------------------------------
 
 
