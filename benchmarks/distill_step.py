@@ -7,12 +7,14 @@ radical group), one task per step, one thread. Each variant's step is ``training
 ``backward`` + an Adam step on the same episodes:
 
 - ``student alone``: ``MetaLearnerModule`` (the undistilled twin);
-- ``distillation``: ``DistillationModule`` with the config's terms (TaskLoss + SoftLabels), as
-  shipped;
-- ``distillation, bf16 teacher``: ``teacher_precision="bf16"``;
-- ``distillation, cached teacher``: ``teacher_normalization="population"`` — the teacher's
-  per-image embeddings are cached (``distill/cache.py``); timed with the cache warm (every image
-  seen before: later epochs) and cold (no image seen before: the first epoch's worst case).
+- ``distillation, default``: ``DistillationModule`` with the config's terms (TaskLoss +
+  SoftLabels) and the default ``teacher_normalization="auto"``, which in ``fit`` gives this
+  metric teacher population statistics, so that its per-image embeddings are cached
+  (``distill/cache.py``); timed with the cache warm (every image seen before: later epochs) and
+  cold (no image seen before: the first epoch's worst case);
+- ``distillation, teacher's own normalisation``: ``teacher_normalization=None`` (the default of
+  lightning-metakd 0.1): the transductive teacher adapts and embeds every task;
+- ``... , bf16 teacher``: that with ``teacher_precision="bf16"``.
 
 Steps of the variants run in turns (the order rotated every step) so they share the machine's
 conditions; ratios are per-step paired (variant / student alone in the same turn), reported as
@@ -81,21 +83,25 @@ def main() -> int:
     population.normalization = "population"
     population.calibrate(data.calibration_images())
     torch.manual_seed(1)
+    own = {"teacher_normalization": None}
     variants = {
         "student alone": MetaLearnerModule(Conv4(hidden=16), ProtoNet(), ways=20),
-        "distillation": distiller(),
-        "distillation, bf16 teacher": distiller(teacher_precision="bf16"),
-        "distillation, cached teacher (warm)": distiller(teacher=population),
-        "distillation, cached teacher (cold)": distiller(teacher=population),
+        # the default outside fit keeps the teacher's policy; fit's "auto" is this population one
+        "distillation, default (cached teacher, warm)": distiller(teacher=population),
+        "distillation, default (cached teacher, cold)": distiller(teacher=population),
+        "distillation, teacher's own normalisation": distiller(**own),
+        "distillation, teacher's own normalisation, bf16 teacher": distiller(
+            teacher_precision="bf16", **own
+        ),
     }
-    warm = variants["distillation, cached teacher (warm)"]
+    warm = variants["distillation, default (cached teacher, warm)"]
     for episode in episodes:  # every image of the timed episodes seen once before
         warm.episode_loss(episode)
     optimizers = {n: torch.optim.Adam(m.parameters(), lr=1e-3) for n, m in variants.items()}
 
     def step(name: str, episode) -> float:
         module, optimizer = variants[name], optimizers[name]
-        if name.endswith("(cold)"):
+        if name.endswith("cold)"):
             for cache in module._caches:  # no image seen before
                 if cache is not None and cache.filled is not None:
                     cache.filled.zero_()

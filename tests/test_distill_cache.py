@@ -7,8 +7,10 @@ import torch
 from conftest import TinyDataModule, make_distiller
 
 from lightning_metakd.algorithms import MAML, Learner, ProtoNet
+from lightning_metakd.data.augment import RandomAffine
 from lightning_metakd.distill import FeatureHints, SoftLabels, TaskLoss
 from lightning_metakd.models import Conv4
+from lightning_metakd.modules import read_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,13 +64,61 @@ def test_the_cached_teacher_gives_the_same_loss_and_gradients(vmap):
 
 
 def test_what_is_not_cached():
-    assert make_distiller(teacher(policy="transductive"))._caches == [None]  # batch statistics
+    own = make_distiller(teacher(policy="transductive"), teacher_normalization=None)
+    assert own._caches == [None]  # batch statistics, kept
     maml = make_distiller(teacher(MAML(inner_lr=0.3)), algorithm=MAML(inner_lr=0.3))
     assert maml._caches == [None]  # an adapted head is no per-image output
     hints = make_distiller(teacher(), terms=[TaskLoss(), FeatureHints()])
     assert hints._caches == [None]  # a term reads the teacher's layers
     assert make_distiller(teacher(), cache_teachers=False)._caches == [None]
     assert make_distiller(teacher())._caches[0] is not None
+
+
+def fit_briefly(model, tmp_path, **data_args):
+    import lightning as L
+
+    dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=2, steps_per_epoch=2,
+                        val_episodes=2, test_episodes=2, image_size=16, **data_args)  # fmt: skip
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, dm)
+    return trainer
+
+
+def test_auto_gives_population_statistics_to_the_teachers_it_makes_cacheable_at_fit(tmp_path):
+    cached = make_distiller(teacher(policy="transductive"))  # the default: "auto"
+    assert cached.teachers[0].normalization == "transductive"  # outside fit: its own policy
+    assert cached.episode_loss(next(iter(data().train_dataloader()))).loss.isfinite()
+    trainer = fit_briefly(cached, tmp_path)
+    assert cached.teachers[0].normalization == "population" and bool(cached.teachers[0].calibrated)
+    assert cached._caches[0] is not None and cached._caches[0].computed > 0
+    spec = cached.components()["teachers"][0]  # distilled with population statistics,
+    assert (spec["normalization"], spec["own_normalization"]) == ("population", "transductive")
+    trainer.save_checkpoint(tmp_path / "auto.ckpt")  # read back: the teacher's own policy
+    (again,) = read_checkpoint(tmp_path / "auto.ckpt").teachers()
+    assert again.normalization == "transductive" and bool(again.calibrated)
+    maml = make_distiller(teacher(MAML(inner_lr=0.3), "transductive"), algorithm=MAML(inner_lr=0.3))
+    hints = make_distiller(teacher(policy="support"), terms=[TaskLoss(), FeatureHints()])
+    off = make_distiller(teacher(policy="transductive"), cache_teachers=False)
+    own = make_distiller(teacher(policy="transductive"), teacher_normalization=None)
+    for model in (maml, hints, off, own):
+        fit_briefly(model, tmp_path)
+    assert [m.teachers[0].normalization for m in (maml, hints, off, own)] == [
+        "transductive",
+        "support",
+        "transductive",
+        "transductive",
+    ]  # nothing to cache, or asked for: each keeps its own policy
+    assert maml._caches == hints._caches == off._caches == own._caches == [None]
+
+
+def test_auto_keeps_the_own_policy_when_the_training_images_are_augmented(tmp_path):
+    model = make_distiller(teacher(policy="transductive"))
+    fit_briefly(model, tmp_path, train_transform=RandomAffine())
+    assert model._caches == [None]
+    assert model.teachers[0].normalization == "transductive"
+    assert not bool(getattr(model.teachers[0], "calibrated", False))  # nothing estimated
 
 
 def test_a_teacher_normalisation_override_is_recorded_with_the_teacher():

@@ -162,7 +162,9 @@ class Checkpoint:
         )
 
     def teachers(self) -> list[Learner]:
-        """The teachers stored in a ``"distillation"`` checkpoint, in order."""
+        """The teachers stored in a ``"distillation"`` checkpoint, in order, each with its own
+        normalisation policy (as trained and tested; ``own_normalization`` in its spec where
+        distillation used another)."""
         self._require("distillation", "teachers")
         if self.version == 1:
             specs = self.components.get("teachers", [self.components["teacher"]])
@@ -172,7 +174,7 @@ class Checkpoint:
                 for spec, prefix in zip(specs, prefixes, strict=True)
             ]
         return [
-            self._build(spec, _strip(self.state_dict, f"teachers.{k}."))
+            _own_policy(self._build(spec, _strip(self.state_dict, f"teachers.{k}.")), spec)
             for k, spec in enumerate(self.components["teachers"])
         ]
 
@@ -233,7 +235,9 @@ class Checkpoint:
                 "backbone": build_component(learner["backbone"]),
                 "algorithm": build_component(learner["algorithm"]),
             }
-        teachers = [Learner.from_components(spec) for spec in self.components["teachers"]]
+        teachers = [
+            _own_policy(Learner.from_components(spec), spec) for spec in self.components["teachers"]
+        ]
         student = self.components["student"]
         return {
             "teacher": teachers if len(teachers) > 1 else teachers[0],
@@ -241,6 +245,14 @@ class Checkpoint:
             "student_algorithm": build_component(student["algorithm"]),
             "terms": [build_component(spec) for spec in self.components["terms"]],
         }
+
+
+def _own_policy(teacher: Learner, spec: Mapping[str, Any]) -> Learner:
+    """A teacher built (and loaded) with the policy it was distilled with, given back its own
+    where ``teacher_normalization="auto"`` had replaced it: the teacher as trained and tested."""
+    if spec.get("own_normalization"):
+        teacher.normalization = spec["own_normalization"]
+    return teacher
 
 
 def read_checkpoint(path: str | Path, expect: str | None = None) -> Checkpoint:

@@ -39,6 +39,9 @@ from lightning_metakd.modules.teachers import (
 )
 from lightning_metakd.spec import component_spec
 
+#: ``teacher_normalization="auto"``: population statistics where they make a teacher cacheable.
+AUTO = "auto"
+
 
 class DistillationModule(EpisodicModule):
     """Meta-knowledge distillation: a small student meta-learns from frozen, meta-trained teachers.
@@ -110,9 +113,17 @@ class DistillationModule(EpisodicModule):
         anchor_teacher: the index of the teacher whose θ* ``init_from_teacher`` and the terms use.
         normalization: the student's BatchNorm policy (as for ``MetaLearnerModule``); each teacher
             keeps its own (from its checkpoint).
-        teacher_normalization: the teachers' BatchNorm policy during distillation (``None``: each
-            its own). ``"population"`` (statistics of meta-training images, estimated at
-            ``setup``) makes a metric teacher's outputs per-image, so they are cached.
+        teacher_normalization: the teachers' BatchNorm policy during distillation. ``"auto"``
+            (the default): when a Trainer fits this module, ``"population"`` (statistics of
+            meta-training images, estimated at ``setup``) for every teacher whose outputs that
+            makes per-image and so cacheable (a metric teacher no term taps, ``cache_teachers``
+            on, training images not augmented); every other teacher, and every teacher outside
+            ``fit``, keeps its own policy. With it a step costs about what the student's own
+            step costs (``benchmarks/distill_step.py``). ``None``: each teacher its own policy
+            always (the default of lightning-metakd 0.1: the teacher's exact test-time
+            predictions as targets, at 2-4x the step time); ``"transductive"``, ``"support"``,
+            ``"population"``: that policy for every teacher. A checkpoint records the policy
+            the teachers were distilled with.
         cache_teachers: cache the per-image embeddings of metric teachers with population
             statistics (``distill/cache.py``): each training image is embedded once, then looked
             up — the same targets at a fraction of the cost. Off when the training images are
@@ -151,7 +162,7 @@ class DistillationModule(EpisodicModule):
         teacher_weights: list[float] | None = None,
         anchor_teacher: int = 0,
         normalization: str = "transductive",
-        teacher_normalization: str | None = None,
+        teacher_normalization: str | None = "auto",
         teacher_precision: str = "32",
         cache_teachers: bool = True,
         vmap_tasks: bool | None = None,
@@ -204,10 +215,13 @@ class DistillationModule(EpisodicModule):
             )
         self.teacher_precision = teacher_precision
         self.teacher_normalization = (
-            None if teacher_normalization is None else check_policy(teacher_normalization)
+            teacher_normalization
+            if teacher_normalization in (None, AUTO)
+            else check_policy(teacher_normalization)
         )
         self.cache_teachers = cache_teachers
         self._caches: list[TeacherCache | None] = []
+        self._own_policies: list[str | None] = []  # where "auto" replaced a teacher's policy
         self.student = Learner(
             student_backbone, student_algorithm, ways, normalization, vmap_tasks, task_chunk_size
         )
@@ -240,7 +254,7 @@ class DistillationModule(EpisodicModule):
         # whole module, teachers included, to the run's device.
         device = next(self.student.parameters()).device
         for teacher in teachers:
-            if self.teacher_normalization is not None:
+            if self.teacher_normalization not in (None, AUTO):
                 teacher.normalization = self.teacher_normalization
         self.teachers = nn.ModuleList(t.requires_grad_(False).eval().to(device) for t in teachers)
         self._sources = []
@@ -251,12 +265,18 @@ class DistillationModule(EpisodicModule):
         )  # fmt: skip
         for term in self.terms:
             term.bind(self.student, teachers, star)
+        self._own_policies = [None] * len(teachers)
         self._caches = [
             TeacherCache.for_teacher(t)
             if self.cache_teachers and not any(term.teacher_paths(k) for term in self.terms)
             else None
             for k, t in enumerate(teachers)
         ]
+
+    def _cacheable(self, k: int, teacher: Learner) -> bool:
+        """Whether population statistics would let teacher ``k``'s outputs be cached."""
+        tapped = any(term.teacher_paths(k) for term in self.terms)
+        return self.cache_teachers and not teacher.algorithm.needs_head and not tapped
 
     def _who(self, k: int) -> str:
         return teacher_name(k, self.num_teachers)
@@ -280,14 +300,33 @@ class DistillationModule(EpisodicModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data = getattr(self._trainer, "datamodule", None)
-        calibrate_teachers(list(self.teachers), data, self.device)
         train = getattr(data, "splits", {}).get("train") if data is not None else None
-        if train is not None and train.transform is not None and any(self._caches):
+        augmented = train is not None and train.transform is not None
+        if augmented and any(self._caches):
             rank_zero_info(
                 "lightning-metakd: teacher outputs are not cached: the training images are "
                 "augmented (a new view at every draw), so the teachers run on every task."
             )
             self._caches = [None] * len(self._caches)
+        elif (
+            stage == "fit"
+            and self.teacher_normalization == AUTO
+            and train is not None
+            and not augmented
+        ):
+            self._auto_normalization(data)
+        calibrate_teachers(list(self.teachers), data, self.device)
+
+    def _auto_normalization(self, data: Any) -> None:
+        """``teacher_normalization="auto"``: population statistics (estimated next, from
+        ``data``) for every teacher they make cacheable; the others keep their own policy."""
+        if not hasattr(data, "calibration_images"):
+            return
+        for k, teacher in enumerate(self.teachers):
+            if teacher.normalization != "population" and self._cacheable(k, teacher):
+                self._own_policies[k] = teacher.normalization
+                teacher.normalization = "population"
+                self._caches[k] = TeacherCache.for_teacher(teacher)
 
     def check_data(self, stage: str) -> None:
         data = getattr(self._trainer, "datamodule", None)
@@ -402,7 +441,10 @@ class DistillationModule(EpisodicModule):
             "kind": self.checkpoint_kind,
             "module": f"{type(self).__module__}.{type(self).__qualname__}",
             "student": self.student.components(),
-            "teachers": [teacher.components() for teacher in self.teachers],
+            "teachers": [
+                teacher.components() | ({"own_normalization": own} if own else {})
+                for teacher, own in zip(self.teachers, self._own_policies, strict=True)
+            ],  # a teacher "auto" normalised otherwise also records its own policy
             "terms": [component_spec(term) for term in self.terms],
         }
 
