@@ -385,7 +385,7 @@ def pipeline_with_finetune(monkeypatch, tmp_path, checkpoints):
     """Training and report stages faked (distill 'writes' the distilled checkpoint); finetune real."""
     calls: list[str] = []
 
-    def train(stage, config, stage_dir):
+    def train(stage, config, stage_dir, test=True):
         calls.append(stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         return {"checkpoint": str(checkpoints["distilled"]), "test": {"test/acc": 0.5}}

@@ -127,11 +127,12 @@ def test_bad_config_exits_with_a_message(tmp_path, capsys):
 def fake_stages(monkeypatch, tmp_path):
     calls: list[str] = []
 
-    def train(stage, config, stage_dir):
+    def train(stage, config, stage_dir, test=True):
         calls.append(stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / "partial.txt").write_text("written before done.json")
-        return {"checkpoint": str(stage_dir / "best.ckpt"), "test": {"test/acc": 0.5}}
+        tested = {"test/acc": 0.5} if test else {}
+        return {"checkpoint": str(stage_dir / "best.ckpt"), "test": tested, "best_val_acc": 0.25}
 
     def report(spec, markers):
         calls.append("report")
@@ -367,16 +368,34 @@ def test_the_time_left_comes_from_earlier_runs_and_step_rates(tmp_path):
     assert [planned_steps(stage_config(spec, s, "t.ckpt")) for s in STAGES[:3]] == [
         600, 1600, 1600
     ]  # fmt: skip
-    teacher = {"teacher": {"seconds": 60.0, "global_step": 600}}  # 0.1 s per step
+    teacher = {"teacher": {"seconds": 60.0, "global_step": 600}}  # 0.1 s per teacher step
     todo = ["student_baseline", "distill", "report"]
+    # A teacher's steps say nothing about a student's: no estimate until a student stage ran.
     assert remaining_estimate(spec, todo, teacher, {}) == (
-        "about 5 min 20 s + ? to go (student_baseline ~2 min 40 s, distill ~2 min 40 s, report ?)"
+        "still to run: student_baseline, distill, report (no estimate yet)"
+    )
+    baseline = {**teacher, "student_baseline": {"seconds": 40.0, "global_step": 1600}}
+    assert remaining_estimate(spec, todo[1:], baseline, {}) == (
+        "about 40 s + ? to go (distill ~40 s, report ?)"
     )
     earlier = {"report": {"seconds": 35.2}, "distill": {"seconds": 95.0}}  # an outdated done.json
     assert remaining_estimate(spec, todo[1:], teacher, earlier) == (
         "about 2 min 10 s to go (distill ~1 min 35 s, report ~35 s)"
     )
     assert remaining_estimate(spec, ["report"], {}, {}) == "still to run: report (no estimate yet)"
+
+
+def test_stage_tests_false_leaves_the_testing_to_the_report(fake_stages, tmp_path):
+    calls, path, run_dir = fake_stages
+    path.write_text(path.read_text() + "stage_tests: false\n")
+    markers, out = _run(path, run_dir)
+    assert calls == list(STAGES)
+    assert all(markers[s]["test"] == {} for s in STAGES[:3])
+    assert "stage 1/4: teacher done in 0 s: best val/acc 25.00% (the report tests it)" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("stage_tests: false", "stage_tests: no-thanks"))
+    with pytest.raises(PipelineConfigError, match="stage_tests must be true or false"):
+        load_pipeline_config(bad)
 
 
 def test_each_finished_stage_prints_the_elapsed_time_and_what_is_left(fake_stages):

@@ -4,6 +4,7 @@ A pipeline YAML names three LightningCLI stage configs and the overrides to appl
 
     name: kanji-quickstart                  # run folder: runs/pipeline/<name> (or run_dir: ...)
     threads: 1                              # torch.set_num_threads for every stage (optional)
+    stage_tests: false                      # leave testing to the report (default true)
     overrides:                              # applied to every training stage (dotted or nested)
       data.init_args.num_workers: 0
     teacher:          {config: quickstart/teacher.yaml}           # a MetaLearnerModule config
@@ -14,7 +15,8 @@ A pipeline YAML names three LightningCLI stage configs and the overrides to appl
 
 Stage config paths are relative to the pipeline YAML. The stages run in this order:
 
-1. ``teacher``: fit, then test the best checkpoint.
+1. ``teacher``: fit, then test the best checkpoint (``stage_tests: false``: no test; the report
+   measures every learner on the distill stage's test episodes anyway).
 2. ``student_baseline``: the student's backbone and algorithm meta-trained without distillation.
 3. ``distill``: a :class:`~lightning_metakd.modules.DistillationModule` whose ``teacher`` is set to
    the teacher stage's best checkpoint; fit, then test. Several teachers: when the distill config's

@@ -34,7 +34,7 @@ REPORT_NAMES: dict[str, str] = {
     "student_baseline": "baseline student",
 }
 MARKER = "done.json"
-_TOP_KEYS = ("name", "run_dir", "threads", "overrides", *STAGES, *OPTIONAL_STAGES)
+_TOP_KEYS = ("name", "run_dir", "threads", "stage_tests", "overrides", *STAGES, *OPTIONAL_STAGES)
 _STAGE_KEYS = ("config", "overrides")
 _REPORT_KEYS = ("warmup", "repeats", "data")
 
@@ -61,6 +61,9 @@ class PipelineSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    #: Test each training stage after its fit; ``False`` leaves testing to the report, which
+    #: measures the same learners on the distill stage's test episodes.
+    stage_tests: bool = True
     source: Path | None = None
     finetune: dict[str, Any] | None = None  #: the optional finetune stage's arguments
 
@@ -180,6 +183,12 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
             f"{path}: threads must be a positive integer (torch.set_num_threads), got {threads!r}; "
             "leave it out for torch's default."
         )
+    stage_tests = data.get("stage_tests", True)
+    if not isinstance(stage_tests, bool):
+        raise PipelineConfigError(
+            f"{path}: stage_tests must be true or false (test each training stage, or leave "
+            f"testing to the report), got {stage_tests!r}."
+        )
     stages = {}
     for stage in TRAINING_STAGES:
         entry = data.get(stage)
@@ -216,6 +225,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
         overrides=overrides,
         report=report,
         threads=threads,
+        stage_tests=stage_tests,
         source=path.resolve(),
         finetune=finetune,
     )

@@ -104,6 +104,14 @@ def planned_steps(config: Mapping[str, Any]) -> int | None:
     return None
 
 
+#: The training stages whose seconds per step estimate a stage's: those of the same network.
+SAME_LEARNER: dict[str, tuple[str, ...]] = {
+    "teacher": (),
+    "student_baseline": ("distill",),
+    "distill": ("student_baseline",),
+}
+
+
 def remaining_estimate(
     spec: PipelineSpec,
     todo: list[str],
@@ -114,13 +122,17 @@ def remaining_estimate(
 
     A stage that ran before (an outdated ``done.json``) is expected to take as long again; a
     training stage that never ran takes its planned steps (:func:`planned_steps`) at the seconds
-    per step of the training stages finished in this run; else its time is unknown (``?``).
+    per step of a finished stage that trains the same network (the baseline and the distilled
+    student: :data:`SAME_LEARNER`; a teacher's steps say little about a student's); else its time
+    is unknown (``?``).
     """
-    ran = [markers[s] for s in TRAINING_STAGES if s in markers and markers[s].get("global_step")]
-    rate = sum(m["seconds"] for m in ran) / sum(m["global_step"] for m in ran) if ran else None
     parts, total, unknown = [], 0.0, False
     for stage in todo:
         seconds = (earlier.get(stage) or {}).get("seconds")
+        ran = [
+            markers[s] for s in SAME_LEARNER.get(stage, ()) if markers.get(s, {}).get("global_step")
+        ]
+        rate = sum(m["seconds"] for m in ran) / sum(m["global_step"] for m in ran) if ran else None
         if seconds is None and rate is not None and stage in TRAINING_STAGES:
             steps = planned_steps(_read_stage_config(spec, stage))
             seconds = None if steps is None else rate * steps
@@ -204,7 +216,7 @@ def run_pipeline(
         elif stage == "finetune":
             result = stages.run_finetune_stage(config, stage_dir, say)
         else:
-            result = stages.run_training_stage(stage, config, stage_dir)
+            result = stages.run_training_stage(stage, config, stage_dir, spec.stage_tests)
         marker = {
             "stage": stage,
             "run_id": uuid.uuid4().hex,
@@ -221,6 +233,8 @@ def run_pipeline(
         summary = (
             f": test/acc {100 * test['test/acc']:.2f} ± {100 * test.get('test/acc_ci95', 0):.2f}%"
             if "test/acc" in test
+            else f": best val/acc {100 * marker['best_val_acc']:.2f}% (the report tests it)"
+            if marker.get("best_val_acc") is not None
             else ""
         )
         if marker.get("holdout_accuracy") is not None:

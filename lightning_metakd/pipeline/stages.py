@@ -21,8 +21,11 @@ def _test_results(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def run_training_stage(stage: str, config: dict[str, Any], stage_dir: Path) -> dict[str, Any]:
-    """Fit then test one stage through the ``metakd`` LightningCLI; returns its marker fields.
+def run_training_stage(
+    stage: str, config: dict[str, Any], stage_dir: Path, test: bool = True
+) -> dict[str, Any]:
+    """Fit then (with ``test``) test one stage through the ``metakd`` LightningCLI; returns its
+    marker fields.
 
     Writes ``stage_config.yaml`` (the CLI's input) into ``stage_dir``; the CLI itself writes the
     resolved ``config.yaml`` there. The test uses the best checkpoint (``val/acc``), or the last one
@@ -47,7 +50,7 @@ def run_training_stage(stage: str, config: dict[str, Any], stage_dir: Path) -> d
             f"the {stage} stage wrote no checkpoint; keep the `checkpoint` callback on (it is by "
             "default) so that later stages can load this one."
         )
-    results = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint)
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint) if test else []
     score = getattr(callback, "best_model_score", None)
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
