@@ -12,7 +12,8 @@ ProtoNet learners with the same weights, one ``Conv4(channels_last=True)`` (the 
 
 The two layouts run in turns on the same inputs (the order swapped every repeat), so the ratios
 (NCHW time / channels-last time: > 1 means channels-last is faster) are paired step by step;
-reported as the median and interquartile range. ``max |Δ|``: the largest difference of the two
+reported as the median and interquartile range. glibc's malloc is tuned as training tunes it
+(``tune_cpu_allocator``). ``max |Δ|``: the largest difference of the two
 embeddings (float rounding, not a different function). Results: a Markdown table and ``--out``
 JSON.
 
@@ -53,9 +54,11 @@ def main() -> int:
     from lightning_metakd.data.episode import Episode
     from lightning_metakd.models import Conv4
     from lightning_metakd.modules import MetaLearnerModule
+    from lightning_metakd.modules.allocator import tune_cpu_allocator
 
     warnings.filterwarnings("ignore", message=".*self.log.*")
     torch.set_num_threads(1)
+    tune_cpu_allocator()  # as MetaLearnerModule.setup does for training on CPU
     generator = torch.Generator().manual_seed(0)
 
     def episode(ways: int, queries: int) -> Episode:

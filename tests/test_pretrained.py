@@ -149,6 +149,7 @@ def test_metakd_pretrained_lists_every_model(capsys):
     assert [row.split(" | ")[0] for row in rows] == [f"| pretrained:{n}" for n in MODELS]
     for row, entry in zip(rows, MODELS.values(), strict=True):
         assert f"{entry['parameters']:,}" in row and entry["normalization"] in row
+        assert f"| KanjiVG, {entry['render_style']} renders |" in row
         assert f"{100 * entry['accuracy']['kanji']['acc']:.2f}%" in row
         assert f"{entry['bytes'] / 1024:.0f} kB" in row
     assert main(["pretrained", "--json"]) == 0

@@ -50,7 +50,7 @@ class Conv4(nn.Module):
             28x28, one thread) 1.3-1.5x faster and a forward pass 1.8-2.3x faster, Conv4-8 to
             Conv4-64 (``benchmarks/conv_layout.py``, paired; not measured on GPUs). The outputs agree to float rounding (about 1e-5),
             not bit for bit; ``False`` gives the kernels of lightning-metakd 0.1, with which
-            numbers measured before 2026-12-02 reproduce exactly.
+            numbers measured before this option reproduce exactly (README "What is reproducible").
 
     Example:
         >>> import torch

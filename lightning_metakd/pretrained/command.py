@@ -4,9 +4,9 @@ Example:
     >>> print(table({"m": {"name": "m", "kind": "student", "backbone": "Conv4-16",
     ...     "algorithm": "ProtoNet", "parameters": 7552, "normalization": "transductive",
     ...     "bytes": 35000, "accuracy": {"kanji": {"acc": 0.9694}}}}))
-    | name | kind | network | parameters | normalisation | KanjiVG 5-way | MNIST 5-way | UCI digits 5-way | file |
-    |---|---|---|---:|---|---:|---:|---:|---:|
-    | pretrained:m | student | Conv4-16 ProtoNet | 7,552 | transductive | 96.94% | – | – | 34 kB |
+    | name | kind | network | parameters | normalisation | trained on | KanjiVG 5-way | MNIST 5-way | UCI digits 5-way | file |
+    |---|---|---|---:|---|---|---:|---:|---:|---:|
+    | pretrained:m | student | Conv4-16 ProtoNet | 7,552 | transductive | KanjiVG, classic renders | 96.94% | – | – | 34 kB |
     <BLANKLINE>
 """
 
@@ -33,15 +33,16 @@ def _accuracy(entry: Mapping[str, Any], key: str) -> str:
 
 def table(entries: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table of manifest entries: what each is, its accuracy (1-shot) and file size."""
-    header = ["name", "kind", "network", "parameters", "normalisation"]
+    header = ["name", "kind", "network", "parameters", "normalisation", "trained on"]
     header += [title for title, _ in COLUMNS] + ["file"]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|---|---|---|---:|---|" + "---:|" * (len(COLUMNS) + 1),
+        "|---|---|---|---:|---|---|" + "---:|" * (len(COLUMNS) + 1),
     ]
     for name, e in entries.items():
         cells = [f"{SCHEME}{name}", e["kind"], f"{e['backbone']} {e['algorithm']}",
                  f"{e['parameters']:,}", e["normalization"],
+                 f"KanjiVG, {e.get('render_style', 'classic')} renders",
                  *(_accuracy(e, key) for _, key in COLUMNS), f"{e['bytes'] / 1024:.0f} kB"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
