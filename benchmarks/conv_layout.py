@@ -25,20 +25,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
+from paired import quantiles, write_results
+
 WIDTHS = (8, 16, 32, 64)
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
 
 
 def main() -> int:
@@ -126,17 +121,7 @@ def main() -> int:
               f"{r['channels_last_ms']:.1f} | {r['speedup_median']:.2f}× "
               f"({r['speedup_q1']:.2f}–{r['speedup_q3']:.2f}) | "
               f"{r['max_abs_difference']:.1e} |")  # fmt: skip
-    payload = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "repeats": opts.repeats,
-        "rows": rows,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwritten {opts.out}")
+    write_results(opts.out, threads=torch.get_num_threads(), repeats=opts.repeats, rows=rows)
     return 0
 
 

@@ -30,18 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
-import platform
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
+from paired import quantiles, write_results
 
 
 def main() -> int:
@@ -132,17 +127,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['variant']} | {r['median_ms']:.1f} | {r['ratio_median']:.2f}× "
               f"({r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}) |")  # fmt: skip
-    payload = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "teacher": opts.teacher or "random Conv4-64",
-        "steps": opts.steps,
-        "rows": rows,
-    }
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nwritten {opts.out}")
+    write_results(opts.out, teacher=opts.teacher or "random Conv4-64", steps=opts.steps, rows=rows)
     return 0
 
 
