@@ -108,6 +108,10 @@ LONG = {"trainer.max_epochs": 8, "model.init_args.lr_scheduler.init_args.step_si
 #: The twin trained until it stops rising: four times the distilled arm's epochs, its StepLR
 #: schedule stretched to that length (the 16-epoch twin's step of 3 leaves it still rising).
 CONVERGED = {"trainer.max_epochs": 32, "model.init_args.lr_scheduler.init_args.step_size": 6}
+#: The twin given the 32-epoch distilled arm's compute (32 distillation epochs cost 47 twin epochs
+#: at the measured 1.47x), its schedule stretched to it: equal compute for that arm, not only
+#: "trained until it stopped rising" (which the 32-epoch twin's decayed learning rate could fake).
+MATCHED = {"trainer.max_epochs": 48, "model.init_args.lr_scheduler.init_args.step_size": 9}
 #: Twice that again (StepLR step 12), for the distilled student: does it keep gaining where the
 #: twin has stopped?
 LONGEST = {"trainer.max_epochs": 64, "model.init_args.lr_scheduler.init_args.step_size": 12}
@@ -130,6 +134,12 @@ STUDIES: dict[str, Study] = {
                     "Conv4-16 alone, 32 epochs (StepLR step 6)",
                     "protonet_conv4_16.yaml",
                     CONVERGED,
+                ),  # fmt: skip
+                Arm(
+                    "twin-48",
+                    "Conv4-16 alone, 48 epochs (StepLR step 9)",
+                    "protonet_conv4_16.yaml",
+                    MATCHED,
                 ),  # fmt: skip
                 Arm("distilled", "Conv4-16 distilled, 8 epochs", "distill_protonet.yaml", CACHED),
                 Arm(
@@ -479,6 +489,7 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
         "tab:gray",
         "tab:blue",
         "tab:purple",
+        "tab:cyan",
         "tab:orange",
         "tab:green",
         "tab:red",
