@@ -267,14 +267,13 @@ class DistillationModule(EpisodicModule):
             term.bind(self.student, teachers, star)
         self._own_policies = [None] * len(teachers)
         self._caches = [
-            TeacherCache.for_teacher(t)
-            if self.cache_teachers and not any(term.teacher_paths(k) for term in self.terms)
-            else None
+            TeacherCache.for_teacher(t) if self._cacheable(k, t) else None
             for k, t in enumerate(teachers)
         ]
 
     def _cacheable(self, k: int, teacher: Learner) -> bool:
-        """Whether population statistics would let teacher ``k``'s outputs be cached."""
+        """Whether teacher ``k``'s outputs can be cached once they are per-image (under
+        population statistics: :meth:`TeacherCache.for_teacher` checks that)."""
         tapped = any(term.teacher_paths(k) for term in self.terms)
         return self.cache_teachers and not teacher.algorithm.needs_head and not tapped
 
