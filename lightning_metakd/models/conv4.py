@@ -47,10 +47,11 @@ class Conv4(nn.Module):
         image_size: input side length, used to compute :attr:`num_features`.
         channels_last: store the convolution weights channels-last (NHWC), which makes oneDNN
             pick its faster CPU kernels: a 20-way 1-shot ProtoNet training step (120 images of
-            28x28, one thread) 1.3-1.5x faster and a forward pass 1.8-2.3x faster, Conv4-8 to
-            Conv4-64 (``benchmarks/conv_layout.py``, paired; not measured on GPUs). The outputs agree to float rounding (about 1e-5),
-            not bit for bit; ``False`` gives the kernels of lightning-metakd 0.1, with which
-            numbers measured before this option reproduce exactly (README "What is reproducible").
+            28x28, one thread) 1.31-1.40x faster and a forward pass 1.83-2.43x faster, Conv4-8
+            to Conv4-64 (``benchmarks/conv_layout.py``, paired; not measured on GPUs). The
+            outputs agree to float rounding (within 4e-5), not bit for bit; ``False`` gives the
+            kernels of lightning-metakd 0.1, with which numbers measured before this option
+            reproduce exactly (README "What is reproducible").
 
     Example:
         >>> import torch
