@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_metakd.algorithms import EpisodeLoss, Learner, MetaAlgorithm, Params, map_tasks
-from lightning_metakd.algorithms.normalization import check_policy
+from lightning_metakd.algorithms.normalization import POLICIES
 from lightning_metakd.data import Episode
 from lightning_metakd.distill import (
     DistillationTerm,
@@ -214,11 +214,12 @@ class DistillationModule(EpisodicModule):
                 "has bfloat16 units; their outputs are scored in float32)."
             )
         self.teacher_precision = teacher_precision
-        self.teacher_normalization = (
-            teacher_normalization
-            if teacher_normalization in (None, AUTO)
-            else check_policy(teacher_normalization)
-        )
+        if teacher_normalization not in (None, AUTO, *POLICIES):
+            raise ValueError(
+                f"unknown normalization {teacher_normalization!r} for teacher_normalization; use "
+                f"'auto' (the default), None (each teacher its own) or one of {list(POLICIES)}."
+            )
+        self.teacher_normalization = teacher_normalization
         self.cache_teachers = cache_teachers
         self._caches: list[TeacherCache | None] = []
         self._own_policies: list[str | None] = []  # where "auto" replaced a teacher's policy
