@@ -84,7 +84,7 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def pipeline_parser() -> CommandParser:
-    """``metakd pipeline``: the pipeline YAML, ``--force``, ``--run_dir``."""
+    """``metakd pipeline``: the pipeline YAML, ``--force``, ``--run_dir``, ``--processes``."""
     parser = CommandParser(
         prog="metakd pipeline",
         description=(
@@ -95,6 +95,12 @@ def pipeline_parser() -> CommandParser:
     parser.add_argument("--config", required=True, help="the pipeline YAML")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
     parser.add_argument("--run_dir", default=None, help="run folder (default runs/pipeline/<name>)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="how many stages may train at once (default: the YAML's `processes`, else 1)",
+    )
     return parser
 
 

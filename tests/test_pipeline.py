@@ -210,6 +210,100 @@ def test_a_changed_stage_config_reruns_that_stage(fake_stages):
     assert "distill (its config changed)" in out and "report (distill ran again)" in out
 
 
+# -- stages side by side (``processes: 2``) ----------------------------------------------------------
+class InlineStage:
+    """Stands in for :class:`~lightning_metakd.pipeline.run.BackgroundStage`: runs the (fake) stage
+    at once, in this process, so the scheduling can be checked without spawning."""
+
+    started: list[str] = []
+
+    def __init__(self, stage, config, stage_dir, test, threads):
+        InlineStage.started.append(stage)
+        self.stage, self.log = stage, stage_dir / "stage.log"
+        self._result = pipeline.stages.run_training_stage(stage, config, stage_dir, test)
+
+    def done(self):
+        return True
+
+    def result(self):
+        return self._result, 2.0
+
+    def stop(self):
+        pass
+
+
+def test_two_processes_train_the_baseline_beside_the_teacher(fake_stages, monkeypatch):
+    calls, path, run_dir = fake_stages
+    monkeypatch.setattr(pipeline.run, "BackgroundStage", InlineStage)
+    InlineStage.started = []
+    markers, out = _run(path, run_dir, processes=2)
+    assert InlineStage.started == ["student_baseline"]  # the only stage that needs no teacher
+    assert calls == ["student_baseline", "teacher", "distill", "report"]
+    lines = [line for line in out.splitlines() if "stage " in line]
+    assert lines[:2] == [
+        "[pipeline] stage 1/4: teacher (new)",
+        "[pipeline] stage 2/4: student_baseline (new), in a process of its own beside teacher; "
+        f"its output: {run_dir / 'student_baseline' / 'stage.log'}",
+    ]
+    assert lines[3].startswith("[pipeline] stage 2/4: student_baseline done in 2 s")  # its own time
+    assert read_marker(run_dir, "student_baseline")["seconds"] == 2.0
+    assert (
+        markers["report"]["depends_on"]["student_baseline"] == markers["student_baseline"]["run_id"]
+    )
+    assert read_marker(run_dir, "distill")["depends_on"] == {
+        "teacher": markers["teacher"]["run_id"]
+    }
+
+    # The teacher finished: the baseline and the distilled student are both ready at once.
+    for stage in ("student_baseline", "distill"):
+        (run_dir / stage / "done.json").unlink()
+    calls.clear()
+    InlineStage.started = []
+    _, out = _run(path, run_dir, processes=2)
+    assert "teacher skipped" in out and InlineStage.started == ["distill"]
+    assert calls == ["distill", "student_baseline", "report"]
+
+    calls.clear()
+    _, out = _run(path, run_dir, processes=2)  # nothing to do: nothing starts
+    assert calls == [] and out.count("skipped") == 4
+
+
+def test_one_process_runs_the_stages_in_order(fake_stages, monkeypatch):
+    calls, path, run_dir = fake_stages
+    monkeypatch.setattr(pipeline.run, "BackgroundStage", InlineStage)
+    InlineStage.started = []
+    path.write_text(path.read_text() + "processes: 2\n")
+    assert load_pipeline_config(path).processes == 2
+    _, out = _run(path, run_dir, processes=1)  # the flag overrides the YAML
+    assert InlineStage.started == [] and calls == list(STAGES)
+    assert "in a process of its own" not in out
+
+
+def test_bad_processes_are_clear_errors(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text((ROOT / "configs" / "kanji" / "pipeline.yaml").read_text())
+    text = path.read_text()
+    for bad in ("0", "two", "true"):
+        path.write_text(text + f"\nprocesses: {bad}\n")
+        with pytest.raises(PipelineConfigError, match="processes must be a positive integer"):
+            load_pipeline_config(path)
+    path.write_text(text.replace("quickstart/", str(QUICKSTART) + "/"))
+    assert pipeline.pipeline_main(["--config", str(path), "--processes", "0"]) == 2
+    assert "--processes must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stage_that_fails_in_its_own_process_says_which_and_where_to_look(tmp_path):
+    from lightning_metakd.pipeline.run import BackgroundStage
+
+    config = {"model": {"class_path": "no_such_package.Learner"}, "trainer": {"logger": False}}
+    stage = BackgroundStage("student_baseline", config, tmp_path, True, 1)
+    with pytest.raises(RuntimeError, match=r"the student_baseline stage failed: .*no_such_package"):
+        stage.result()
+    log = (tmp_path / "stage.log").read_text()
+    assert "Traceback" in log and "no_such_package" in log
+
+
 # -- the real command ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def kanji_cache(tmp_path_factory) -> Path:
@@ -263,12 +357,16 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     command = ["pipeline", "--config", str(path)]
     run_dir = tmp_path / "runs" / "pipeline" / "tiny"
 
-    first = _metakd(command, tmp_path, tmp_path / "user")
+    first = _metakd([*command, "--processes", "2"], tmp_path, tmp_path / "user")
     assert first.returncode == 0, first.stderr[-3000:]
     for i, stage in enumerate(STAGES, start=1):
         assert f"[pipeline] stage {i}/4: {stage} (new)" in first.stdout
         assert (run_dir / stage / "done.json").is_file()
-    assert "CountingLearner trained 3 steps" in first.stdout
+    # The baseline (the user's subclass) trained in a spawned process of its own, beside the teacher.
+    assert "student_baseline (new), in a process of its own beside teacher" in first.stdout
+    assert "CountingLearner" not in first.stdout
+    log = (run_dir / "student_baseline" / "stage.log").read_text()
+    assert "CountingLearner trained 3 steps" in log
     for stage in ("teacher", "student_baseline", "distill"):
         saved = yaml.safe_load((run_dir / stage / "config.yaml").read_text())
         assert saved["data"]["init_args"]["cache_dir"] == str(kanji_cache)
@@ -293,6 +391,12 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     # Later runs in this process (the same entry point as the command, without its start-up).
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "user"))
+    # One stage after another, in this process: the same learners as the two processes trained.
+    one = tmp_path / "one_process"
+    assert pipeline.pipeline_main([*command[1:], "--run_dir", str(one), "--processes", "1"]) == 0
+    assert "in a process of its own" not in capsys.readouterr().out
+    sequential = json.loads((one / "report.json").read_text())
+    assert [r["accuracy"] for r in sequential] == [r["accuracy"] for r in rows]
     assert pipeline.pipeline_main(command[1:]) == 0
     again = capsys.readouterr().out
     assert again.count("skipped (finished; done.json)") == 4

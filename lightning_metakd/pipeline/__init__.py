@@ -4,6 +4,7 @@ A pipeline YAML names three LightningCLI stage configs and the overrides to appl
 
     name: kanji-quickstart                  # run folder: runs/pipeline/<name> (or run_dir: ...)
     threads: 1                              # torch.set_num_threads for every stage (optional)
+    processes: 2                            # stages that may train at once (default 1)
     stage_tests: false                      # leave testing to the report (default true)
     overrides:                              # applied to every training stage (dotted or nested)
       data.init_args.num_workers: 0
@@ -34,6 +35,13 @@ folders and writes ``<run>/finetune/{classifier.pt,finetune.json}``
 (:func:`lightning_metakd.deploy.run_finetune`; the section holds its arguments, ``data_root``
 required, e.g. ``finetune: {data_root: runs/my_kanji, holdout: 2, epochs: 20}``). It depends on
 ``distill`` and reruns when the section or the files under ``data_root`` change.
+
+With ``processes: 2`` (or ``--processes 2``) a training stage that is ready while another one
+runs trains beside it in a spawned process of its own (:class:`~lightning_metakd.pipeline.run.
+BackgroundStage`), its output in ``<run>/<stage>/stage.log``: in this pipeline the baseline
+student beside the teacher and then the distilled student, which on two cores takes the
+baseline off the pipeline's wall-clock. The results are those of running one stage after another
+(each stage seeds itself); a stage started while another renders the KanjiVG cache waits for it.
 
 Each training stage goes through the ``metakd`` LightningCLI (:func:`~lightning_metakd.lightning_cli.
 run_lightning_cli` with ``run=False``, then ``trainer.fit`` and ``trainer.test`` on the same

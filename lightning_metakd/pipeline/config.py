@@ -34,7 +34,9 @@ REPORT_NAMES: dict[str, str] = {
     "student_baseline": "baseline student",
 }
 MARKER = "done.json"
-_TOP_KEYS = ("name", "run_dir", "threads", "stage_tests", "overrides", *STAGES, *OPTIONAL_STAGES)
+_TOP_KEYS = (
+    "name", "run_dir", "threads", "processes", "stage_tests", "overrides", *STAGES, *OPTIONAL_STAGES
+)  # fmt: skip
 _STAGE_KEYS = ("config", "overrides")
 _REPORT_KEYS = ("warmup", "repeats", "data")
 
@@ -61,6 +63,9 @@ class PipelineSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    #: How many stages may run at once: with 2, a stage that needs no other (the baseline
+    #: student) trains in a second process beside the teacher and the distilled student.
+    processes: int = 1
     #: Test each training stage after its fit; ``False`` leaves testing to the report, which
     #: measures the same learners on the distill stage's test episodes.
     stage_tests: bool = True
@@ -183,6 +188,12 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
             f"{path}: threads must be a positive integer (torch.set_num_threads), got {threads!r}; "
             "leave it out for torch's default."
         )
+    processes = data.get("processes", 1)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise PipelineConfigError(
+            f"{path}: processes must be a positive integer (how many stages may train at once; "
+            f"1 runs them one after another), got {processes!r}."
+        )
     stage_tests = data.get("stage_tests", True)
     if not isinstance(stage_tests, bool):
         raise PipelineConfigError(
@@ -225,6 +236,7 @@ def load_pipeline_config(path: str | Path, run_dir: str | Path | None = None) ->
         overrides=overrides,
         report=report,
         threads=threads,
+        processes=processes,
         stage_tests=stage_tests,
         source=path.resolve(),
         finetune=finetune,

@@ -167,17 +167,130 @@ def _will_run(
     )
 
 
+class BackgroundStage:
+    """A training stage fitted in a spawned process of its own, beside the pipeline's (``processes``
+    above 1); its output goes to ``<run>/<stage>/stage.log``.
+
+    Spawned, not forked (forking beside torch's threads is unsafe); the process sets the
+    pipeline's ``threads`` and runs :func:`~lightning_metakd.pipeline.stages.run_training_stage`.
+    The KanjiVG cache's file lock makes a stage that starts while another renders wait for it.
+    """
+
+    def __init__(
+        self, stage: str, config: dict[str, Any], stage_dir: Path, test: bool, threads: int | None
+    ):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.stage, self.log = stage, stage_dir / "stage.log"
+        self._results, sender = context.Pipe(duplex=False)
+        args = (sender, stage, config, str(stage_dir), test, threads, str(self.log))
+        self._process = context.Process(target=_stage_process, args=args, name=f"metakd-{stage}")
+        self._process.start()
+        sender.close()  # only the child writes: the parent sees EOFError if it dies silently
+
+    def done(self) -> bool:
+        """Whether the stage has finished (or its process ended)."""
+        return self._results.poll() or not self._process.is_alive()
+
+    def result(self) -> tuple[dict[str, Any], float]:
+        """Wait for the stage; its marker fields and the seconds it took in its process.
+
+        Raises:
+            RuntimeError: the stage failed (its error and the log to read) or its process died.
+        """
+        try:
+            status, payload, seconds = self._results.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(
+                f"the {self.stage} stage's process ended with exit code {self._process.exitcode} "
+                f"before it finished; its output is in {self.log}."
+            ) from None
+        self._process.join()
+        if status != "ok":
+            raise RuntimeError(f"the {self.stage} stage failed: {payload} (its output: {self.log})")
+        return payload, seconds
+
+    def stop(self) -> None:
+        """End the stage's process (the pipeline failed elsewhere); its folder has no done.json."""
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+
+
+def _stage_process(sender, stage, config, stage_dir, test, threads, log) -> None:
+    """The body of a :class:`BackgroundStage`'s process."""
+    import sys
+    import traceback
+
+    with open(log, "w", buffering=1) as out:
+        sys.stdout = sys.stderr = out
+        try:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
+            began = time.perf_counter()
+            result = stages.run_training_stage(stage, config, Path(stage_dir), test)
+            sender.send(("ok", result, time.perf_counter() - began))
+        except BaseException as err:  # noqa: BLE001 - reported to the pipeline, which raises it
+            traceback.print_exc()
+            sender.send(("error", f"{type(err).__name__}: {err}", 0.0))
+
+
+def _stage_inputs(
+    spec: PipelineSpec, stage: str, markers: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """What ``stage`` runs on, once the stages it depends on have finished (digested for reruns)."""
+    if stage == "report":
+        return {"report": spec.report}
+    if stage == "finetune":
+        finetune = {**(spec.finetune or {}), "checkpoint": markers["distill"]["checkpoint"]}
+        return {"finetune": finetune, "files": _folder_fingerprint(finetune["data_root"])}
+    teacher = markers["teacher"]["checkpoint"] if stage == "distill" else None
+    return stage_config(spec, stage, teacher)
+
+
+def _done_summary(marker: Mapping[str, Any]) -> str:
+    """``": best val/acc 85.92% (the report tests it)"`` and the like, for a stage's done line."""
+    test = marker.get("test", {})
+    if marker.get("holdout_accuracy") is not None:
+        return (
+            f": held-out accuracy {100 * marker['holdout_accuracy']:.2f}% "
+            f"({marker['holdout_images']} images)"
+        )
+    if "test/acc" in test:
+        return (
+            f": test/acc {100 * test['test/acc']:.2f} ± {100 * test.get('test/acc_ci95', 0):.2f}%"
+        )
+    if marker.get("best_val_acc") is not None:
+        return f": best val/acc {100 * marker['best_val_acc']:.2f}% (the report tests it)"
+    return ""
+
+
 def run_pipeline(
-    spec: PipelineSpec, force: bool = False, echo: Callable[[str], None] | None = None
+    spec: PipelineSpec,
+    force: bool = False,
+    echo: Callable[[str], None] | None = None,
+    processes: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the stages of ``spec`` that are not finished; returns every stage's marker.
+
+    Stages start in :func:`pipeline_stages` order as soon as the stages they depend on
+    (:data:`DEPENDS_ON`) have finished. With one process they run one after another in this
+    one; with ``processes`` N > 1, up to N - 1 training stages that are ready while another one
+    runs here train beside it, each in a :class:`BackgroundStage` (in the quickstart: the
+    baseline student beside the teacher and the distilled student).
 
     Args:
         spec: from :func:`load_pipeline_config`.
         force: rerun every stage.
         echo: where progress lines go (default: print to stdout, flushed).
+        processes: overrides ``spec.processes``.
     """
     say = echo or (lambda line: print(line, flush=True))
+    processes = spec.processes if processes is None else processes
     if spec.threads is not None:
         import torch
 
@@ -188,69 +301,99 @@ def run_pipeline(
     markers: dict[str, dict[str, Any]] = {}
     rerun: set[str] = set()
     order = pipeline_stages(spec)
+    number = {stage: f"{i}/{len(order)}" for i, stage in enumerate(order, start=1)}
     earlier = {stage: read_marker(spec.run_dir, stage) for stage in order}
-    for index, stage in enumerate(order, start=1):
-        stage_dir = spec.run_dir / stage
-        if stage == "report":
-            config: dict[str, Any] = {"report": spec.report}
-        elif stage == "finetune":
-            finetune = {**(spec.finetune or {}), "checkpoint": markers["distill"]["checkpoint"]}
-            config = {"finetune": finetune, "files": _folder_fingerprint(finetune["data_root"])}
-        else:
-            teacher = markers["teacher"]["checkpoint"] if stage == "distill" else None
-            config = stage_config(spec, stage, teacher)
-        inputs = _digest(config)
-        marker = read_marker(spec.run_dir, stage)
-        reason = _rerun_reason(stage, marker, inputs, rerun, force, stage_dir.is_dir())
-        if reason is None:
-            say(f"[pipeline] stage {index}/{len(order)}: {stage} skipped (finished; {MARKER})")
-            markers[stage] = marker  # type: ignore[assignment]
-            continue
-        say(f"[pipeline] stage {index}/{len(order)}: {stage} ({reason})")
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)  # a half-written or outdated stage starts clean
-        stage_dir.mkdir(parents=True)  # from now on a missing done.json means "not finished"
-        began = time.perf_counter()
-        if stage == "report":
-            result = stages.run_report_stage(spec, markers)
-        elif stage == "finetune":
-            result = stages.run_finetune_stage(config, stage_dir, say)
-        else:
-            result = stages.run_training_stage(stage, config, stage_dir, spec.stage_tests)
+    pending, inputs = list(order), {}
+    beside: dict[str, BackgroundStage] = {}
+
+    def finish(stage: str, result: dict[str, Any], seconds: float) -> None:
         marker = {
             "stage": stage,
             "run_id": uuid.uuid4().hex,
-            "inputs": inputs,
+            "inputs": inputs[stage],
             "depends_on": {dep: markers[dep]["run_id"] for dep in DEPENDS_ON[stage]},
-            "seconds": round(time.perf_counter() - began, 1),
+            "seconds": round(seconds, 1),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **result,
         }
-        write_json_atomic(stage_dir / MARKER, marker)
+        write_json_atomic(spec.run_dir / stage / MARKER, marker)
         markers[stage] = marker
         rerun.add(stage)
-        test = marker.get("test", {})
-        summary = (
-            f": test/acc {100 * test['test/acc']:.2f} ± {100 * test.get('test/acc_ci95', 0):.2f}%"
-            if "test/acc" in test
-            else f": best val/acc {100 * marker['best_val_acc']:.2f}% (the report tests it)"
-            if marker.get("best_val_acc") is not None
-            else ""
-        )
-        if marker.get("holdout_accuracy") is not None:
-            summary = (
-                f": held-out accuracy {100 * marker['holdout_accuracy']:.2f}% "
-                f"({marker['holdout_images']} images)"
-            )
         say(
-            f"[pipeline] stage {index}/{len(order)}: {stage} done in {marker['seconds']:.0f} s{summary}"
+            f"[pipeline] stage {number[stage]}: {stage} done in {marker['seconds']:.0f} s"
+            f"{_done_summary(marker)}"
         )
-        todo = [s for s in order[index:] if _will_run(s, earlier, rerun, force, order)]
+        todo = [s for s in pending if _will_run(s, earlier, rerun, force, order)]
         if todo:
+            running = f"; {' and '.join(beside)} running beside" if beside else ""
             say(
                 f"[pipeline] {duration(time.perf_counter() - start)} elapsed; "
-                f"{remaining_estimate(spec, todo, markers, earlier)}"
+                f"{remaining_estimate(spec, todo, markers, earlier)}{running}"
             )
+
+    def collect(stage: str) -> None:
+        finish(stage, *beside.pop(stage).result())
+
+    def must_run(stage: str) -> str | None:
+        """Why ``stage`` runs; ``None`` once it is skipped (its finished marker kept)."""
+        stage_dir = spec.run_dir / stage
+        inputs[stage] = _digest(_stage_inputs(spec, stage, markers))
+        marker = read_marker(spec.run_dir, stage)
+        reason = _rerun_reason(stage, marker, inputs[stage], rerun, force, stage_dir.is_dir())
+        if reason is None:
+            say(f"[pipeline] stage {number[stage]}: {stage} skipped (finished; {MARKER})")
+            markers[stage] = marker  # type: ignore[assignment]
+            pending.remove(stage)
+        return reason
+
+    def begin(stage: str) -> Path:
+        pending.remove(stage)
+        stage_dir = spec.run_dir / stage
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)  # a half-written or outdated stage starts clean
+        stage_dir.mkdir(parents=True)  # from now on a missing done.json means "not finished"
+        return stage_dir
+
+    try:
+        while pending or beside:
+            for stage in [s for s in beside if beside[s].done()]:
+                collect(stage)
+            ready = [s for s in pending if all(dep in markers for dep in DEPENDS_ON[s])]
+            if not ready:  # what is left needs a stage that runs beside
+                stage = next(iter(beside))
+                say(f"[pipeline] waiting for {stage} (its output: {beside[stage].log})")
+                collect(stage)
+                continue
+            free = processes - 1 - len(beside)
+            candidates = ready if free > 0 else ready[:1]
+            runs = [(s, r) for s in candidates if (r := must_run(s))]
+            if len(runs) < len(candidates):
+                continue  # some were skipped: the stages that depend on them may be ready now
+            (stage, reason), others = runs[0], runs[1:]
+            stage_dir = begin(stage)
+            say(f"[pipeline] stage {number[stage]}: {stage} ({reason})")
+            for other, why in [(s, r) for s, r in others if s in TRAINING_STAGES][:free]:
+                config = _stage_inputs(spec, other, markers)
+                beside[other] = BackgroundStage(
+                    other, config, begin(other), spec.stage_tests, spec.threads
+                )
+                say(
+                    f"[pipeline] stage {number[other]}: {other} ({why}), in a process of its own "
+                    f"beside {stage}; its output: {beside[other].log}"
+                )
+            began = time.perf_counter()
+            if stage == "report":
+                result = stages.run_report_stage(spec, markers)
+            elif stage == "finetune":
+                finetune = _stage_inputs(spec, stage, markers)["finetune"]
+                result = stages.run_finetune_stage(finetune, stage_dir, say)
+            else:
+                config = _stage_inputs(spec, stage, markers)
+                result = stages.run_training_stage(stage, config, stage_dir, spec.stage_tests)
+            finish(stage, result, time.perf_counter() - began)
+    finally:
+        for background in beside.values():
+            background.stop()
     report = spec.run_dir / "report.md"
     say(f"[pipeline] report: {report}")
     say(report.read_text() if report.is_file() else "(report.md is missing)")
@@ -267,10 +410,15 @@ def pipeline_main(argv: list[str]) -> int:
     opts = pipeline_parser().parse_args(argv)
     try:
         spec = load_pipeline_config(opts.config, opts.run_dir)
+        if opts.processes is not None and opts.processes < 1:
+            raise PipelineConfigError(
+                f"--processes must be a positive integer (1 runs the stages one after another), "
+                f"got {opts.processes}."
+            )
     except PipelineConfigError as err:
         return fail("metakd pipeline", err)
     try:
-        run_pipeline(spec, force=opts.force)
+        run_pipeline(spec, force=opts.force, processes=opts.processes)
     except UsageError as err:  # a stage config the LightningCLI cannot parse
         return fail("metakd pipeline", err)
     except Exception as err:  # noqa: BLE001 - fail() re-raises everything but expected mistakes
