@@ -113,6 +113,31 @@ def test_auto_gives_population_statistics_to_the_teachers_it_makes_cacheable_at_
     assert maml._caches == hints._caches == off._caches == own._caches == [None]
 
 
+def test_an_auto_checkpoint_validates_and_tests_outside_fit(tmp_path):
+    """``metakd validate/test --ckpt_path`` on an "auto" distillation: the module is built from
+    the config (its teacher on its own policy) and the checkpoint holds population statistics."""
+    import lightning as L
+
+    fitted = make_distiller(teacher(policy="transductive"))
+    trainer = fit_briefly(fitted, tmp_path)
+    trainer.save_checkpoint(tmp_path / "auto.ckpt")
+    expected = trainer.test(fitted, trainer.datamodule, verbose=False)[0]
+    fresh = make_distiller(teacher(policy="transductive"))
+    assert fresh.teachers[0].normalization == "transductive"
+    again = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    result = again.test(fresh, trainer.datamodule, ckpt_path=tmp_path / "auto.ckpt", verbose=False)
+    assert result[0] == pytest.approx(expected, abs=1e-6)
+    assert fresh.teachers[0].normalization == "population" and bool(fresh.teachers[0].calibrated)
+    loaded, estimated = (dict(m.teachers[0].population.named_buffers()) for m in (fresh, fitted))
+    assert loaded.keys() == estimated.keys() and len(loaded) == 8  # 4 BatchNorms: mean, var
+    assert all(torch.equal(loaded[k], estimated[k]) for k in loaded)  # the fit's, not new ones
+    assert fresh.components()["teachers"][0]["own_normalization"] == "transductive"
+    own = make_distiller(teacher(policy="transductive"), teacher_normalization=None)
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # asked for its own policy: strict
+        again.validate(own, trainer.datamodule, ckpt_path=tmp_path / "auto.ckpt", verbose=False)
+
+
 def test_auto_keeps_the_own_policy_when_the_training_images_are_augmented(tmp_path):
     model = make_distiller(teacher(policy="transductive"))
     fit_briefly(model, tmp_path, train_transform=RandomAffine())

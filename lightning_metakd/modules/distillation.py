@@ -324,9 +324,31 @@ class DistillationModule(EpisodicModule):
             return
         for k, teacher in enumerate(self.teachers):
             if teacher.normalization != "population" and self._cacheable(k, teacher):
-                self._own_policies[k] = teacher.normalization
-                teacher.normalization = "population"
-                self._caches[k] = TeacherCache.for_teacher(teacher)
+                self._use_population(k)
+
+    def _use_population(self, k: int) -> None:
+        """Teacher ``k`` normalises with population statistics from now on (``"auto"``); its own
+        policy is kept for the checkpoint's record."""
+        teacher = self.teachers[k]
+        self._own_policies[k] = teacher.normalization
+        teacher.normalization = "population"
+        teacher._population_buffers()  # before a checkpoint's estimates are loaded into them
+        self._caches[k] = TeacherCache.for_teacher(teacher)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of an ``"auto"`` fit holds the population statistics that fit gave its
+        teachers: outside fit (``metakd validate/test --ckpt_path``) the teachers take them again."""
+        super().on_load_checkpoint(checkpoint)
+        self.prepare()
+        if self.teacher_normalization != AUTO:
+            return
+        keys = checkpoint.get("state_dict", {})
+        for k, teacher in enumerate(self.teachers):
+            prefix = f"teachers.{k}.population."
+            if teacher.normalization != "population" and any(
+                key.startswith(prefix) for key in keys
+            ):
+                self._use_population(k)
 
     def check_data(self, stage: str) -> None:
         data = getattr(self._trainer, "datamodule", None)
