@@ -325,7 +325,9 @@ def run_pipeline(
         )
         todo = [s for s in pending if _will_run(s, earlier, rerun, force, order)]
         if todo:
-            running = f"; {' and '.join(beside)} running beside" if beside else ""
+            running = (
+                f"; {' and '.join(beside)} still training in its own process" if beside else ""
+            )
             say(
                 f"[pipeline] {duration(time.perf_counter() - start)} elapsed; "
                 f"{remaining_estimate(spec, todo, markers, earlier)}{running}"
