@@ -387,8 +387,8 @@ def run_pipeline(
             if stage == "report":
                 result = stages.run_report_stage(spec, markers)
             elif stage == "finetune":
-                finetune = _stage_inputs(spec, stage, markers)["finetune"]
-                result = stages.run_finetune_stage(finetune, stage_dir, say)
+                config = _stage_inputs(spec, stage, markers)
+                result = stages.run_finetune_stage(config, stage_dir, say)
             else:
                 config = _stage_inputs(spec, stage, markers)
                 result = stages.run_training_stage(stage, config, stage_dir, spec.stage_tests)
