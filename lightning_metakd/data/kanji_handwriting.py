@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from lightning_metakd.data.kanji_render import KANJIVG_BOX, KanjiStrokes, bernstein
+from lightning_metakd.data.kanji_render import KANJIVG_BOX, KanjiStrokes, RenderConfig, bernstein
 
 #: Bump when :func:`render_handwriting` draws differently for the same config: part of the cache key.
 HANDWRITING_VERSION = 1
@@ -314,3 +314,44 @@ def render_handwriting(
 @lru_cache(maxsize=256)
 def _threshold_table(level: int) -> list[int]:
     return [255 if v >= level else 0 for v in range(256)]
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    """Both styles in one data set: each drawing is a handwriting-style one with probability
+    ``handwriting_share``, else a classic one (``render_style="mixed"``).
+
+    Meant for a teacher that should keep the classic renders' in-domain accuracy and still meet
+    real pen strokes; a drawing's style is drawn from its own random stream, so the data set is
+    as fixed as either style's.
+    """
+
+    image_size: int = 28
+    handwriting_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.handwriting_share < 1:
+            raise ValueError(
+                f"handwriting_share is a probability in (0, 1) (0 or 1: use render_style "
+                f"'classic' or 'handwriting'), got {self.handwriting_share}."
+            )
+
+    @cached_property
+    def styles(self) -> tuple[RenderConfig, HandwritingConfig]:
+        """The classic and the handwriting style at this image size."""
+        return RenderConfig(image_size=self.image_size), HandwritingConfig(self.image_size)
+
+    def as_dict(self) -> dict:
+        """The share and both styles' parameters: what the cache key hashes."""
+        classic, handwriting = self.styles
+        return {
+            "style": "mixed",
+            "handwriting_share": self.handwriting_share,
+            "classic": classic.as_dict(),
+            "handwriting": handwriting.as_dict(),
+        }
+
+    def draw(self, kanji: KanjiStrokes, rng: np.random.Generator) -> np.ndarray:
+        classic, handwriting = self.styles
+        style = handwriting if rng.random() < self.handwriting_share else classic
+        return style.draw(kanji, rng)
