@@ -303,7 +303,9 @@ def run_pipeline(
     order = pipeline_stages(spec)
     number = {stage: f"{i}/{len(order)}" for i, stage in enumerate(order, start=1)}
     earlier = {stage: read_marker(spec.run_dir, stage) for stage in order}
-    pending, inputs = list(order), {}
+    pending: list[str] = list(order)
+    configs: dict[str, dict[str, Any]] = {}  # what each stage runs on, built once it is ready
+    inputs: dict[str, str] = {}  # their digests
     beside: dict[str, BackgroundStage] = {}
 
     def finish(stage: str, result: dict[str, Any], seconds: float) -> None:
@@ -339,7 +341,9 @@ def run_pipeline(
     def must_run(stage: str) -> str | None:
         """Why ``stage`` runs; ``None`` once it is skipped (its finished marker kept)."""
         stage_dir = spec.run_dir / stage
-        inputs[stage] = _digest(_stage_inputs(spec, stage, markers))
+        if stage not in configs:  # a ready stage's inputs are final: its dependencies finished
+            configs[stage] = _stage_inputs(spec, stage, markers)
+            inputs[stage] = _digest(configs[stage])
         marker = read_marker(spec.run_dir, stage)
         reason = _rerun_reason(stage, marker, inputs[stage], rerun, force, stage_dir.is_dir())
         if reason is None:
@@ -375,9 +379,8 @@ def run_pipeline(
             stage_dir = begin(stage)
             say(f"[pipeline] stage {number[stage]}: {stage} ({reason})")
             for other, why in [(s, r) for s, r in others if s in TRAINING_STAGES][:free]:
-                config = _stage_inputs(spec, other, markers)
                 beside[other] = BackgroundStage(
-                    other, config, begin(other), spec.stage_tests, spec.threads
+                    other, configs[other], begin(other), spec.stage_tests, spec.threads
                 )
                 say(
                     f"[pipeline] stage {number[other]}: {other} ({why}), in a process of its own "
@@ -387,11 +390,11 @@ def run_pipeline(
             if stage == "report":
                 result = stages.run_report_stage(spec, markers)
             elif stage == "finetune":
-                config = _stage_inputs(spec, stage, markers)
-                result = stages.run_finetune_stage(config, stage_dir, say)
+                result = stages.run_finetune_stage(configs[stage], stage_dir, say)
             else:
-                config = _stage_inputs(spec, stage, markers)
-                result = stages.run_training_stage(stage, config, stage_dir, spec.stage_tests)
+                result = stages.run_training_stage(
+                    stage, configs[stage], stage_dir, spec.stage_tests
+                )
             finish(stage, result, time.perf_counter() - began)
     finally:
         for background in beside.values():
