@@ -103,12 +103,23 @@ class Learner(nn.Module):
         self.algorithm = algorithm
         self.ways = ways
         self.vmap_tasks, self.task_chunk_size = vmap_tasks, task_chunk_size
-        self.normalization = check_policy(normalization)
         algorithm.build(self.model)
-        if normalization == "population":
-            self._population_buffers()  # before a checkpoint's state is loaded into them
+        self.normalization = normalization  # population: its buffers, before a checkpoint's state
         if vmap_tasks:
             algorithm.check_vmap()  # e.g. MAML(checkpoint_steps=True) needs the loop
+
+    @property
+    def normalization(self) -> str:
+        """The BatchNorm policy of this learner's episodes (see the constructor). Setting it to
+        ``"population"`` makes the buffers of the population statistics (not yet estimated:
+        :meth:`calibrate`), so a checkpoint's estimates can be loaded into them."""
+        return self._normalization
+
+    @normalization.setter
+    def normalization(self, policy: str) -> None:
+        self._normalization = check_policy(policy)
+        if policy == "population":
+            self._population_buffers()
 
     @property
     def backbone(self) -> nn.Module:

@@ -331,8 +331,7 @@ class DistillationModule(EpisodicModule):
         policy is kept for the checkpoint's record."""
         teacher = self.teachers[k]
         self._own_policies[k] = teacher.normalization
-        teacher.normalization = "population"
-        teacher._population_buffers()  # before a checkpoint's estimates are loaded into them
+        teacher.normalization = "population"  # its buffers, before a checkpoint's estimates
         self._caches[k] = TeacherCache.for_teacher(teacher)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
