@@ -18,6 +18,9 @@ Studies (``STUDIES``; the teachers are trained once, by their own configs):
   twin, whose validation accuracy has stopped rising, is the reference of every paired
   difference. Validation accuracy against training time (``docs/results/main_accuracy_vs_time.png``;
   load-free: in twin epochs) shows the arms at every budget.
+- ``equal``: the 64-epoch distilled student against the twin given its compute (96 epochs, its
+  schedule stretched alike), the reference; the cost of a distillation epoch in twin epochs is
+  their per-epoch wall-time ratio, trained side by side.
 - ``ablation``: one knowledge source at a time, then combinations, 6 epochs (the configs' schedule).
 - ``maml``: MAML-anchored distillation, a Conv4-64 MAML teacher → Conv4-16 MAML student: λ over
   a range (λ = 0 included) against soft labels alone.
@@ -115,6 +118,15 @@ MATCHED = {"trainer.max_epochs": 48, "model.init_args.lr_scheduler.init_args.ste
 #: Twice that again (StepLR step 12), for the distilled student: does it keep gaining where the
 #: twin has stopped?
 LONGEST = {"trainer.max_epochs": 64, "model.init_args.lr_scheduler.init_args.step_size": 12}
+#: The twin given the 64-epoch distilled arm's compute: 64 distillation epochs cost 94 twin epochs
+#: at the main study's 1.47x, rounded up to 96 with the same schedule's shape (StepLR every 18).
+LONGEST_TWIN = {"trainer.max_epochs": 96, "model.init_args.lr_scheduler.init_args.step_size": 18}
+DISTILLED_64 = Arm(
+    "distilled-64",
+    "Conv4-16 distilled, 64 epochs (StepLR step 12)",
+    "distill_protonet.yaml",
+    {**CACHED, **LONGEST},
+)
 STUDIES: dict[str, Study] = {
     s.name: s
     for s in [
@@ -154,12 +166,7 @@ STUDIES: dict[str, Study] = {
                     "distill_protonet.yaml",
                     {**CACHED, **CONVERGED},
                 ),  # fmt: skip
-                Arm(
-                    "distilled-64",
-                    "Conv4-16 distilled, 64 epochs (StepLR step 12)",
-                    "distill_protonet.yaml",
-                    {**CACHED, **LONGEST},
-                ),  # fmt: skip
+                DISTILLED_64,
             ),
             reference="twin-32",
             teacher="protonet",
@@ -167,6 +174,24 @@ STUDIES: dict[str, Study] = {
             overrides=LONG,
             curves=True,
             cost_pair=("distilled", "twin"),
+        ),
+        Study(
+            "equal",
+            "Conv4-16 distilled 64 epochs vs alone for the same compute (96 epochs)",
+            (
+                Arm(
+                    "twin-96",
+                    "Conv4-16 alone, 96 epochs (StepLR step 18)",
+                    "protonet_conv4_16.yaml",
+                    LONGEST_TWIN,
+                ),  # fmt: skip
+                DISTILLED_64,
+            ),
+            reference="twin-96",
+            teacher="protonet",
+            test_ways=(5, 10),
+            curves=True,
+            cost_pair=("distilled-64", "twin-96"),
         ),
         Study(
             "ablation",
@@ -449,18 +474,31 @@ def budget_margins(curves: dict[str, dict[int, list]], arm: str, reference: str)
     return out
 
 
+def max_epochs(study: Study, arm: Arm, smoke: bool = False) -> int:
+    """The epochs ``arm`` trains: its overrides' ``trainer.max_epochs``, else its config's."""
+    epochs = arm_overrides(study, arm, smoke).get("trainer.max_epochs")
+    if epochs is None:
+        import yaml
+
+        epochs = yaml.safe_load((CONFIGS / arm.config).read_text())["trainer"]["max_epochs"]
+    return int(epochs)
+
+
 def epoch_cost(study: Study, runs: dict[str, Any]) -> dict[str, float]:
     """Per arm, what one of its epochs costs in epochs of the twin (1 for arms of the twin's config).
 
-    The ratio of ``study.cost_pair``'s training seconds, seed by seed (the two ran side by side,
-    under the same load), averaged over seeds, applies to every arm of the distilled arm's config.
+    The ratio of ``study.cost_pair``'s training seconds per epoch, seed by seed (the two ran side
+    by side, under the same load), averaged over seeds, applies to every arm of the distilled
+    arm's config.
     """
     if study.cost_pair is None:
         return {key: 1.0 for key in runs}
     distilled, twin = study.cost_pair
+    arms = {a.key: a for a in study.arms}
     seconds = {
-        key: {r.seed: r.marker.get("seconds") for r in runs[key].runs} for key in study.cost_pair
-    }
+        key: {r.seed: r.marker.get("seconds") / max_epochs(study, arms[key]) for r in runs[key].runs}
+        for key in study.cost_pair
+    }  # fmt: skip
     ratios = [seconds[distilled][s] / seconds[twin][s] for s in seconds[twin] if seconds[twin][s]]
     factor = sum(ratios) / len(ratios)
     config = next(a.config for a in study.arms if a.key == distilled)
@@ -505,8 +543,10 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     wall.set_xlabel("training wall time (min; 1 thread per run; the load of the shared CPU varied\n"
                     "between runs: the right panel is the load-free axis)")  # fmt: skip
     factor = max(cost.values())
+    pair = " and ".join(f"{max_epochs(study, a)}-epoch {a.key}" for a in study.arms
+                        if study.cost_pair and a.key in study.cost_pair)  # fmt: skip
     work.set_xlabel(f"training cost in epochs of the twin (a distillation epoch = {factor:.2f},\n"
-                    "the wall-time ratio of the 8-epoch pair trained side by side)")  # fmt: skip
+                    f"the per-epoch wall-time ratio of the {pair or 'arms'}, trained side by side)")  # fmt: skip
     wall.set_ylabel("validation accuracy (%), 5-way 1-shot")
     work.legend(loc="lower right")
     figure.suptitle(study.title, fontsize=10)
