@@ -27,12 +27,16 @@ Usage::
         --student runs/pretrain/student/seed_0/checkpoints/best.ckpt    # package existing runs
     python scripts/pretrain.py --smoke --out /tmp/pretrain --package_dir /tmp/pretrain/package
     python scripts/pretrain.py --render_style handwriting             # on the handwriting renders
+    python scripts/pretrain.py --render_style mixed --seed 1 --out runs/pretrain-mixed-1 \\
+        --package_dir runs/pretrain-mixed-1/package                  # a seed outside the package
     python scripts/pretrain.py --summarize runs/pretrain-*/package/manifest.json   # over seeds
+    python scripts/pretrain.py --summarize docs/results/pretrained_seeds.json runs/pretrain-mixed-*/package/manifest.json
 
 Each render style has its pair of names (``PAIRS``); packaging one pair replaces its own two
 entries of ``manifest.json`` and keeps the other's. ``--seed N --out DIR --package_dir DIR/package``
 trains another seed outside the package, and ``--summarize`` gives the mean ± sd over seeds of
-those runs' manifests (with the handwriting − classic difference paired by seed).
+those runs' manifests (with each style's difference from classic paired by seed); an earlier
+summary's JSON among them stands for the manifests it summarised (their runs may be gone).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
 PAIRS = {
     "classic": (TEACHER, STUDENT),
     "handwriting": ("kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"),
+    "mixed": ("kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-16"),
 }
 TEACHER_CONFIG = Path("configs/kanji/protonet.yaml")
 STUDENT_CONFIG = Path("configs/kanji/distill_protonet.yaml")
@@ -364,24 +369,46 @@ def package(
 
 
 # -- over seeds ---------------------------------------------------------------------------------------
+def _summarised_runs(found: dict[str, Any]) -> list[tuple[str, str, int, dict[str, float]]]:
+    """``[(style, kind, seed, {test: accuracy})]`` back out of a :func:`summarize` result."""
+    runs = []
+    for group, entry in found["groups"].items():
+        style, kind = group.rsplit(" ", 1)
+        for index, seed in enumerate(entry["seeds"]):
+            accuracy = {t: r["per_seed"][index] for t, r in entry["tests"].items()}
+            runs.append((style, kind, seed, accuracy))
+    return runs
+
+
 def summarize(manifests: list[Path]) -> dict[str, Any]:
     """Mean ± sd over seeds of every (render style, kind) in ``manifests``, per test.
 
-    Each manifest is one ``scripts/pretrain.py --seed N`` run (or the package's own); the
-    handwriting − classic difference is paired by seed (the seeds both styles have).
+    Each manifest is one ``scripts/pretrain.py --seed N`` run (or the package's own), or an
+    earlier summary (this function's JSON: its runs again, by seed); every style's difference
+    from classic is paired by seed (the seeds both styles have).
     """
     from lightning_metakd.seeds import mean_sd
 
     per: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     pixels: dict[str, float] = {}
+    sources: list[str] = []
     for path in manifests:
         found = json.loads(Path(path).read_text())
-        pixels = {test: r["acc"] for test, r in found.get("pixels", {}).items()} or pixels
-        for e in found["models"]:
-            runs = per.setdefault((e["render_style"], e["kind"]), {})
-            if e["seed"] in runs:
-                raise SystemExit(f"{path}: a second {e['render_style']} {e['kind']} of seed {e['seed']}.")  # fmt: skip
-            runs[e["seed"]] = {test: r["acc"] for test, r in e["accuracy"].items()}
+        if "groups" in found:  # an earlier summary
+            runs_in = _summarised_runs(found)
+            pixels = found.get("pixels") or pixels
+            sources += found.get("manifests", [])
+        else:
+            runs_in = [(e["render_style"], e["kind"], e["seed"],
+                        {test: r["acc"] for test, r in e["accuracy"].items()})
+                       for e in found["models"]]  # fmt: skip
+            pixels = {test: r["acc"] for test, r in found.get("pixels", {}).items()} or pixels
+            sources.append(str(path))
+        for style, kind, seed, accuracy in runs_in:
+            runs = per.setdefault((style, kind), {})
+            if seed in runs:
+                raise SystemExit(f"{path}: a second {style} {kind} of seed {seed}.")
+            runs[seed] = accuracy
 
     def stats(values: list[float]) -> dict[str, Any]:
         mean, sd = mean_sd(values)
@@ -396,18 +423,18 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
         }
         for (style, kind), runs in sorted(per.items())
     }
-    deltas = {}
-    for kind in ("teacher", "student"):
-        classic, handwriting = per.get(("classic", kind), {}), per.get(("handwriting", kind), {})
-        seeds = sorted(set(classic) & set(handwriting))
-        if seeds:
-            deltas[kind] = {
-                "seeds": seeds,
-                "tests": {t: stats([handwriting[s][t] - classic[s][t] for s in seeds]) for t in tests},
-            }  # fmt: skip
-    return {"tests": tests, "groups": groups, "handwriting_minus_classic": deltas, "pixels": pixels,
-            "own_classes": own_classes().get("results", {}),
-            "manifests": [str(p) for p in manifests]}  # fmt: skip
+    deltas: dict[str, dict[str, Any]] = {}
+    for style in (s for s in PAIRS if s != "classic"):
+        for kind in ("teacher", "student"):
+            classic, other = per.get(("classic", kind), {}), per.get((style, kind), {})
+            seeds = sorted(set(classic) & set(other))
+            if seeds:
+                deltas.setdefault(style, {})[kind] = {
+                    "seeds": seeds,
+                    "tests": {t: stats([other[s][t] - classic[s][t] for s in seeds]) for t in tests},
+                }  # fmt: skip
+    return {"tests": tests, "groups": groups, "minus_classic": deltas, "pixels": pixels,
+            "own_classes": own_classes().get("results", {}), "manifests": sources}  # fmt: skip
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -419,11 +446,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         mean = f"{100 * found['mean']:{sign}.{digits}f}".replace("-", "−")
         return f"{mean} ± {100 * found['sd']:.{digits}f}"
 
-    groups, deltas = summary["groups"], summary["handwriting_minus_classic"]
-    names = [g for g in ("classic teacher", "classic student", "handwriting teacher",
-                         "handwriting student") if g in groups]  # fmt: skip
+    groups = summary["groups"]
+    deltas = {f"{kind} ({style} − classic)": found
+              for style, kinds in summary["minus_classic"].items() for kind, found in kinds.items()}  # fmt: skip
+    names = [f"{style} {kind}" for style in PAIRS for kind in ("teacher", "student")
+             if f"{style} {kind}" in groups]  # fmt: skip
     header = ["test (1-shot)", "pixels", *names]
-    header += [f"Δ {kind} (handwriting − classic)" for kind in deltas] + ["own classes"]
+    header += [f"Δ {name}" for name in deltas] + ["own classes"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for test in summary["tests"]:
         digits = 2 if test == "kanji" else 1
@@ -441,7 +470,7 @@ def summary_table(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed_everything and train_seed")
-    parser.add_argument("--render_style", choices=["classic", "handwriting"], default="classic",
+    parser.add_argument("--render_style", choices=list(PAIRS), default="classic",
                         help="the KanjiVG drawings both models train on")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pretrain",
                         help="the training runs' folder")  # fmt: skip
@@ -456,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="3 steps per run, 8 test episodes; not into the package")  # fmt: skip
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="MANIFEST",
-                        help="no training: mean ± sd over seeds of these runs' manifest.json")  # fmt: skip
+                        help="no training: mean ± sd over seeds of these runs' manifest.json "
+                        "(or an earlier --summary_out JSON)")  # fmt: skip
     parser.add_argument("--summary_out", type=Path, default=ROOT / "docs/results/pretrained_seeds.json",
                         help="with --summarize: where the JSON goes")  # fmt: skip
     opts = parser.parse_args(argv)

