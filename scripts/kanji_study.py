@@ -449,19 +449,31 @@ def val_curve(run_dir: Path) -> list[tuple[float, int, float]]:
     return [(e.wall_time - start, e.step, e.value) for e in accumulator.Scalars("val/acc")]
 
 
-def budget_margins(curves: dict[str, dict[int, list]], arm: str, reference: str) -> dict[str, Any]:
-    """Per seed: at each validation of ``arm``, its accuracy minus the best ``reference`` had by then.
+def margins_at(points: list, ref: list) -> list[tuple[float, float]]:
+    """``[(budget, margin)]``: at each validation of ``points``, its accuracy minus the best of
+    ``ref`` by that budget.
 
-    The reference gets every second ``arm`` was given (its best checkpoint so far is what it would
+    The reference gets every second the arm was given (its best checkpoint so far is what it would
     ship at that budget); a budget before its first validation counts its first validation.
+
+    Example:
+        >>> margins_at([(1, 0, 0.5), (3, 0, 0.75)], [(2, 0, 0.25), (3, 0, 1.0)])
+        [(1, 0.25), (3, -0.25)]
     """
+    out = []
+    for budget, _, acc in points:
+        seen = [a for t, _, a in ref if t <= budget] or [ref[0][2]]
+        out.append((budget, acc - max(seen)))
+    return out
+
+
+def budget_margins(curves: dict[str, dict[int, list]], arm: str, reference: str) -> dict[str, Any]:
+    """Per seed: at each validation of ``arm``, its accuracy minus the best ``reference`` had by
+    then (:func:`margins_at`), summarised: the smallest and mean margin, and both runs' ends."""
     out = {}
     for seed, points in curves[arm].items():
         ref = curves[reference][seed]
-        margins = []
-        for seconds, _, acc in points:
-            seen = [a for t, _, a in ref if t <= seconds] or [ref[0][2]]
-            margins.append(acc - max(seen))
+        margins = [margin for _, margin in margins_at(points, ref)]
         out[str(seed)] = {
             "min_margin": min(margins),
             "mean_margin": sum(margins) / len(margins),
@@ -522,7 +534,8 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
               for seed, points in per_seed.items()}
         for key, per_seed in curves.items()
     }  # fmt: skip
-    figure, (wall, work) = pyplot.subplots(1, 2, figsize=(12, 4.6), dpi=120, sharey=True)
+    figure, (wall, work, gap) = pyplot.subplots(1, 3, figsize=(17, 4.8), dpi=120)
+    work.sharey(wall)
     colours = [
         "tab:gray",
         "tab:blue",
@@ -540,15 +553,37 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
                           color=colour, markersize=3, alpha=0.8, linewidth=1.2,
                           label=arm.label if index == 0 else None)  # fmt: skip
         axis.grid(alpha=0.3)
-    wall.set_xlabel("training wall time (min; 1 thread per run; the load of the shared CPU varied\n"
-                    "between runs: the right panel is the load-free axis)")  # fmt: skip
+    wall.set_xlabel(wrap("training wall time (min; 1 thread per run; the load of the shared CPU "
+                         "varied between runs: the middle panel is the load-free axis)"))  # fmt: skip
     factor = max(cost.values())
     pair = " and ".join(f"{max_epochs(study, a)}-epoch {a.key}" for a in study.arms
                         if study.cost_pair and a.key in study.cost_pair)  # fmt: skip
-    work.set_xlabel(f"training cost in epochs of the twin (a distillation epoch = {factor:.2f},\n"
-                    f"the per-epoch wall-time ratio of the {pair or 'arms'}, trained side by side)")  # fmt: skip
+    work.set_xlabel(wrap(f"training cost in epochs of the twin (a distillation epoch = "
+                         f"{factor:.2f}, the per-epoch wall-time ratio of the {pair or 'arms'}, "
+                         "trained side by side)"))  # fmt: skip
     wall.set_ylabel("validation accuracy (%), 5-way 1-shot")
     work.legend(loc="lower right")
+    # The margin at every budget: what the curves' top end hides (their gaps are tenths of a point).
+    twins = [study.reference]
+    if study.cost_pair is not None:
+        twin_config = next(a.config for a in study.arms if a.key == study.cost_pair[1])
+        twins = [a.key for a in study.arms if a.config == twin_config]
+    best_twin = envelope(costed, twins)
+    for colour, arm in zip(colours, study.arms, strict=False):
+        if arm.key in twins:
+            continue
+        for index, (seed, points) in enumerate(sorted(costed[arm.key].items())):
+            found = margins_at(points, best_twin[seed])
+            gap.plot([t for t, _ in found], [100 * m for _, m in found], "-o", color=colour,
+                     markersize=3, alpha=0.8, linewidth=1.2,
+                     label=arm.label if index == 0 else None)  # fmt: skip
+    gap.axhline(0, color="black", linewidth=0.8)
+    gap.set_yscale("symlog", linthresh=1.0)  # linear within ±1 point, where the late budgets are
+    gap.grid(alpha=0.3)
+    gap.set_xlabel(wrap("training cost in epochs of the twin (as the middle panel), every seed"))
+    gap.set_ylabel(wrap("validation accuracy minus the best twin's by the same cost (points; "
+                        "linear within ±1, logarithmic beyond)", 50))  # fmt: skip
+    gap.legend(loc="upper right")
     figure.suptitle(study.title, fontsize=10)
     low = min(100 * a for c in curves.values() for p in c.values() for _, _, a in p)
     wall.set_ylim(max(low - 1, 0), 100)
@@ -572,6 +607,13 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
                 for a in study.arms if a.config != twin_config
             }  # fmt: skip
     return budgets
+
+
+def wrap(text: str, width: int = 75) -> str:
+    """``text`` in lines of at most ``width`` characters (an axis label that fits its panel)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 #: The pseudo-arm of :func:`envelope`: at every budget, the best any twin arm of the seed had.

@@ -1,0 +1,57 @@
+"""``scripts/kanji_study.py``'s budget margins: at every validation of an arm, its accuracy minus
+the best the twin had reached by the same budget (issue #13's "above the twin at every budget")."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kanji_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("kanji_study_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+# (budget, step, validation accuracy): the twin rises slowly, the distilled arm fast, then ties.
+TWIN = [(1.0, 0, 0.50), (2.0, 0, 0.70), (3.0, 0, 0.90), (4.0, 0, 0.95)]
+ARM = [(0.5, 0, 0.75), (2.5, 0, 0.875), (4.0, 0, 0.875)]
+
+
+def test_margins_take_the_best_twin_by_each_budget(study):
+    found = study.margins_at(ARM, TWIN)
+    # At 0.5 the twin has not validated yet: its first validation counts; at 2.5 its best is 0.70
+    # (the 0.90 of budget 3 is later); at 4.0 its best is 0.95.
+    assert [t for t, _ in found] == [0.5, 2.5, 4.0]
+    assert [m for _, m in found] == pytest.approx([0.25, 0.175, -0.075])
+
+
+def test_budget_margins_summarise_per_seed_and_say_whether_above_everywhere(study):
+    curves = {"twin": {0: TWIN, 1: TWIN}, "arm": {0: ARM, 1: ARM[:2]}}
+    found = study.budget_margins(curves, "arm", "twin")
+    assert found["0"]["min_margin"] == pytest.approx(-0.075)
+    assert found["0"]["mean_margin"] == pytest.approx((0.25 + 0.175 - 0.075) / 3)
+    assert found["0"]["above_everywhere"] is False
+    assert found["1"]["above_everywhere"] is True  # stopped at 2.5, before the twin caught up
+    assert found["1"]["arm_seconds"] == 2.5 and found["1"]["reference_best"] == 0.95
+
+
+def test_envelope_is_the_best_of_several_twins(study):
+    other = [(1.5, 0, 0.80), (3.5, 0, 0.85)]
+    best = study.envelope({"a": {0: TWIN}, "b": {0: other}}, ["a", "b"])
+    margins = study.margins_at(ARM, best[0])
+    assert [m for _, m in margins] == pytest.approx([0.25, 0.075, -0.075])  # 0.80 by 2.5
+
+
+def test_axis_labels_are_wrapped_to_fit(study):
+    label = study.wrap("word " * 40, 30)
+    assert all(len(line) <= 30 for line in label.splitlines()) and label.count("\n") >= 5
