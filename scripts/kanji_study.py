@@ -31,6 +31,8 @@ Usage (teachers first: ``metakd fit --config configs/kanji/protonet.yaml``, ``..
 
     OMP_NUM_THREADS=1 python scripts/kanji_study.py main ablation --jobs 2
     OMP_NUM_THREADS=1 python scripts/kanji_study.py maml --seeds 0 1 2 --out runs/study
+    OMP_NUM_THREADS=1 python scripts/kanji_study.py equal --seeds 0 1 2 --jobs 2   # about 85 min
+    python scripts/kanji_study.py equal --replot       # redraw a finished study's picture
     python scripts/kanji_study.py ablation --smoke     # every arm for 3 steps: do the configs run?
 """
 
