@@ -669,6 +669,14 @@ def main() -> int:
             print(f"kanji_study: error: {name} needs the teacher {teacher}; train it first "
                   "(see the usage at the top of this script).", file=sys.stderr)  # fmt: skip
             return 2
+        if opts.replot:  # redraw only: never start the training a missing run would need
+            missing = [f"{out / name / a.key}/seed_{seed}" for a in study.arms for seed in opts.seeds
+                       if not (out / name / a.key / f"seed_{seed}" / "done.json").is_file()]  # fmt: skip
+            if missing or not (opts.results / f"{name}.json").is_file():
+                print(f"kanji_study: error: --replot needs the finished study (its runs under --out "
+                      f"and {opts.results / name}.json); missing: "
+                      f"{', '.join(missing) or opts.results / f'{name}.json'}", file=sys.stderr)  # fmt: skip
+                return 2
         began = time.perf_counter()
         runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
         if opts.replot:
