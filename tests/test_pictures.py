@@ -91,6 +91,21 @@ def test_the_sheet_shows_every_wrong_one_first_and_says_what_it_leaves_out(tmp_p
         prediction_sheet(tmp_path / "v.png", files, predicted[:3])
 
 
+def test_captions_name_characters_the_font_cannot_draw_by_code_point(tmp_path):
+    # make_folder_dataset.py's folders: "U+71ED-燭"; DejaVu Sans has no CJK glyph, so the
+    # character would be an empty box and the cut caption "U+71E…" would not tell two classes apart.
+    from lightning_metakd.callbacks.tensorboard import drawable
+
+    files = write_class_folders(tmp_path, classes=2, per_class=1)
+    names = ["U+71ED-燭", "U+71EE-燮"]
+    sheet = prediction_sheet(tmp_path / "s.png", files, names[::-1], [1.0, 0.5], true=names)
+    texts = [text for text, _ in sheet.picture.labels[1:]]
+    assert texts == ["U+71EE 100%\ntrue U+71ED", "U+71ED 50%\ntrue U+71EE"]
+    assert sheet.wrong == [0, 1]  # the names are compared as given, not as drawn
+    assert drawable("燭") == "U+71ED" and drawable("class_0") == "class_0"
+    assert drawable("Ω café") == "Ω café"  # characters the font has stay
+
+
 def test_thumbnails_enlarge_small_images_sharply_and_keep_the_aspect(tmp_path):
     small = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     Image.fromarray(small, "L").save(tmp_path / "small.png")

@@ -102,13 +102,54 @@ def text_width(text: str, size: int = FONT_SIZE) -> int:
     return _text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), text, size)[0]
 
 
+@functools.lru_cache(maxsize=1)
+def _font_codepoints() -> frozenset[int] | None:
+    """The characters :func:`font` can draw (DejaVu Sans' character map); None if unknown."""
+    try:
+        import matplotlib
+        from matplotlib import ft2font
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return frozenset(ft2font.FT2Font(str(path)).get_charmap())
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+
+def drawable(text: str) -> str:
+    """``text`` with every character the pictures' font cannot draw written as its code point.
+
+    DejaVu Sans has no CJK glyphs, so ``"U+71ED-燭"`` would end in an empty box; a code point the
+    text already names is dropped instead, with the separator before it.
+
+    Example:
+        >>> drawable("U+71ED-燭"), drawable("燭台"), drawable("café")
+        ('U+71ED', 'U+71ED U+53F0', 'café')
+    """
+    known = _font_codepoints()
+    if known is None or all(ord(c) in known for c in text):
+        return text
+    out = ""
+    for char in text:
+        if ord(char) in known:
+            out += char
+            continue
+        code = f"U+{ord(char):04X}"
+        if code in text:  # already named: drop the glyph and the separator before it
+            out = out.rstrip(" -_:/")
+        else:
+            out += (" " if out and not out.endswith(" ") else "") + code
+    return out
+
+
 def fit_text(text: str, width: int, size: int = FONT_SIZE) -> str:
-    """``text`` cut to ``width`` pixels with a trailing "…" if it is wider (one line).
+    """``text`` (:func:`drawable`) cut to ``width`` pixels with a trailing "…" if it is wider
+    (one line).
 
     Example:
         >>> fit_text("kanji_03", 200), fit_text("a very long class name", 60)
         ('kanji_03', 'a very…')
     """
+    text = drawable(text)
     if text_width(text, size) <= width:
         return text
     while text and text_width(text + "…", size) > width:
@@ -273,6 +314,7 @@ def episode_grid(
 __all__ = [
     "Picture",
     "episode_grid",
+    "drawable",
     "fit_text",
     "labelled_grid",
     "tensorboard_experiment",
