@@ -154,6 +154,7 @@ def run_seeds(
     force: bool = False,
     isolate: bool = True,
     echo: Callable[[str], None] | None = None,
+    finished_only: bool = False,
 ) -> SeedRuns:
     """Fit and test ``config`` once per seed; returns the runs (:meth:`SeedRuns.summary`).
 
@@ -172,6 +173,8 @@ def run_seeds(
         isolate: each run in a subprocess of its own (default); ``False`` runs them in this
             process (faster to start; tests, debugging).
         echo: where progress lines go (default: print, flushed).
+        finished_only: train nothing: every seed must have finished with this config, else
+            :class:`FileNotFoundError` names the first that has not (its folder is left as it is).
     """
     say = echo or (lambda line: print(line, flush=True))
     seeds = [int(s) for s in seeds]
@@ -191,6 +194,10 @@ def run_seeds(
         where = f"[sweep] {result.name}: seed {seed} ({index}/{len(seeds)})"
         if marker is not None and marker.get("inputs") == inputs and not force:
             say(f"{where} skipped (finished; {MARKER})")
+        elif finished_only:
+            state = "missing" if marker is None else "for another config"
+            raise FileNotFoundError(f"{result.name}: seed {seed} has no finished run with this "
+                                    f"config in {run_dir} ({MARKER} {state}); nothing is trained.")  # fmt: skip
         else:
             say(f"{where} running in {run_dir}")
             if run_dir.exists():

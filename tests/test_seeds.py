@@ -173,6 +173,15 @@ def test_finished_seeds_are_skipped_and_changed_configs_rerun(sweeps, tmp_path, 
     assert lines == ["[sweep] conv4_4: seed 0 (1/2) skipped (finished; done.json)",
                      "[sweep] conv4_4: seed 1 (2/2) skipped (finished; done.json)"]  # fmt: skip
     assert kept.summary()["accuracy"] == results[4].summary()["accuracy"]
+    # finished_only trains nothing: an outdated or missing run is an error, and stays on disk.
+    assert seeds.run_seeds(folder / "conv4_4.yaml", [0, 1], copy, isolate=False,
+                           echo=lines.append, finished_only=True).summary() == kept.summary()  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"seed 0 has no finished run .*for another config"):
+        seeds.run_seeds(folder / "conv4_4.yaml", [0], copy, overrides={"trainer.max_epochs": 2},
+                        isolate=False, finished_only=True)  # fmt: skip
+    assert (copy / "seed_0" / "done.json").is_file()
+    with pytest.raises(FileNotFoundError, match=r"seed 7 has no finished run .*missing"):
+        seeds.run_seeds(folder / "conv4_4.yaml", [7], copy, isolate=False, finished_only=True)
     with pytest.raises(AssertionError, match="ran .*seed_0"):
         seeds.run_seeds(folder / "conv4_4.yaml", [0], copy, overrides={"trainer.max_epochs": 2},
                         isolate=False, echo=lines.append)  # fmt: skip
