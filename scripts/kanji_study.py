@@ -323,18 +323,26 @@ def arm_overrides(study: Study, arm: Arm, smoke: bool) -> dict[str, Any]:
     return {**study.overrides, **arm.overrides, **(SMOKE if smoke else {})}
 
 
-def train(study: Study, seeds: list[int], out: Path, jobs: int, smoke: bool) -> dict[str, Any]:
-    """Every arm once per seed (``jobs`` runs at a time); returns ``{arm key: SeedRuns}``."""
+def train(
+    study: Study, seeds: list[int], out: Path, jobs: int, smoke: bool, finished_only: bool = False
+) -> dict[str, Any]:
+    """Every arm once per seed (``jobs`` runs at a time); returns ``{arm key: SeedRuns}``.
+
+    ``finished_only``: train nothing, collect the finished runs (``FileNotFoundError`` for one
+    that is missing or outdated).
+    """
     from lightning_metakd.seeds import run_seeds
 
     def one(arm: Arm, seed_list: list[int]):  # noqa: ANN202 - SeedRuns
         return run_seeds(CONFIGS / arm.config, seed_list, out / study.name / arm.key,
-                         arm_overrides(study, arm, smoke), name=arm.label)  # fmt: skip
+                         arm_overrides(study, arm, smoke), name=arm.label,
+                         finished_only=finished_only)  # fmt: skip
 
     # Seed-major order: the arms of one seed run side by side and share the machine's load.
     work = [(arm, [seed]) for seed in seeds for arm in study.arms]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(lambda job: one(*job), work))
+    if not finished_only:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda job: one(*job), work))
     return {arm.key: one(arm, seeds) for arm in study.arms}  # all finished: collects them
 
 
@@ -566,10 +574,7 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     wall.set_ylabel("validation accuracy (%), 5-way 1-shot")
     work.legend(loc="lower right")
     # The margin at every budget: what the curves' top end hides (their gaps are tenths of a point).
-    twins = [study.reference]
-    if study.cost_pair is not None:
-        twin_config = next(a.config for a in study.arms if a.key == study.cost_pair[1])
-        twins = [a.key for a in study.arms if a.config == twin_config]
+    twins = twin_arms(study)
     best_twin = envelope(costed, twins)
     for colour, arm in zip(colours, study.arms, strict=False):
         if arm.key in twins:
@@ -600,13 +605,11 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
         "twin_epochs": {key: budget_margins(costed, key, study.reference) for key in others},
     }
     if study.cost_pair is not None:  # every distilled arm against the best of all twin arms
-        twin_config = next(a.config for a in study.arms if a.key == study.cost_pair[1])
-        twins = [a.key for a in study.arms if a.config == twin_config]
         for axis, data in (("wall_time", curves), ("twin_epochs", costed)):
             best = {**data, BEST_TWIN: envelope(data, twins)}
             budgets[f"{axis}_vs_best_twin"] = {
                 a.key: budget_margins(best, a.key, BEST_TWIN)
-                for a in study.arms if a.config != twin_config
+                for a in study.arms if a.key not in twins
             }  # fmt: skip
     return budgets
 
@@ -616,6 +619,14 @@ def wrap(text: str, width: int = 75) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
+
+
+def twin_arms(study: Study) -> list[str]:
+    """The keys of the undistilled arms: those of the cost pair's twin config (else the reference)."""
+    if study.cost_pair is None:
+        return [study.reference]
+    twin_config = next(a.config for a in study.arms if a.key == study.cost_pair[1])
+    return [a.key for a in study.arms if a.config == twin_config]
 
 
 #: The pseudo-arm of :func:`envelope`: at every budget, the best any twin arm of the seed had.
@@ -669,18 +680,17 @@ def main() -> int:
             print(f"kanji_study: error: {name} needs the teacher {teacher}; train it first "
                   "(see the usage at the top of this script).", file=sys.stderr)  # fmt: skip
             return 2
-        if opts.replot:  # redraw only: never start the training a missing run would need
-            missing = [f"{out / name / a.key}/seed_{seed}" for a in study.arms for seed in opts.seeds
-                       if not (out / name / a.key / f"seed_{seed}" / "done.json").is_file()]  # fmt: skip
-            if missing or not (opts.results / f"{name}.json").is_file():
-                print(f"kanji_study: error: --replot needs the finished study (its runs under --out "
-                      f"and {opts.results / name}.json); missing: "
-                      f"{', '.join(missing) or opts.results / f'{name}.json'}", file=sys.stderr)  # fmt: skip
-                return 2
         began = time.perf_counter()
-        runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
-        if opts.replot:
+        if opts.replot:  # redraw only: never train (or clear) a missing or outdated run
             saved = opts.results / f"{name}.json"
+            try:
+                if not saved.is_file():
+                    raise FileNotFoundError(f"no {saved}: evaluate the study first")
+                runs = train(study, opts.seeds, out, opts.jobs, opts.smoke, finished_only=True)
+            except FileNotFoundError as error:
+                print(f"kanji_study: error: --replot needs the finished study: {error}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
             results = json.loads(saved.read_text())
             results["budgets"] = plot_curves(
                 study, runs, opts.results / f"{name}_accuracy_vs_time.png"
@@ -688,6 +698,7 @@ def main() -> int:
             saved.write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps(results["budgets"], indent=2))
             continue
+        runs = train(study, opts.seeds, out, opts.jobs, opts.smoke)
         if opts.train_only:
             print(
                 f"[study] {name}: trained {', '.join(runs)}; evaluate with a call without --train_only"
