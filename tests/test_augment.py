@@ -14,6 +14,7 @@ from lightning_metakd.data.augment import (
     Compose,
     ElasticDistortion,
     RandomAffine,
+    RandomLowResolution,
     gaussian_kernel,
 )
 from lightning_metakd.data.dataset import view_seeds
@@ -25,6 +26,7 @@ TRANSFORMS = {
     "affine": lambda: RandomAffine(degrees=30, shear=15, scale=(0.8, 1.2), translate=0.1),
     "elastic": lambda: ElasticDistortion(alpha=34.0, sigma=4.0),
     "both": lambda: Compose([RandomAffine(), ElasticDistortion(alpha=8.0, sigma=3.0)]),
+    "low_resolution": lambda: RandomLowResolution(probability=1.0, sizes=(2, 11)),
 }
 
 
@@ -62,6 +64,30 @@ def test_identity_settings_give_the_image_back():
     image = torch.rand(2, 20, 20)
     assert torch.allclose(RandomAffine(0, 0, (1, 1), 0)(image), image, atol=1e-5)
     assert torch.allclose(ElasticDistortion(alpha=0.0)(image), image, atol=1e-5)
+    assert torch.equal(RandomLowResolution(probability=0.0)(image), image)
+    assert torch.equal(RandomLowResolution(probability=1.0, sizes=(20, 30))(image), image)
+
+
+def test_a_coarse_scan_averages_blocks():
+    # a 2 x 2 checkerboard at 16 px, scanned at 8 px: every block holds two inked pixels of
+    # four, so the scan is 0.5 everywhere, and scaling a constant back up keeps it
+    checker = ((torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2).float()[None]
+    out = RandomLowResolution(probability=1.0, sizes=(8, 8))(checker)
+    torch.testing.assert_close(out, torch.full_like(checker, 0.5), atol=1e-5, rtol=0)
+    # a bar 4 px wide at 16 px, scanned at 4 px: ink only in the bar's column of blocks
+    bar = torch.zeros(1, 16, 16)
+    bar[:, :, 4:8] = 1.0
+    coarse = RandomLowResolution(probability=1.0, sizes=(4, 4))(bar)
+    assert coarse[0, 8, 5] > 0.8 and coarse[0, 8, 14] < 0.1
+    assert not torch.equal(coarse, bar)
+
+
+def test_low_resolution_scans_about_its_share_of_a_batch():
+    torch.manual_seed(0)
+    images = torch.rand(400, 1, 12, 12)
+    out = RandomLowResolution(probability=0.25, sizes=(4, 6))(images)
+    scanned = sum(not torch.equal(a, b) for a, b in zip(out, images, strict=True))
+    assert 70 <= scanned <= 130  # binomial(400, 0.25): 100 ± 8.7
 
 
 def test_a_zoom_by_two_halves_the_slope_of_a_ramp():
@@ -121,6 +147,11 @@ def test_elastic_field_is_smooth_and_scales_with_alpha():
         (lambda: RandomAffine(fill=255), "fill must be"),
         (lambda: ElasticDistortion(sigma=0), "sigma must be a positive"),
         (lambda: ElasticDistortion(alpha=float("nan")), "alpha must be"),
+        (lambda: RandomLowResolution(probability=1.5), "probability must be a number in"),
+        (lambda: RandomLowResolution(sizes=(0, 4)), "sizes must be"),
+        (lambda: RandomLowResolution(sizes=(8, 4)), "sizes must be"),
+        (lambda: RandomLowResolution(sizes=(8.5, 9)), "sizes must be"),
+        (lambda: RandomLowResolution()(torch.zeros(28, 28)), r"float images \[C, H, W\]"),
         (lambda: Compose(RandomAffine()), "transforms must be a list"),
         (lambda: Compose([1]), "not"),
         (lambda: RandomAffine()(torch.zeros(28, 28)), r"float images \[C, H, W\]"),

@@ -1,6 +1,11 @@
 """Episodic data: episodes, the episode sampler, and one DataModule per data source."""
 
-from lightning_metakd.data.augment import Compose, ElasticDistortion, RandomAffine
+from lightning_metakd.data.augment import (
+    Compose,
+    ElasticDistortion,
+    RandomAffine,
+    RandomLowResolution,
+)
 from lightning_metakd.data.datamodule import EpisodicDataModule
 from lightning_metakd.data.dataset import ClassDataset
 from lightning_metakd.data.episode import Episode, TaskSpec
@@ -30,4 +35,4 @@ __all__ += [
     "OmniglotDataModule",
 ]
 __all__ += ["Learn2LearnDataModule"]
-__all__ += ["Compose", "ElasticDistortion", "RandomAffine"]
+__all__ += ["Compose", "ElasticDistortion", "RandomAffine", "RandomLowResolution"]

@@ -9,7 +9,7 @@ of a :class:`~lightning_metakd.modules.DistillationModule` already receive the s
 tensors, so an augmentation in the data pipeline (``train_transform`` of any data module) is
 consistent by construction.
 
-Two augmentations for character images (KanjiVG, Omniglot, class folders; all go through
+Augmentations for character images (KanjiVG, Omniglot, class folders; all go through
 :class:`~lightning_metakd.data.ClassDataset`), each a small callable class with plain
 constructor arguments, so LightningCLI builds it from YAML::
 
@@ -23,6 +23,9 @@ constructor arguments, so LightningCLI builds it from YAML::
 - :class:`ElasticDistortion` — Simard, Steinkraus & Platt (2003), "Best Practices for
   Convolutional Neural Networks Applied to Visual Document Analysis", §2: a smoothed random
   displacement field, the distortion a pen stroke plausibly has;
+- :class:`RandomLowResolution` — a coarse scan: the image reduced to a few pixels a side by
+  area averaging and scaled back up (as the UCI digits count ink in 4 × 4 blocks, and as
+  low-resolution sensors and thumbnails look);
 - :class:`Compose` — several of them in order.
 
 Random numbers come from torch's default CPU generator. A :class:`~lightning_metakd.data.
@@ -232,6 +235,69 @@ class ElasticDistortion:
         return f"ElasticDistortion(alpha={self.alpha}, sigma={self.sigma}, fill={self.fill})"
 
 
+class RandomLowResolution:
+    """A coarse scan, with probability ``probability``: reduce to ``s × s`` pixels, scale back up.
+
+    For each image, with probability ``probability``, a side ``s`` is drawn uniformly from the
+    integers ``sizes[0] … sizes[1]``; the image is reduced to ``s × s`` by area averaging (each
+    output pixel the mean ink of its block, as a scanner of coarse cells counts it) and scaled
+    back to its size bicubically (antialiased), then clipped to [0, 1]. The other images pass
+    unchanged. The handwriting renderer draws such scans for a fifth of its drawings
+    (``HandwritingConfig.low_resolution``); as a view, the teacher and the student see the same
+    coarse scan of any data set.
+
+    Shapes: ``[C, H, W]`` → ``[C, H, W]`` (a batch ``[B, C, H, W]`` draws per image).
+
+    Args:
+        probability: the chance that an image is scanned coarsely, 0 to 1.
+        sizes: ``(low, high)`` sides in pixels, ``1 ≤ low ≤ high``; sides at or above the
+            image's leave it as it is.
+
+    Example:
+        >>> import torch
+        >>> image = torch.rand(1, 28, 28)
+        >>> torch.equal(RandomLowResolution(probability=0.0)(image), image)
+        True
+        >>> RandomLowResolution(probability=1.0, sizes=(8, 8))(image).shape
+        torch.Size([1, 28, 28])
+    """
+
+    def __init__(self, probability: float = 0.5, sizes: tuple[int, int] = (8, 16)) -> None:
+        self.probability = _check_range(probability, "probability", 0, 1, "probability=0.5")
+        if (
+            not isinstance(sizes, Sequence)
+            or len(sizes) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
+            or not 1 <= sizes[0] <= sizes[1]
+        ):
+            raise ValueError(
+                f"sizes must be (low, high) whole pixels with 1 <= low <= high, got {sizes!r}; "
+                "e.g. sizes: [8, 16]."
+            )
+        self.sizes = (int(sizes[0]), int(sizes[1]))
+
+    def __call__(self, image: Tensor) -> Tensor:
+        images, single = _as_batch(image, "RandomLowResolution")
+        height, width = images.shape[-2:]
+        u = torch.rand(len(images), dtype=torch.float64)
+        low, high = self.sizes
+        sides = torch.randint(low, high + 1, (len(images),))
+        out = images.clone()
+        for i in range(len(images)):
+            side = int(sides[i])
+            if u[i] >= self.probability or side >= min(height, width):
+                continue
+            coarse = F.interpolate(images[i : i + 1], size=(side, side), mode="area")
+            fine = F.interpolate(
+                coarse, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+            )
+            out[i] = fine[0].clamp(0.0, 1.0)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"RandomLowResolution(probability={self.probability}, sizes={self.sizes})"
+
+
 class Compose:
     """Several transforms applied in order: ``transforms[-1](... transforms[0](image))``.
 
@@ -265,4 +331,4 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-__all__ = ["Compose", "ElasticDistortion", "RandomAffine", "gaussian_kernel"]
+__all__ = ["Compose", "ElasticDistortion", "RandomAffine", "RandomLowResolution", "gaussian_kernel"]
