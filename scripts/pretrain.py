@@ -31,6 +31,7 @@ Usage::
         --package_dir runs/pretrain-mixed-1/package                  # a seed outside the package
     python scripts/pretrain.py --summarize runs/pretrain-*/package/manifest.json   # over seeds
     python scripts/pretrain.py --summarize docs/results/pretrained_seeds.json runs/pretrain-mixed-*/package/manifest.json
+    python scripts/pretrain.py --measure a=runs/a/best.ckpt b=runs/b/best.ckpt --measure_out m.json
 
 Each render style has its pair of names (``PAIRS``); packaging one pair replaces its own two
 entries of ``manifest.json`` and keeps the other's. ``--seed N --out DIR --package_dir DIR/package``
@@ -252,6 +253,35 @@ def own_classes() -> dict[str, Any]:
             for name, r in found["results"].get("own classes", {}).items()
         },
     }
+
+
+def measure_only(labelled: list[str], out: Path, episodes: int) -> dict[str, Any]:
+    """``--measure LABEL=CKPT ...``: every checkpoint on the package's tests, nothing packaged."""
+    files = {}
+    for item in labelled:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not Path(path).is_file():
+            raise SystemExit(
+                f"--measure takes LABEL=CHECKPOINT with an existing file, got {item!r}."
+            )
+        files[label] = Path(path)
+    measured = measure_models(files, 600, episodes)
+    tests = ["kanji", *HANDWRITING_TESTS]
+    lines = ["| model | " + " | ".join(tests) + " |", "|---|" + "---:|" * len(tests)]
+    rows = [
+        ("pixels", measured["pixels"]),
+        *((n, m["accuracy"]) for n, m in measured["models"].items()),
+    ]
+    for name, row in rows:
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * row[t]['acc']:.2f}" for t in tests) + " |"
+        )
+    print("\n".join(lines))
+    measured["checkpoints"] = {label: str(path) for label, path in files.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(measured, indent=2) + "\n")
+    say(f"wrote {out}")
+    return measured
 
 
 # -- packaging ----------------------------------------------------------------------------------------
@@ -491,7 +521,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(or an earlier --summary_out JSON)")  # fmt: skip
     parser.add_argument("--summary_out", type=Path, default=ROOT / "docs/results/pretrained_seeds.json",
                         help="with --summarize: where the JSON goes")  # fmt: skip
+    parser.add_argument("--measure", nargs="+", metavar="LABEL=CKPT",
+                        help="no training, no packaging: these checkpoints on the package's tests")  # fmt: skip
+    parser.add_argument("--measure_out", type=Path, default=ROOT / "runs" / "measured.json",
+                        help="with --measure: where the JSON goes")  # fmt: skip
     opts = parser.parse_args(argv)
+    if opts.measure:
+        measure_only(opts.measure, opts.measure_out, opts.episodes)
+        return 0
     if opts.summarize:
         missing = [str(p) for p in opts.summarize if not p.is_file()]
         if missing:

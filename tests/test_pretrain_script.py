@@ -113,3 +113,38 @@ def test_summarize_refuses_two_runs_of_one_seed(pretrain, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         pretrain.main(["--summarize", str(tmp_path / "none.json")])
     assert exit_.value.code == 2
+
+
+def test_measure_prints_every_model_beside_pixels_and_writes_json(pretrain, tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    ckpt = tmp_path / "a.ckpt"
+    ckpt.write_bytes(b"")
+    tests = ["kanji", *pretrain.HANDWRITING_TESTS]
+    seen = {}
+
+    def fake_measure(files, kanji_episodes, handwriting_episodes):
+        seen.update(files=files, episodes=(kanji_episodes, handwriting_episodes))
+        row = lambda a: {t: {"acc": a, "ci95": 0.01, "episodes": 600} for t in tests}  # noqa: E731
+        return {"pixels": row(0.5), "models": {"a": {"accuracy": row(0.8125)}}, "date": "d"}
+
+    monkeypatch.setattr(pretrain, "measure_models", fake_measure)
+    out = tmp_path / "m.json"
+    assert (
+        pretrain.main(["--measure", f"a={ckpt}", "--measure_out", str(out), "--episodes", "40"])
+        == 0
+    )
+    assert seen == {"files": {"a": ckpt}, "episodes": (600, 40)}
+    printed = capsys.readouterr().out
+    assert "| pixels | " + " | ".join(["50.00"] * len(tests)) + " |" in printed
+    assert "| a | " + " | ".join(["81.25"] * len(tests)) + " |" in printed
+    found = json.loads(out.read_text())
+    assert (
+        found["checkpoints"] == {"a": str(ckpt)}
+        and found["models"]["a"]["accuracy"]["kanji"]["acc"] == 0.8125
+    )
+
+
+@pytest.mark.parametrize("item", ["no-label.ckpt", "=x.ckpt", "a=/nonexistent/b.ckpt"])
+def test_measure_refuses_a_bad_label_or_a_missing_file(pretrain, item):
+    with pytest.raises(SystemExit, match="--measure takes LABEL=CHECKPOINT"):
+        pretrain.main(["--measure", item])
