@@ -263,3 +263,20 @@ def test_the_kanji_config_turns_the_views_on(tmp_path):
     views = cli.datamodule.train_transform
     assert [type(t).__name__ for t in views.transforms] == ["RandomAffine", "ElasticDistortion"]
     assert cli.datamodule.eval_transform is None
+
+
+def test_the_handwriting_student_config_turns_on_its_recipe(tmp_path):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs/kanji/distill_protonet_handwriting.yaml"
+    cli = run_lightning_cli(
+        ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False
+    )
+    views = cli.datamodule.train_transform
+    assert isinstance(views, RandomLowResolution)
+    assert (views.probability, views.sizes) == (0.5, (8, 16))
+    assert cli.datamodule.eval_transform is None and cli.datamodule.render_style == "mixed"
+    assert cli.model.hparams.teacher_normalization == "population"
+    # Conv4-24: 1*24*9 + 3*24*24*9 conv weights, 4*24 biases, 4*2*24 BatchNorm affine
+    assert sum(p.numel() for p in cli.model.student.parameters()) == 216 + 15552 + 96 + 192
+    assert cli.trainer.max_epochs == 8
