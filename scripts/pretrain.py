@@ -9,6 +9,8 @@ Steps (each run is a real ``metakd fit`` + ``test`` in a subprocess of its own, 
 2. its student, ``kanji-student-conv4-16``: ``configs/kanji/distill_protonet.yaml`` with that
    teacher, ``teacher_normalization: population`` (the teacher's embeddings cached once) and
    8 epochs (StepLR every 3): the "distilled, 8 epochs" arm of ``scripts/kanji_study.py main``;
+   the mixed pair's student, ``kanji-mixed-student-conv4-24``, has its own config
+   (``STUDENT_CONFIGS``: coarse-scan views, a Conv4-24);
 3. packaging (:func:`package`): each best checkpoint stripped to its learner
    (:meth:`~lightning_metakd.modules.Checkpoint.stripped`: the student without the teacher's
    weights, no optimiser state) into ``lightning_metakd/pretrained/<name>.ckpt``, measured
@@ -60,10 +62,14 @@ TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
 PAIRS = {
     "classic": (TEACHER, STUDENT),
     "handwriting": ("kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"),
-    "mixed": ("kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-16"),
+    "mixed": ("kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-24"),
 }
 TEACHER_CONFIG = Path("configs/kanji/protonet.yaml")
 STUDENT_CONFIG = Path("configs/kanji/distill_protonet.yaml")
+#: A render style whose student has a recipe of its own (the others: ``STUDENT_CONFIG``). The
+#: mixed pair's: coarse-scan views and a Conv4-24 (docs/pretrained.md, "A student for real
+#: handwriting").
+STUDENT_CONFIGS = {"mixed": Path("configs/kanji/distill_protonet_handwriting.yaml")}
 #: The student's recipe beyond its config (the teacher's path is added at run time).
 STUDENT_OVERRIDES = {"model.init_args.teacher_normalization": "population", "trainer.max_epochs": 8}
 #: ``--smoke``: every run a few steps, into another folder; the numbers mean nothing.
@@ -99,6 +105,11 @@ def render_overrides(style: str) -> dict[str, Any]:
     return {} if style == "classic" else {"data.init_args.render_style": style}
 
 
+def student_config(style: str) -> Path:
+    """The config a render style's student is distilled with."""
+    return STUDENT_CONFIGS.get(style, STUDENT_CONFIG)
+
+
 def command(config: Path, overrides: dict[str, Any], seed: int) -> str:
     """The ``metakd fit`` command line a run amounts to (``run_seeds`` adds the seed's keys)."""
     flags = [f"--{k} {v}" for k, v in overrides.items()]
@@ -119,13 +130,16 @@ def train(opts: argparse.Namespace) -> tuple[Path, Path, dict[str, dict[str, Any
     teacher = Path(teacher_runs.runs[0].checkpoint)
     student_overrides = {**STUDENT_OVERRIDES, "model.init_args.teacher": str(teacher), **common}
     student_runs = run_seeds(
-        ROOT / STUDENT_CONFIG, [opts.seed], opts.out / "student", student_overrides,
+        ROOT / student_config(opts.render_style), [opts.seed], opts.out / "student",
+        student_overrides,
         name=student_name,
     )  # fmt: skip
     student = Path(student_runs.runs[0].checkpoint)
     records = {
         teacher_name: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
-        student_name: run_record(student, command(STUDENT_CONFIG, student_overrides, opts.seed)),
+        student_name: run_record(
+            student, command(student_config(opts.render_style), student_overrides, opts.seed)
+        ),
     }
     return teacher, student, records
 
@@ -554,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         shown.update(style)
         records = {
             teacher_name: run_record(opts.teacher, command(TEACHER_CONFIG, style, opts.seed)),
-            student_name: run_record(opts.student, command(STUDENT_CONFIG, shown, opts.seed)),
+            student_name: run_record(
+                opts.student, command(student_config(opts.render_style), shown, opts.seed)
+            ),
         }
         teacher, student = opts.teacher, opts.student
     else:

@@ -33,15 +33,25 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = models()
 TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
 HW_TEACHER, HW_STUDENT = "kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"
+MIXED_TEACHER, MIXED_STUDENT = "kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-24"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_package_ships_a_teacher_and_its_student_per_render_style():
-    assert list(MODELS) == [TEACHER, STUDENT, HW_TEACHER, HW_STUDENT]
-    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"] * 2
-    assert [MODELS[n]["render_style"] for n in MODELS] == ["classic"] * 2 + ["handwriting"] * 2
+    assert list(MODELS) == [TEACHER, STUDENT, HW_TEACHER, HW_STUDENT, MIXED_TEACHER, MIXED_STUDENT]
+    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"] * 3
+    styles = ["classic"] * 2 + ["handwriting"] * 2 + ["mixed"] * 2
+    assert [MODELS[n]["render_style"] for n in MODELS] == styles
     assert MODELS[STUDENT]["distilled_from"] == TEACHER
     assert MODELS[HW_STUDENT]["distilled_from"] == HW_TEACHER
+    assert MODELS[MIXED_STUDENT]["distilled_from"] == MIXED_TEACHER
+    # the mixed student is a Conv4-24 (its own recipe), the other students Conv4-16
+    assert [MODELS[n]["parameters"] for n in (STUDENT, HW_STUDENT, MIXED_STUDENT)] == [
+        7248,
+        7248,
+        16056,
+    ]
+    assert "distill_protonet_handwriting.yaml" in MODELS[MIXED_STUDENT]["trained"]["command"]
     assert {MODELS[n]["seed"] for n in MODELS} == {0}  # seed 0 of each, chosen before training
 
 
