@@ -129,17 +129,14 @@ def train(opts: argparse.Namespace) -> tuple[Path, Path, dict[str, dict[str, Any
     )
     teacher = Path(teacher_runs.runs[0].checkpoint)
     student_overrides = {**STUDENT_OVERRIDES, "model.init_args.teacher": str(teacher), **common}
+    config = student_config(opts.render_style)
     student_runs = run_seeds(
-        ROOT / student_config(opts.render_style), [opts.seed], opts.out / "student",
-        student_overrides,
-        name=student_name,
-    )  # fmt: skip
+        ROOT / config, [opts.seed], opts.out / "student", student_overrides, name=student_name
+    )
     student = Path(student_runs.runs[0].checkpoint)
     records = {
         teacher_name: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
-        student_name: run_record(
-            student, command(student_config(opts.render_style), student_overrides, opts.seed)
-        ),
+        student_name: run_record(student, command(config, student_overrides, opts.seed)),
     }
     return teacher, student, records
 
