@@ -17,7 +17,7 @@ from lightning_metakd.data.augment import (
     RandomLowResolution,
     gaussian_kernel,
 )
-from lightning_metakd.data.dataset import view_seeds
+from lightning_metakd.data.dataset import fixed_view_seed, view_seeds
 from lightning_metakd.lightning_cli import run_lightning_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -280,3 +280,61 @@ def test_the_handwriting_student_config_turns_on_its_recipe(tmp_path):
     # Conv4-24: 1*24*9 + 3*24*24*9 conv weights, 4*24 biases, 4*2*24 BatchNorm affine
     assert sum(p.numel() for p in cli.model.student.parameters()) == 216 + 15552 + 96 + 192
     assert cli.trainer.max_epochs == 8
+
+
+def test_stored_views_are_a_fixed_set_per_image_and_named_by_view_index():
+    views = 3
+    data = dataset(TRANSFORMS["both"]())
+    data.views = views
+    plain = dataset(None)
+    shown: dict[int, dict[int, torch.Tensor]] = {}
+    for t in range(40):  # the image 10 in many tasks: always one of its 3 views
+        other = 5 + t % 5
+        query = other + 1 if other < 9 else 5
+        spec = TaskSpec(classes=(2, 1), support=(10, other), query=(11, query))
+        support_x, _, query_x, _, _, support_index, query_index = data[spec]
+        for x, i, sample in zip(support_x, support_index, spec.support, strict=True):
+            base, view = divmod(int(i), views)
+            assert base == sample and 0 <= view < views
+            known = shown.setdefault(base, {})
+            if view in known:
+                assert torch.equal(known[view], x)  # the same view, whatever the task
+            known[view] = x
+        assert [int(i) // views for i in query_index] == list(spec.query)
+    assert len(shown[10]) == views  # every view was drawn, and they are distinct images
+    again = dataset(TRANSFORMS["both"]())  # a new process's dataset: nothing stored yet
+    again.views = views
+    for t in range(6):  # it makes the same views (the same seeds), not only keeps them
+        spec = TaskSpec(classes=(2, 1), support=(10, 5 + t % 5), query=(11, 5 + (t + 1) % 5))
+        support_x, *_, support_index, _ = again[spec]
+        assert torch.equal(support_x[0], shown[10][int(support_index[0]) % views])
+    first, second, third = (shown[10][k] for k in range(views))
+    assert not torch.equal(first, second) and not torch.equal(second, third)
+    unaugmented = plain[TaskSpec(classes=(2, 1), support=(10, 5), query=(11, 6))][0][0]
+    assert all(not torch.allclose(x, unaugmented) for x in shown[10].values())
+    # without views (or without a transform) indices stay sample indices
+    assert plain[TaskSpec((2, 1), (10, 5), (11, 6))][5].tolist() == [10, 5]
+    plain.views = views  # views without a transform change nothing
+    assert plain[TaskSpec((2, 1), (10, 5), (11, 6))][5].tolist() == [10, 5]
+
+
+def test_a_stored_view_depends_on_the_image_and_view_alone():
+    assert fixed_view_seed(10, 3) == fixed_view_seed(10, 3)
+    seeds = {fixed_view_seed(i, k) for i in range(20) for k in range(4)}
+    assert len(seeds) == 80
+
+
+def test_train_views_reach_the_training_split_and_bad_values_are_clear_errors():
+    dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=2, steps_per_epoch=2,
+                        train_transform=TRANSFORMS["affine"](), train_views=2)  # fmt: skip
+    dm.setup("fit")
+    assert dm.splits["train"].views == 2 and dm.splits["val"].views is None
+    episode = next(iter(dm.train_dataloader()))
+    assert int(episode.support_index.max()) < 2 * len(dm.splits["train"])
+    with pytest.raises(ValueError, match="train_views must be at least 1"):
+        TinyDataModule(train_views=0)
+    with pytest.raises(ValueError, match="no train_transform.*remove train_views"):
+        TinyDataModule(train_views=2).setup("fit")
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="views must be at least 1"):
+        ClassDataset(images, [0, 0, 1, 1], ["a", "b"], views=0)

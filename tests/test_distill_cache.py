@@ -168,3 +168,28 @@ def test_fit_calibrates_the_teacher_and_fills_the_cache(tmp_path):
     assert bool(model.teachers[0].calibrated)
     (cache,) = model._caches
     assert 0 < cache.computed <= 3 * 2 * 3 * 3  # at most every image of the 3 steps
+
+
+def test_stored_views_keep_the_cache_one_row_per_view(tmp_path):
+    """``train_views``: "auto" still gives population statistics and caches, now per view; the
+    cached teacher answers each view as running the teacher on it does."""
+    model = make_distiller(teacher(policy="transductive"))
+    trainer = fit_briefly(model, tmp_path, train_transform=RandomAffine(degrees=20), train_views=2)
+    assert model.teachers[0].normalization == "population"
+    (cache,) = model._caches
+    assert cache is not None and cache.computed > 0
+    train = trainer.datamodule.splits["train"]
+    assert len(cache.table) <= 2 * len(train)
+    loader = iter(trainer.datamodule.train_dataloader())
+    batches = [next(loader) for _ in range(2)]
+    results = {}
+    for cached in (False, True):
+        distiller = make_distiller(teacher(), Conv4(hidden=4, image_size=16), cache_teachers=cached,
+                                   terms=[TaskLoss(), SoftLabels(weight=1.0)])  # fmt: skip
+        for batch in (*batches, batches[0]):
+            out = distiller.episode_loss(batch)
+        results[cached] = out.terms["soft_labels"], distiller._caches[0]
+    torch.testing.assert_close(results[True][0], results[False][0])
+    seen = torch.cat([b.support_index.flatten() for b in batches] +
+                     [b.query_index.flatten() for b in batches]).unique()  # fmt: skip
+    assert results[True][1].computed == len(seen)  # one teacher pass per view drawn

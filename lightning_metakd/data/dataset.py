@@ -104,6 +104,13 @@ class ClassDataset(Dataset):
             augmentation leaves the random numbers of everything else (dropout, ...) unchanged.
         rotations: 1, or 4 to add the 90°, 180° and 270° rotations of every class as new classes
             (the Omniglot augmentation of Santoro et al. 2016 and Vinyals et al. 2016).
+        views: with a ``transform``, a fixed set of ``views`` views per image instead of a new one
+            at every draw: each draw picks one of them (from the task's seed), view ``k`` of sample
+            ``i`` is always the same image (seeded from ``(i, k)`` alone, :func:`fixed_view_seed`),
+            and the sample indices a task returns become view indices ``i * views + k``, so that
+            per-image tables (the teacher cache, ``distill/cache.py``) hold one row per view —
+            the stored views of Fast Knowledge Distillation (Shen & Xing 2022). ``None``: a new
+            view at every draw.
 
     Example:
         >>> images = torch.randint(0, 255, (20, 1, 28, 28), dtype=torch.uint8)
@@ -126,7 +133,12 @@ class ClassDataset(Dataset):
         invert: bool = False,
         transform: Transform | None = None,
         rotations: int = 1,
+        views: int | None = None,
     ) -> None:
+        if views is not None and views < 1:
+            raise ValueError(
+                f"views must be at least 1 (or None for a new view per draw), got {views}."
+            )
         if rotations not in (1, 4):
             raise ValueError(f"rotations must be 1 or 4, got {rotations}.")
         if channels not in (1, 3):
@@ -163,6 +175,7 @@ class ClassDataset(Dataset):
         self.channels = channels
         self.invert = invert
         self.transform = transform
+        self.views = views
         self._index(rotations, {k: list(v) for k, v in (groups or {}).items()})
 
     def _index(self, rotations: int, base_groups: Mapping[str, Sequence[int]]) -> None:
@@ -188,6 +201,7 @@ class ClassDataset(Dataset):
         if rotations not in (1, 4):
             raise ValueError(f"rotations must be 1 or 4, got {rotations}.")
         rotated = copy.copy(self)
+        rotated.__dict__.pop("_views_made", None)  # its sample indices name other images
         rotated._index(rotations, self.base_groups)
         return rotated
 
@@ -259,8 +273,16 @@ class ClassDataset(Dataset):
         ways = spec.ways
 
         seeds = view_seeds(spec) if self.transform is not None else None
+        fixed = self.views if seeds is not None else None
+        # With fixed views, the task's seed of an image only picks which of its views it shows.
+        picks = seeds % fixed if fixed is not None else None
 
         def load(indices: Sequence[int], first: int) -> Tensor:
+            if fixed is not None:
+                views = [
+                    self._stored_view(int(i), int(picks[first + j])) for j, i in enumerate(indices)
+                ]
+                return torch.stack(views)
             images = [self.load_image(i) for i in indices]
             if seeds is not None:
                 images = [
@@ -268,18 +290,50 @@ class ClassDataset(Dataset):
                 ]
             return torch.stack(images)
 
+        def index(indices: Sequence[int], first: int) -> Tensor:
+            index = torch.tensor(indices, dtype=torch.long)
+            if fixed is None:
+                return index
+            view = torch.from_numpy(picks[first : first + len(indices)].astype(np.int64))
+            return index * fixed + view
+
         support_y = torch.arange(ways).repeat_interleave(spec.shots)
         query_y = torch.arange(ways).repeat_interleave(spec.queries)
         classes = torch.tensor(spec.classes, dtype=torch.long)
         support_x, query_x = load(spec.support, 0), load(spec.query, len(spec.support))
-        indices = [torch.tensor(i, dtype=torch.long) for i in (spec.support, spec.query)]
+        indices = [index(spec.support, 0), index(spec.query, len(spec.support))]
         return support_x, support_y, query_x, query_y, classes, *indices
+
+    def _stored_view(self, index: int, view: int) -> Tensor:
+        """View ``view`` of sample ``index``: made once, then kept (in this process; a persistent
+        DataLoader worker keeps its own), since it is always the same image."""
+        store = self.__dict__.get("_views_made")
+        if store is None or store[0] is not self.transform or store[1] != self.views:
+            store = self._views_made = (self.transform, self.views, {})
+        key = index * self.views + view
+        made = store[2].get(key)
+        if made is None:
+            image = self.load_image(index)
+            made = store[2][key] = self._transformed(image, fixed_view_seed(index, view))
+        return made
 
     def _transformed(self, image: Tensor, seed: int) -> Tensor:
         # Only the CPU generator is forked and seeded: torch.manual_seed would reseed CUDA too.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             return self.transform(image)
+
+
+def fixed_view_seed(index: int, view: int) -> int:
+    """The seed of view ``view`` of sample ``index`` when a split keeps a fixed set of views per
+    image (``ClassDataset(views=...)``): a function of the two alone, so the view is the same image
+    in every task, epoch, worker and resume.
+
+    Example:
+        >>> fixed_view_seed(10, 3) == fixed_view_seed(10, 3) != fixed_view_seed(10, 4)
+        True
+    """
+    return int(np.random.SeedSequence([int(index), int(view), 0x56494557]).generate_state(1)[0])
 
 
 def view_seeds(spec: TaskSpec) -> np.ndarray:

@@ -8,7 +8,8 @@ can be computed the first time the image is drawn and looked up afterwards — t
 costs almost nothing after the first epoch, and what the student learns is unchanged (the same
 embeddings, the same prototypes, the same targets). With batch statistics (transductive, support)
 an embedding depends on its batch and nothing can be cached; nor with augmentation that draws a
-new view of an image every time.
+new view of an image every time. With a fixed set of views per image (the data module's
+``train_views``) the episodes carry view indices, and the table holds one row per view.
 
 :class:`TeacherCache` holds the table; :class:`TableLookup` is a "model" whose forward looks its
 input indices up, so the teacher's own algorithm (``adapt``/``logits``) runs on it unchanged.

@@ -301,11 +301,17 @@ class DistillationModule(EpisodicModule):
         super().setup(stage)
         data = getattr(self._trainer, "datamodule", None)
         train = getattr(data, "splits", {}).get("train") if data is not None else None
-        augmented = train is not None and train.transform is not None
+        # A fixed set of views per image (train_views) keeps outputs per-image: one row per view.
+        augmented = (
+            train is not None
+            and train.transform is not None
+            and getattr(train, "views", None) is None
+        )
         if augmented and any(self._caches):
             rank_zero_info(
                 "lightning-metakd: teacher outputs are not cached: the training images are "
-                "augmented (a new view at every draw), so the teachers run on every task."
+                "augmented (a new view at every draw), so the teachers run on every task; "
+                "data.init_args.train_views keeps a fixed set of views that can be cached."
             )
             self._caches = [None] * len(self._caches)
         elif (
