@@ -55,3 +55,27 @@ def test_envelope_is_the_best_of_several_twins(study):
 def test_axis_labels_are_wrapped_to_fit(study):
     label = study.wrap("word " * 40, 30)
     assert all(len(line) <= 30 for line in label.splitlines()) and label.count("\n") >= 5
+
+
+def test_spread_places_a_runs_cost_as_its_wall_time_went(study):
+    # a cold first epoch took 30 s, the next two 10 s each: of a 6-twin-epoch cost, 3.6 comes first
+    found = study.spread([(30.0, 1, 0.5), (40.0, 2, 0.6), (50.0, 3, 0.7)], 6.0)
+    assert [t for t, _, _ in found] == pytest.approx([3.6, 4.8, 6.0])
+    assert [(s, a) for _, s, a in found] == [(1, 0.5), (2, 0.6), (3, 0.7)]
+
+
+def test_the_patient_study_distils_on_stored_views_against_both_twins(study):
+    patient = study.STUDIES["patient"]
+    arms = {a.key: a for a in patient.arms}
+    views = arms["distilled-views-48"]
+    assert views.config == "distill_protonet_augmented.yaml"
+    assert views.overrides["data.init_args.train_views"] == study.STORED_VIEWS
+    assert study.max_epochs(patient, views) == 48
+    assert study.max_epochs(patient, arms["twin-96"]) == 96
+    assert arms["twin-views-96"].overrides["data.init_args.train_transform"] == study.VIEWS
+    assert study.twin_arms(patient) == ["twin-96", "twin-views-96"]  # the envelope takes both
+    # the twin's views are the augmented config's, so only the teacher differs
+    import yaml
+
+    config = yaml.safe_load((study.CONFIGS / views.config).read_text())
+    assert config["data"]["init_args"]["train_transform"] == study.VIEWS
