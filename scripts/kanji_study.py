@@ -241,9 +241,13 @@ STUDIES: dict[str, Study] = {
                 ),  # fmt: skip
                 Arm(
                     "twin-views-96",
-                    "Conv4-16 alone, the same views (new at every draw), 96 epochs",
+                    f"Conv4-16 alone, the same {STORED_VIEWS} stored views, 96 epochs",
                     "protonet_conv4_16.yaml",
-                    {"data.init_args.train_transform": VIEWS, **LONGEST_TWIN},
+                    {
+                        "data.init_args.train_transform": VIEWS,
+                        "data.init_args.train_views": STORED_VIEWS,
+                        **LONGEST_TWIN,
+                    },
                 ),  # fmt: skip
                 STORED_VIEWS_48,
             ),

@@ -72,7 +72,9 @@ def test_the_patient_study_distils_on_stored_views_against_both_twins(study):
     assert views.overrides["data.init_args.train_views"] == study.STORED_VIEWS
     assert study.max_epochs(patient, views) == 48
     assert study.max_epochs(patient, arms["twin-96"]) == 96
-    assert arms["twin-views-96"].overrides["data.init_args.train_transform"] == study.VIEWS
+    twin_views = arms["twin-views-96"].overrides  # the very views the student saw: no teacher
+    assert twin_views["data.init_args.train_transform"] == study.VIEWS
+    assert twin_views["data.init_args.train_views"] == study.STORED_VIEWS
     assert study.twin_arms(patient) == ["twin-96", "twin-views-96"]  # the envelope takes both
     # the twin's views are the augmented config's, so only the teacher differs
     import yaml
