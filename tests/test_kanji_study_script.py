@@ -81,3 +81,34 @@ def test_the_patient_study_distils_on_stored_views_against_both_twins(study):
 
     config = yaml.safe_load((study.CONFIGS / views.config).read_text())
     assert config["data"]["init_args"]["train_transform"] == study.VIEWS
+
+
+class _Run:
+    def __init__(self, seed, seconds):
+        self.seed, self.marker = seed, {"seconds": seconds}
+
+
+class _Runs:
+    def __init__(self, *runs):
+        self.runs = list(runs)
+
+
+def test_the_patient_study_costs_each_arm_by_its_own_epochs(study):
+    patient = study.STUDIES["patient"]
+    assert patient.cost_per_arm and patient.cost_pair == ("distilled-views-48", "twin-96")
+    # per epoch: twin 10 s, its views twin 12 s, distilled-64 12.5 s, distilled on views 15 / 17 s
+    runs = {
+        "twin-96": _Runs(_Run(0, 960.0), _Run(1, 960.0)),
+        "twin-views-96": _Runs(_Run(0, 1152.0)),
+        "distilled-64": _Runs(_Run(0, 800.0)),
+        "distilled-views-48": _Runs(_Run(0, 720.0), _Run(1, 816.0)),
+    }
+    cost = study.epoch_cost(patient, runs)
+    assert cost == pytest.approx(
+        {"twin-96": 1.0, "twin-views-96": 1.2, "distilled-64": 1.25, "distilled-views-48": 1.6}
+    )
+    equal = study.STUDIES["equal"]  # one ratio, the cost pair's, for the arms of its config
+    found = study.epoch_cost(
+        equal, {"twin-96": runs["twin-96"], "distilled-64": runs["distilled-64"]}
+    )
+    assert found == pytest.approx({"twin-96": 1.0, "distilled-64": 1.25})
