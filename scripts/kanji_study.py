@@ -21,6 +21,10 @@ Studies (``STUDIES``; the teachers are trained once, by their own configs):
 - ``equal``: the 64-epoch distilled student against the twin given its compute (96 epochs, its
   schedule stretched alike), the reference; the cost of a distillation epoch in twin epochs is
   their per-epoch wall-time ratio, trained side by side.
+- ``patient``: function matching at equal compute — the student distilled on 4 stored views per
+  image (``train_views``: the teacher's embeddings of each view cached) for 48 epochs, and without
+  views (64 epochs; with relational distillation too), against the 96-epoch twin; every arm's
+  epoch costs its own wall-time ratio to the twin's.
 - ``ablation``: one knowledge source at a time, then combinations, 6 epochs (the configs' schedule).
 - ``maml``: MAML-anchored distillation, a Conv4-64 MAML teacher → Conv4-16 MAML student: λ over
   a range (λ = 0 included) against soft labels alone.
@@ -32,6 +36,7 @@ Usage (teachers first: ``metakd fit --config configs/kanji/protonet.yaml``, ``..
     OMP_NUM_THREADS=1 python scripts/kanji_study.py main ablation --jobs 2
     OMP_NUM_THREADS=1 python scripts/kanji_study.py maml --seeds 0 1 2 --out runs/study
     OMP_NUM_THREADS=1 python scripts/kanji_study.py equal --seeds 0 1 2 --jobs 2   # about 85 min
+    OMP_NUM_THREADS=1 python scripts/kanji_study.py patient --seeds 0 --jobs 2
     python scripts/kanji_study.py equal --replot       # redraw a finished study's picture
     python scripts/kanji_study.py ablation --smoke     # every arm for 3 steps: do the configs run?
 """
@@ -132,28 +137,6 @@ DISTILLED_64 = Arm(
     "distill_protonet.yaml",
     {**CACHED, **LONGEST},
 )
-#: The augmented config's views (distill_protonet_augmented.yaml: affine, then elastic), for a twin.
-VIEWS = {
-    "class_path": "lightning_metakd.data.augment.Compose",
-    "init_args": {
-        "transforms": [
-            {
-                "class_path": "lightning_metakd.data.augment.RandomAffine",
-                "init_args": {
-                    "degrees": 10,
-                    "shear": 10,
-                    "scale": [0.9, 1.1],
-                    "translate": 0.08,
-                    "fill": 0.0,
-                },
-            },  # fmt: skip
-            {
-                "class_path": "lightning_metakd.data.augment.ElasticDistortion",
-                "init_args": {"alpha": 34.0, "sigma": 4.0, "fill": 0.0},
-            },
-        ]
-    },
-}
 #: Views per training image kept fixed (``train_views``), so the teacher's outputs on them are
 #: cached: function matching at a cost near distillation without views. 48 epochs draw each of
 #: KanjiVG's 89,380 training images 16 times, each of its 4 views 4 times: the teacher embeds a
@@ -242,17 +225,13 @@ STUDIES: dict[str, Study] = {
                     "protonet_conv4_16.yaml",
                     LONGEST_TWIN,
                 ),  # fmt: skip
-                Arm(
-                    "twin-views-96",
-                    f"Conv4-16 alone, the same {STORED_VIEWS} stored views, 96 epochs",
-                    "protonet_conv4_16.yaml",
-                    {
-                        "data.init_args.train_transform": VIEWS,
-                        "data.init_args.train_views": STORED_VIEWS,
-                        **LONGEST_TWIN,
-                    },
-                ),  # fmt: skip
                 DISTILLED_64,
+                Arm(
+                    "distilled-rkd-64",
+                    "Conv4-16 distilled + relational (RKD), 64 epochs (StepLR step 12)",
+                    "distill_protonet.yaml",
+                    _distill([TASK, SOFT, term("RelationalKD", weight=1.0)], **CACHED, **LONGEST),
+                ),  # fmt: skip
                 STORED_VIEWS_48,
             ),
             reference="twin-96",

@@ -178,6 +178,10 @@ class ClassDataset(Dataset):
         self.views = views
         self._index(rotations, {k: list(v) for k, v in (groups or {}).items()})
 
+    #: The memory that made views (``views``) may keep per process; past it they are made again.
+    #: KanjiVG's 89,380 training images with 4 views at 28 px keep 1.1 GB.
+    stored_views_bytes: int = 2 * 1024**3
+
     def _index(self, rotations: int, base_groups: Mapping[str, Sequence[int]]) -> None:
         """Derive the (possibly rotated) class index: names, labels, members of each class, groups."""
         r = self.rotations = rotations
@@ -305,16 +309,20 @@ class ClassDataset(Dataset):
         return support_x, support_y, query_x, query_y, classes, *indices
 
     def _stored_view(self, index: int, view: int) -> Tensor:
-        """View ``view`` of sample ``index``: made once, then kept (in this process; a persistent
-        DataLoader worker keeps its own), since it is always the same image."""
+        """View ``view`` of sample ``index``: made once, then kept while the views kept stay under
+        :attr:`stored_views_bytes` (in this process; a persistent DataLoader worker keeps its
+        own), and made again past it — the same image either way."""
         store = self.__dict__.get("_views_made")
         if store is None or store[0] is not self.transform or store[1] != self.views:
-            store = self._views_made = (self.transform, self.views, {})
+            store = self._views_made = (self.transform, self.views, {}, [0])
         key = index * self.views + view
         made = store[2].get(key)
         if made is None:
-            image = self.load_image(index)
-            made = store[2][key] = self._transformed(image, fixed_view_seed(index, view))
+            made = self._transformed(self.load_image(index), fixed_view_seed(index, view))
+            size = made.element_size() * made.nelement()
+            if store[3][0] + size <= self.stored_views_bytes:
+                store[2][key] = made
+                store[3][0] += size
         return made
 
     def _transformed(self, image: Tensor, seed: int) -> Tensor:
