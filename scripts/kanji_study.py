@@ -131,6 +131,10 @@ LONGEST = {"trainer.max_epochs": 64, "model.init_args.lr_scheduler.init_args.ste
 #: The twin given the 64-epoch distilled arm's compute: 64 distillation epochs cost 94 twin epochs
 #: at the main study's 1.47x, rounded up to 96 with the same schedule's shape (StepLR every 18).
 LONGEST_TWIN = {"trainer.max_epochs": 96, "model.init_args.lr_scheduler.init_args.step_size": 18}
+#: Early-stopped distillation (``knowledge_epochs``): 8 distilled epochs (each about 1.2-1.5 twin
+#: epochs), then 82 of the task loss alone (a twin epoch each): at most the 96-epoch twin's compute,
+#: its StepLR shape.
+EARLY_STOPPED = {"trainer.max_epochs": 90, "model.init_args.lr_scheduler.init_args.step_size": 18}
 DISTILLED_64 = Arm(
     "distilled-64",
     "Conv4-16 distilled, 64 epochs (StepLR step 12)",
@@ -227,10 +231,10 @@ STUDIES: dict[str, Study] = {
                 ),  # fmt: skip
                 DISTILLED_64,
                 Arm(
-                    "distilled-rkd-64",
-                    "Conv4-16 distilled + relational (RKD), 64 epochs (StepLR step 12)",
+                    "distilled-early-90",
+                    "Conv4-16 distilled 8 epochs, then alone to 90 (StepLR step 18)",
                     "distill_protonet.yaml",
-                    _distill([TASK, SOFT, term("RelationalKD", weight=1.0)], **CACHED, **LONGEST),
+                    {**CACHED, "model.init_args.knowledge_epochs": 8, **EARLY_STOPPED},
                 ),  # fmt: skip
                 STORED_VIEWS_48,
             ),

@@ -193,3 +193,35 @@ def test_stored_views_keep_the_cache_one_row_per_view(tmp_path):
     seen = torch.cat([b.support_index.flatten() for b in batches] +
                      [b.query_index.flatten() for b in batches]).unique()  # fmt: skip
     assert results[True][1].computed == len(seen)  # one teacher pass per view drawn
+
+
+def test_knowledge_epochs_stop_the_knowledge_terms_and_the_teachers(tmp_path):
+    """Early-stopped distillation: every term for the first epoch, then the task loss alone, and
+    the teachers no longer run (their cache stops growing)."""
+    import lightning as L
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            cache = pl_module._caches[0]
+            terms = sorted(pl_module.episode_loss(batch).terms)
+            seen.append((trainer.current_epoch, terms, pl_module._needs_teachers(), cache.computed))
+
+    model = make_distiller(teacher(policy="transductive"), knowledge_epochs=1,
+                           terms=[TaskLoss(), SoftLabels(weight=1.0)])  # fmt: skip
+    dm = TinyDataModule(ways=3, shots=1, queries=2, meta_batch_size=2, steps_per_epoch=2,
+                        val_episodes=2, test_episodes=2, image_size=16)  # fmt: skip
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+              default_root_dir=tmp_path).fit(model, dm)  # fmt: skip
+    assert [(e, t, n) for e, t, n, _ in seen] == [
+        (0, ["soft_labels", "task"], True), (0, ["soft_labels", "task"], True),
+        (1, ["task"], False), (1, ["task"], False), (2, ["task"], False), (2, ["task"], False),
+    ]  # fmt: skip
+    computed = [c for *_, c in seen]
+    assert computed[2] > 0 and computed[2:] == [computed[2]] * 4  # no teacher pass after the stop
+    assert not model.knowledge_on() and model.hparams["knowledge_epochs"] == 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="knowledge_epochs must be a whole number"):
+            make_distiller(teacher(), knowledge_epochs=bad)

@@ -73,6 +73,10 @@ def test_the_patient_study_distils_on_stored_views_against_the_twin(study):
     assert study.max_epochs(patient, views) == 48
     assert study.max_epochs(patient, arms["twin-96"]) == 96
     assert study.twin_arms(patient) == ["twin-96"]
+    assert "distilled-64" in arms  # the same teacher, without views
+    early = arms["distilled-early-90"]  # early-stopped distillation within the twin's compute
+    assert early.overrides["model.init_args.knowledge_epochs"] == 8
+    assert study.max_epochs(patient, early) == 90
 
 
 class _Run:

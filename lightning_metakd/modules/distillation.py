@@ -131,6 +131,12 @@ class DistillationModule(EpisodicModule):
         teacher_precision: ``"32"`` or ``"bf16"``: the frozen teachers' passes under bfloat16
             autocast (their targets scored in float32). The teachers' forward passes are most of
             a distillation step's cost; ``benchmarks/distill_step.py`` measures both.
+        knowledge_epochs: train with every term for the first ``knowledge_epochs`` epochs, then
+            with the task loss alone (early-stopped knowledge distillation, Cho & Hariharan 2019,
+            "On the efficacy of knowledge distillation"): a small student takes the teacher's head
+            start without being held, to the end, to a function it lacks the capacity to fit.
+            After the stop the teachers no longer run, so a step costs the undistilled
+            student's. ``None`` (default): every term for the whole run.
         vmap_tasks, task_chunk_size: as for ``MetaLearnerModule`` (the student's settings; the
             same per-task function runs in a loop or under ``torch.func.vmap``).
         optimizer, lr_scheduler, allow_tf32, tune_cpu_allocator: see
@@ -165,6 +171,7 @@ class DistillationModule(EpisodicModule):
         teacher_normalization: str | None = "auto",
         teacher_precision: str = "32",
         cache_teachers: bool = True,
+        knowledge_epochs: int | None = None,
         vmap_tasks: bool | None = None,
         task_chunk_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -214,6 +221,16 @@ class DistillationModule(EpisodicModule):
                 "has bfloat16 units; their outputs are scored in float32)."
             )
         self.teacher_precision = teacher_precision
+        if knowledge_epochs is not None and (
+            not isinstance(knowledge_epochs, int)
+            or isinstance(knowledge_epochs, bool)
+            or knowledge_epochs < 0
+        ):
+            raise ValueError(
+                f"knowledge_epochs must be a whole number of epochs >= 0 (or null for every term "
+                f"throughout), got {knowledge_epochs!r}."
+            )
+        self.knowledge_epochs = knowledge_epochs
         if teacher_normalization not in (None, AUTO, *POLICIES):
             raise ValueError(
                 f"unknown normalization {teacher_normalization!r} for teacher_normalization; use "
@@ -363,8 +380,17 @@ class DistillationModule(EpisodicModule):
         super().check_data(stage)
 
     # -- the method -------------------------------------------------------------------------------
+    def knowledge_on(self) -> bool:
+        """Whether the knowledge terms (all but :class:`~lightning_metakd.distill.TaskLoss`) are
+        in the objective now: always, or before epoch ``knowledge_epochs``."""
+        return self.knowledge_epochs is None or self.current_epoch < self.knowledge_epochs
+
+    def _on(self, term: DistillationTerm) -> bool:
+        """Whether ``term`` is in the objective now (a weight, and not stopped)."""
+        return bool(term.weight) and (isinstance(term, TaskLoss) or self.knowledge_on())
+
     def _needs_teachers(self) -> bool:
-        return any(t.weight and t.per_task and t.needs_teachers for t in self.terms)
+        return any(self._on(t) and t.per_task and t.needs_teachers for t in self.terms)
 
     def task_context(
         self,
@@ -382,7 +408,7 @@ class DistillationModule(EpisodicModule):
     ) -> TaskContext:
         """Adapt the teachers (if needed, without gradients) and the student on ONE task; score the
         queries with every term's taps recorded: what the per-task terms read."""
-        student, on = self.student, [t for t in self.terms if t.weight]
+        student, on = self.student, [t for t in self.terms if self._on(t)]
         t_states, t_logits, t_taps = [], [], []
         if self._needs_teachers():
             t_states, t_logits, t_taps = teachers_on_task(
@@ -417,7 +443,7 @@ class DistillationModule(EpisodicModule):
                 teacher.check_episode(batch, self._who(k))
         s_params = self.student.params()
         t_params = [teacher.params(detach=True) for teacher in self.teachers]
-        per_task = [t for t in self.terms if t.weight and t.per_task]
+        per_task = [t for t in self.terms if self._on(t) and t.per_task]
         lookups = self._fill_caches(batch) if training and self._needs_teachers() else []
         tensors = [batch.support_x, batch.support_y, batch.query_x, batch.query_y]
         if lookups:
@@ -439,7 +465,7 @@ class DistillationModule(EpisodicModule):
         terms = {name: value.mean() for name, value in values.items()}
         step = StepContext(self.student, s_params, list(self.teachers))
         for term in self.terms:
-            if term.weight and not term.per_task:
+            if self._on(term) and not term.per_task:
                 terms[term.name] = term.weight * term(step)
         loss = torch.stack(list(terms.values())).sum()
         accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
