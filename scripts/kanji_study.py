@@ -135,6 +135,9 @@ LONGEST_TWIN = {"trainer.max_epochs": 96, "model.init_args.lr_scheduler.init_arg
 #: epochs), then 82 of the task loss alone (a twin epoch each): at most the 96-epoch twin's compute,
 #: its StepLR shape.
 EARLY_STOPPED = {"trainer.max_epochs": 90, "model.init_args.lr_scheduler.init_args.step_size": 18}
+TWIN_96 = Arm(
+    "twin-96", "Conv4-16 alone, 96 epochs (StepLR step 18)", "protonet_conv4_16.yaml", LONGEST_TWIN
+)
 DISTILLED_64 = Arm(
     "distilled-64",
     "Conv4-16 distilled, 64 epochs (StepLR step 12)",
@@ -205,12 +208,7 @@ STUDIES: dict[str, Study] = {
             "equal",
             "Conv4-16 distilled 64 epochs vs alone for the same compute (96 epochs)",
             (
-                Arm(
-                    "twin-96",
-                    "Conv4-16 alone, 96 epochs (StepLR step 18)",
-                    "protonet_conv4_16.yaml",
-                    LONGEST_TWIN,
-                ),  # fmt: skip
+                TWIN_96,
                 DISTILLED_64,
             ),
             reference="twin-96",
@@ -221,14 +219,9 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             "patient",
-            "Function matching with stored views: Conv4-16 distilled 48 epochs vs alone, 96 epochs",
+            "Conv4-16 distilled 64 epochs, early-stopped, and on stored views vs alone, 96 epochs",
             (
-                Arm(
-                    "twin-96",
-                    "Conv4-16 alone, 96 epochs (StepLR step 18)",
-                    "protonet_conv4_16.yaml",
-                    LONGEST_TWIN,
-                ),  # fmt: skip
+                TWIN_96,
                 DISTILLED_64,
                 Arm(
                     "distilled-early-90",
