@@ -595,7 +595,7 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
               for seed, points in per_seed.items()}
         for key, per_seed in curves.items()
     }  # fmt: skip
-    figure, (wall, work, gap) = pyplot.subplots(1, 3, figsize=(17, 4.8), dpi=120)
+    figure, (wall, work, gap) = pyplot.subplots(1, 3, figsize=(18, 5.6), dpi=120)
     work.sharey(wall)
     colours = [
         "tab:gray",
@@ -629,7 +629,7 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     work.set_xlabel(wrap(f"training cost in epochs of the twin ({what}; spread over each run as "
                          "its wall time went)"))  # fmt: skip
     wall.set_ylabel("validation accuracy (%), 5-way 1-shot")
-    work.legend(loc="lower right")
+    work.legend(loc="lower right", fontsize=8)
     # The margin at every budget: what the curves' top end hides (their gaps are tenths of a point).
     twins = twin_arms(study)
     best_twin = envelope(costed, twins)
@@ -644,10 +644,10 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     gap.axhline(0, color="black", linewidth=0.8)
     gap.set_yscale("symlog", linthresh=1.0)  # linear within ±1 point, where the late budgets are
     gap.grid(alpha=0.3)
-    gap.set_xlabel(wrap("training cost in epochs of the twin (as the middle panel), every seed"))
+    gap.set_xlabel(wrap("training cost in epochs of the twin (as the middle panel), every seed", 60))
     gap.set_ylabel(wrap("validation accuracy minus the best twin's by the same cost (points; "
                         "linear within ±1, logarithmic beyond)", 50))  # fmt: skip
-    gap.legend(loc="upper right")
+    gap.legend(loc="best", fontsize=8)
     figure.suptitle(study.title, fontsize=10)
     low = min(100 * a for c in curves.values() for p in c.values() for _, _, a in p)
     wall.set_ylim(max(low - 1, 0), 100)
