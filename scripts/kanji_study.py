@@ -644,7 +644,9 @@ def plot_curves(study: Study, runs: dict[str, Any], path: Path) -> dict[str, Any
     gap.axhline(0, color="black", linewidth=0.8)
     gap.set_yscale("symlog", linthresh=1.0)  # linear within ±1 point, where the late budgets are
     gap.grid(alpha=0.3)
-    gap.set_xlabel(wrap("training cost in epochs of the twin (as the middle panel), every seed", 60))
+    gap.set_xlabel(
+        wrap("training cost in epochs of the twin (as the middle panel), every seed", 60)
+    )
     gap.set_ylabel(wrap("validation accuracy minus the best twin's by the same cost (points; "
                         "linear within ±1, logarithmic beyond)", 50))  # fmt: skip
     gap.legend(loc="best", fontsize=8)
