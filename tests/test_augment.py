@@ -345,11 +345,11 @@ def test_stored_views_past_the_memory_budget_are_made_again_alike():
     data.views = 2
     spec = TaskSpec(classes=(2, 1), support=(10, 5), query=(11, 6))
     kept = data[spec]
-    assert len(data._views_made[2]) == 4 and data._views_made[3][0] == 4 * 16 * 16 * 4
+    assert len(data._views_made.made) == 4 and data._views_made.size == 4 * 16 * 16 * 4
     tight = dataset(TRANSFORMS["both"]())
     tight.views, tight.stored_views_bytes = 2, 16 * 16 * 4  # room for one view
     for _ in range(2):
         again = tight[spec]
         for a, b in zip(kept, again, strict=True):
             assert torch.equal(a, b)
-    assert len(tight._views_made[2]) == 1
+    assert len(tight._views_made.made) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -313,16 +314,16 @@ class ClassDataset(Dataset):
         :attr:`stored_views_bytes` (in this process; a persistent DataLoader worker keeps its
         own), and made again past it — the same image either way."""
         store = self.__dict__.get("_views_made")
-        if store is None or store[0] is not self.transform or store[1] != self.views:
-            store = self._views_made = (self.transform, self.views, {}, [0])
+        if store is None or store.transform is not self.transform or store.views != self.views:
+            store = self._views_made = _ViewStore(self.transform, self.views)
         key = index * self.views + view
-        made = store[2].get(key)
+        made = store.made.get(key)
         if made is None:
             made = self._transformed(self.load_image(index), fixed_view_seed(index, view))
             size = made.element_size() * made.nelement()
-            if store[3][0] + size <= self.stored_views_bytes:
-                store[2][key] = made
-                store[3][0] += size
+            if store.size + size <= self.stored_views_bytes:
+                store.made[key] = made
+                store.size += size
         return made
 
     def _transformed(self, image: Tensor, seed: int) -> Tensor:
@@ -330,6 +331,17 @@ class ClassDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             return self.transform(image)
+
+
+@dataclass
+class _ViewStore:
+    """The views a :class:`ClassDataset` made with ``transform`` and ``views`` (by view index),
+    and the bytes they hold."""
+
+    transform: Transform | None
+    views: int | None
+    made: dict[int, Tensor] = field(default_factory=dict)
+    size: int = 0
 
 
 def fixed_view_seed(index: int, view: int) -> int:
