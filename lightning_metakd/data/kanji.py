@@ -34,6 +34,12 @@ from lightning_metakd.data.kanji_render import (
     load_kanjivg,
     render_samples,
 )
+from lightning_metakd.data.kanji_simple import (
+    HELD_OUT,
+    check_simple_strokes,
+    is_simple_group,
+    simple_characters,
+)
 
 try:
     import fcntl
@@ -129,6 +135,14 @@ class KanjiDataModule(EpisodicDataModule):
             same for any number). 1 by default: spawned workers re-import the calling script,
             so a script that renders with more must keep its top-level code under
             ``if __name__ == "__main__":`` (the ``metakd`` command and notebooks are fine).
+        simple_characters: add the simple characters of KanjiVG of at most this many strokes —
+            kana and the components of kanji, cut out and scaled to the box
+            (:mod:`~lightning_metakd.data.kanji_simple`; 277 classes at 6) — to the *training*
+            split, in groups of their own (kana by script, components by stroke count): shapes
+            closer to digits, letters and symbols than kanji are, for models that must adapt to
+            those. Components that are, or were cut out of, a validation or test group's
+            characters are left out; validation and test are the same as without them. ``0``
+            (the default): none. Its own cache file.
         **kwargs: the task shape, episode counts, seed and loader settings of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
             the rendered size (no resampling afterwards).
@@ -155,6 +169,7 @@ class KanjiDataModule(EpisodicDataModule):
         split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
         render_style: str = "classic",
         render_processes: int = 1,
+        simple_characters: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -181,6 +196,7 @@ class KanjiDataModule(EpisodicDataModule):
         if render_processes < 1:
             raise ValueError(f"render_processes must be at least 1, got {render_processes}.")
         self.render_processes = render_processes
+        self.simple_characters = check_simple_strokes(simple_characters) if simple_characters else 0
         self.render_config = RENDER_STYLES[render_style](image_size=self.image_size)
 
     @property
@@ -195,7 +211,7 @@ class KanjiDataModule(EpisodicDataModule):
             "min_group_size": self.min_group_size,
             "max_classes_per_group": self.max_classes_per_group,
             "max_classes": self.max_classes,
-        }
+        } | ({"simple_characters": self.simple_characters} if self.simple_characters else {})
 
     @property
     def cache_path(self) -> Path:
@@ -218,7 +234,9 @@ class KanjiDataModule(EpisodicDataModule):
 
         Keys: ``images`` uint8 ``[num_classes * samples_per_class, 1, H, W]``, ``labels`` int64,
         ``codepoints`` int64 ``[num_classes]``, ``characters``, ``class_names`` and ``radicals``
-        (strings, one per class).
+        (strings, one per class: the group; ``simple:...`` for the simple characters), and with
+        ``simple_characters`` also ``sources`` (the radical group a component was cut from, else
+        ``""``).
         """
         path = self.cache_path
         data = _read_cache(path, warn=False)
@@ -239,6 +257,8 @@ class KanjiDataModule(EpisodicDataModule):
                 f"No KanjiVG radical group has at least min_group_size={self.min_group_size} "
                 "characters; lower min_group_size."
             )
+        if self.simple_characters:
+            kanji = kanji + simple_characters(kanji, self.simple_characters)
         images = render_samples(
             kanji,
             self.samples_per_class,
@@ -253,7 +273,11 @@ class KanjiDataModule(EpisodicDataModule):
             "characters": np.asarray([k.character for k in kanji]),
             "class_names": np.asarray([k.class_name for k in kanji]),
             "radicals": np.asarray([k.radical for k in kanji]),
-        }
+        } | (
+            {"sources": np.asarray([k.source or "" for k in kanji])}
+            if self.simple_characters
+            else {}
+        )
 
     def split_groups(self, radicals: list[str]) -> dict[str, list[str]]:
         """Assign radical groups to ``train``/``val``/``test`` by ``split_fractions``, seeded.
@@ -287,7 +311,11 @@ class KanjiDataModule(EpisodicDataModule):
         labels = data["labels"]
         images = torch.from_numpy(data["images"])
         splits = {}
-        for split, groups in self.split_groups(radicals).items():
+        parts = self.split_groups([r for r in radicals if not is_simple_group(r)])
+        if "sources" in data:
+            radicals = self._hold_out_components(radicals, data, parts)
+            parts["train"] += sorted({r for r in radicals if is_simple_group(r)} - {HELD_OUT})
+        for split, groups in parts.items():
             if not groups:
                 continue  # a zero fraction: no such split
             members = sorted(set(groups))
@@ -304,6 +332,22 @@ class KanjiDataModule(EpisodicDataModule):
                 channels=1,
             )
         return splits
+
+    @staticmethod
+    def _hold_out_components(
+        radicals: list[str], data: dict[str, np.ndarray], parts: dict[str, list[str]]
+    ) -> list[str]:
+        """``radicals`` with the components that must not train beside ``parts`` moved to a
+        group no split takes: those cut out of a validation or test character, and those that
+        are the radical of a validation or test group."""
+        held_out = set(parts["val"]) | set(parts["test"])
+        sources, characters = data["sources"].tolist(), data["characters"].tolist()
+        return [
+            HELD_OUT
+            if is_simple_group(group) and (sources[c] in held_out or characters[c] in held_out)
+            else group
+            for c, group in enumerate(radicals)
+        ]
 
 
 @contextlib.contextmanager
@@ -337,6 +381,7 @@ def _write_cache(path: Path, data: dict[str, np.ndarray], params: dict) -> None:
 
 
 _CACHE_KEYS = ("images", "labels", "codepoints", "characters", "class_names", "radicals")
+_OPTIONAL_CACHE_KEYS = ("sources",)
 
 
 def _read_cache(path: Path, warn: bool = True) -> dict[str, np.ndarray] | None:
@@ -347,6 +392,7 @@ def _read_cache(path: Path, warn: bool = True) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as archive:
             header = json.loads(str(archive["header"]))
             data = {key: archive[key] for key in _CACHE_KEYS}
+            data |= {key: archive[key] for key in _OPTIONAL_CACHE_KEYS if key in archive.files}
         if header.get("checksum") != _checksum(data):
             raise ValueError("checksum mismatch")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:

@@ -54,6 +54,14 @@ class KanjiStrokes:
     chains: tuple[np.ndarray, ...]
     chain_stroke: tuple[int, ...]
     radical: str | None
+    #: ``(element, strokes)`` of each whole ``<g kvg:element>`` part below the character (its
+    #: radical and other building blocks, nested ones included; parts split in pieces, which
+    #: KanjiVG marks ``kvg:part``, are left out), ``strokes`` indices into the character's strokes.
+    components: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: What the class is: ``"kanji"``, or the :mod:`~lightning_metakd.data.kanji_simple` kinds.
+    kind: str = "kanji"
+    #: For a component cut out of a kanji: that kanji's radical group (where it came from).
+    source: str | None = None
 
     @property
     def character(self) -> str:
@@ -65,8 +73,8 @@ class KanjiStrokes:
 
     @property
     def class_name(self) -> str:
-        """A globally unique class name, e.g. ``"kanji:U+8A9E"`` for 語."""
-        return f"kanji:U+{self.codepoint:04X}"
+        """A globally unique class name, e.g. ``"kanji:U+8A9E"`` for 語 (``"kana:U+3042"``…)."""
+        return f"{self.kind}:U+{self.codepoint:04X}"
 
 
 def kanjivg_version() -> str:
@@ -175,6 +183,7 @@ def parse_kanji_svg(path: str | Path, codepoint: int | None = None) -> KanjiStro
         raise ValueError(f"Cannot parse KanjiVG file {path}: {err}. Reinstall kanjivg.") from err
     chains: list[np.ndarray] = []
     chain_stroke: list[int] = []
+    stroke_of: dict[int, int] = {}
     for stroke, element in enumerate(root.iter(_SVG_PATH)):
         try:
             parsed = parse_path(element.get("d", ""))
@@ -182,9 +191,31 @@ def parse_kanji_svg(path: str | Path, codepoint: int | None = None) -> KanjiStro
             raise ValueError(f"{path.name}: {err}") from err
         chains.extend(parsed)
         chain_stroke.extend([stroke] * len(parsed))
+        stroke_of[id(element)] = stroke
     if codepoint is None:
         codepoint = int(path.stem.split("-")[0], 16)
-    return KanjiStrokes(codepoint, tuple(chains), tuple(chain_stroke), find_radical(root))
+    return KanjiStrokes(
+        codepoint,
+        tuple(chains),
+        tuple(chain_stroke),
+        find_radical(root),
+        _components(root, stroke_of),
+    )
+
+
+def _components(
+    root: ET.Element, stroke_of: dict[int, int]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The whole ``<g kvg:element>`` parts below the character's own group (see KanjiStrokes)."""
+    element_key, part_key = f"{{{KANJIVG_NAMESPACE}}}element", f"{{{KANJIVG_NAMESPACE}}}part"
+    found = []
+    for group in root.iter(_SVG_GROUP):
+        # parts are "kvg:<code>-g<n>"; the character's own group is "kvg:<code>"
+        if group.get(element_key) and "-g" in group.get("id", "") and group.get(part_key) is None:
+            strokes = tuple(stroke_of[id(p)] for p in group.iter(_SVG_PATH) if id(p) in stroke_of)
+            if strokes:
+                found.append((group.get(element_key), strokes))
+    return tuple(found)
 
 
 @lru_cache(maxsize=1)
