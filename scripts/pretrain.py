@@ -100,9 +100,17 @@ def say(line: str) -> None:
     print(f"[pretrain] {line}", flush=True)
 
 
+#: Data settings a render style's pair trains with beyond the style itself: the mixed pair also
+#: learns the simple characters (kana and kanji components of at most 6 strokes, training split
+#: only; docs/pretrained.md, "Simple characters").
+STYLE_DATA = {"mixed": {"data.init_args.simple_characters": 6}}
+
+
 def render_overrides(style: str) -> dict[str, Any]:
-    """The data override of a render style (none for the configs' own, classic)."""
-    return {} if style == "classic" else {"data.init_args.render_style": style}
+    """The data overrides of a render style (none for the configs' own, classic)."""
+    if style == "classic":
+        return {}
+    return {"data.init_args.render_style": style, **STYLE_DATA.get(style, {})}
 
 
 def student_config(style: str) -> Path:
@@ -366,6 +374,9 @@ def package(
                      "invert for dark-on-light drawings (metakd finetune --invert)",
             "distilled_from": distilled_from,
             "render_style": opts.render_style,
+            "simple_characters": render_overrides(opts.render_style).get(
+                "data.init_args.simple_characters", 0
+            ),
             "seed": opts.seed,
             "trained": records[name],
         })  # fmt: skip

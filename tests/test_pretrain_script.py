@@ -148,3 +148,16 @@ def test_measure_prints_every_model_beside_pixels_and_writes_json(pretrain, tmp_
 def test_measure_refuses_a_bad_label_or_a_missing_file(pretrain, item):
     with pytest.raises(SystemExit, match="--measure takes LABEL=CHECKPOINT"):
         pretrain.main(["--measure", item])
+
+
+def test_each_style_trains_on_its_own_data_and_the_mixed_pair_on_simple_characters(pretrain):
+    """The commands the manifest records are the ones that trained the shipped pair: the mixed
+    pair's teacher and student both add the simple characters; classic and handwriting do not."""
+    assert pretrain.render_overrides("classic") == {}
+    assert pretrain.render_overrides("handwriting") == {
+        "data.init_args.render_style": "handwriting"
+    }
+    mixed = pretrain.render_overrides("mixed")
+    assert mixed == {"data.init_args.render_style": "mixed", "data.init_args.simple_characters": 6}
+    line = pretrain.command(pretrain.TEACHER_CONFIG, mixed, 0)
+    assert "--data.init_args.simple_characters 6" in line and line.endswith("train_seed 0")

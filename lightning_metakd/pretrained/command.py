@@ -31,6 +31,14 @@ def _accuracy(entry: Mapping[str, Any], key: str) -> str:
     return f"{100 * found['acc']:.2f}%" if found else "–"
 
 
+def trained_on(entry: Mapping[str, Any]) -> str:
+    """What a model was meta-trained on, e.g. ``"KanjiVG, mixed renders + simple characters (≤ 6
+    strokes)"``."""
+    text = f"KanjiVG, {entry.get('render_style', 'classic')} renders"
+    strokes = entry.get("simple_characters", 0)
+    return text + (f" + simple characters (≤ {strokes} strokes)" if strokes else "")
+
+
 def table(entries: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table of manifest entries: what each is, its accuracy (1-shot) and file size."""
     header = ["name", "kind", "network", "parameters", "normalisation", "trained on"]
@@ -42,7 +50,7 @@ def table(entries: Mapping[str, Mapping[str, Any]]) -> str:
     for name, e in entries.items():
         cells = [f"{SCHEME}{name}", e["kind"], f"{e['backbone']} {e['algorithm']}",
                  f"{e['parameters']:,}", e["normalization"],
-                 f"KanjiVG, {e.get('render_style', 'classic')} renders",
+                 trained_on(e),
                  *(_accuracy(e, key) for _, key in COLUMNS), f"{e['bytes'] / 1024:.0f} kB"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
