@@ -14,6 +14,8 @@ from lightning_metakd.data.augment import (
     Compose,
     ElasticDistortion,
     RandomAffine,
+    RandomDilation,
+    RandomFitToFrame,
     RandomLowResolution,
     gaussian_kernel,
 )
@@ -101,6 +103,40 @@ def test_a_zoom_by_two_halves_the_slope_of_a_ramp():
     torch.testing.assert_close(out[0], expected.expand(size, size), atol=1e-5, rtol=0)
 
 
+def test_a_dilation_grows_each_stroke_by_its_radius():
+    dot = torch.zeros(1, 11, 11)
+    dot[0, 5, 5] = 0.6
+    grown = RandomDilation(probability=1.0, radii=(2, 2))(dot)
+    assert torch.equal(grown[0, 3:8, 3:8], torch.full((5, 5), 0.6))
+    assert math.isclose(float(grown.sum()), 25 * 0.6, rel_tol=1e-6)
+    cross = strokes()  # bar 1.0 at rows 12..15, stroke 0.7 at columns 13..14
+    thick = RandomDilation(probability=1.0, radii=(1, 1))(cross)
+    assert torch.equal(thick[0, 11:17, 3:-3], torch.ones(6, 22))  # the bar, a pixel wider each side
+    assert torch.equal(thick[0, 3:10, 12:16], torch.full((7, 4), 0.7))  # the stroke above it
+    assert thick[0, :, :3].max() == 0 and thick[0, :2].max() == 0  # nothing beyond one pixel
+    for identity in (RandomDilation(probability=0.0), RandomDilation(1.0, radii=(0, 0))):
+        assert torch.equal(identity(cross), cross)
+
+
+def test_fit_to_frame_scales_the_ink_to_fill_the_frame_and_keeps_its_aspect():
+    image = torch.zeros(1, 28, 28)
+    image[0, 3:7, 15:23] = 1.0  # 4 high, 8 wide, off-centre
+    fitted = RandomFitToFrame(probability=1.0, margin=2)(image)
+    ink = fitted[0] > 0.5
+    rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+    # the longer side, 8, becomes 28 - 2 * 2 = 24: scale 3, so 12 x 24, centred
+    assert (int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])) == (8, 19, 2, 25)
+    assert torch.allclose(fitted[0, 9:19, 3:25], torch.ones(10, 22), atol=1e-5)
+    assert fitted.max() <= 1 and fitted[0, :7].max() == 0 and fitted[0, :, :2].max() == 0
+    blank = torch.zeros(1, 28, 28)
+    assert torch.equal(RandomFitToFrame(probability=1.0)(blank), blank)  # no ink: as it is
+    assert torch.equal(RandomFitToFrame(probability=0.0)(image), image)
+    torch.manual_seed(0)
+    batch = image.expand(400, 1, 28, 28).clone()
+    share = (RandomFitToFrame(probability=0.25)(batch) != batch).flatten(1).any(1).float().mean()
+    assert 0.18 < share < 0.32
+
+
 def test_inverse_maps_are_within_the_ranges():
     torch.manual_seed(0)
     maps = RandomAffine(degrees=20, shear=0, scale=(1, 1), translate=0.25).inverse_maps(500)
@@ -152,6 +188,13 @@ def test_elastic_field_is_smooth_and_scales_with_alpha():
         (lambda: RandomLowResolution(sizes=(8, 4)), "sizes must be"),
         (lambda: RandomLowResolution(sizes=(8.5, 9)), "sizes must be"),
         (lambda: RandomLowResolution()(torch.zeros(28, 28)), r"float images \[C, H, W\]"),
+        (lambda: RandomDilation(radii=(2, 1)), "radii must be"),
+        (lambda: RandomDilation(radii=(-1, 1)), "radii must be"),
+        (lambda: RandomDilation(radii=(1.5, 2)), "radii must be"),
+        (lambda: RandomDilation(probability=-0.1), "probability must be a number in"),
+        (lambda: RandomFitToFrame(margin=-1), "margin must be whole pixels"),
+        (lambda: RandomFitToFrame(threshold=1.0), "threshold must be a number in"),
+        (lambda: RandomFitToFrame(margin=14)(torch.zeros(1, 28, 28)), "use a margin below 14"),
         (lambda: Compose(RandomAffine()), "transforms must be a list"),
         (lambda: Compose([1]), "not"),
         (lambda: RandomAffine()(torch.zeros(28, 28)), r"float images \[C, H, W\]"),

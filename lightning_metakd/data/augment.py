@@ -26,6 +26,10 @@ constructor arguments, so LightningCLI builds it from YAML::
 - :class:`RandomLowResolution` — a coarse scan: the image reduced to a few pixels a side by
   area averaging and scaled back up (as the UCI digits count ink in 4 × 4 blocks, and as
   low-resolution sensors and thumbnails look);
+- :class:`RandomDilation` — a bolder pen: the strokes thickened by a grey dilation (a max
+  filter), as a broad pen or a scanner's bleed draws them;
+- :class:`RandomFitToFrame` — size normalisation: the drawing's ink scaled to fill the frame (as
+  the NIST forms behind the UCI and MNIST digits were normalised before they were scanned);
 - :class:`Compose` — several of them in order.
 
 Random numbers come from torch's default CPU generator. A :class:`~lightning_metakd.data.
@@ -298,6 +302,131 @@ class RandomLowResolution:
         return f"RandomLowResolution(probability={self.probability}, sizes={self.sizes})"
 
 
+class RandomDilation:
+    """A bolder pen, with probability ``probability``: a grey dilation of radius ``r`` pixels.
+
+    For each image, with probability ``probability``, a radius ``r`` is drawn uniformly from the
+    integers ``radii[0] … radii[1]`` and every pixel takes the largest value within ``r`` pixels
+    (a ``(2r + 1) × (2r + 1)`` max filter), so white strokes on black grow ``r`` pixels on each
+    side. The other images pass unchanged.
+
+    Shapes: ``[C, H, W]`` → ``[C, H, W]`` (a batch ``[B, C, H, W]`` draws per image).
+
+    Args:
+        probability: the chance that an image is thickened, 0 to 1.
+        radii: ``(low, high)`` radii in pixels, ``0 <= low <= high`` (0: unchanged).
+
+    Example:
+        >>> import torch
+        >>> image = torch.zeros(1, 9, 9); image[0, 4, 4] = 1.0
+        >>> int(RandomDilation(probability=1.0, radii=(1, 1))(image).sum())
+        9
+    """
+
+    def __init__(self, probability: float = 0.5, radii: tuple[int, int] = (1, 2)) -> None:
+        self.probability = _check_range(probability, "probability", 0, 1, "probability=0.5")
+        if (
+            not isinstance(radii, Sequence)
+            or len(radii) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in radii)
+            or not 0 <= radii[0] <= radii[1]
+        ):
+            raise ValueError(
+                f"radii must be (low, high) whole pixels with 0 <= low <= high, got {radii!r}; "
+                "e.g. radii: [1, 2]."
+            )
+        self.radii = (int(radii[0]), int(radii[1]))
+
+    def __call__(self, image: Tensor) -> Tensor:
+        images, single = _as_batch(image, "RandomDilation")
+        u = torch.rand(len(images), dtype=torch.float64)
+        radius = torch.randint(self.radii[0], self.radii[1] + 1, (len(images),))
+        out = images.clone()
+        for i in range(len(images)):
+            r = int(radius[i])
+            if u[i] < self.probability and r > 0:
+                out[i] = F.max_pool2d(images[i : i + 1], 2 * r + 1, stride=1, padding=r)[0]
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return f"RandomDilation(probability={self.probability}, radii={self.radii})"
+
+
+class RandomFitToFrame:
+    """Size normalisation, with probability ``probability``: the ink's bounding box fills the frame.
+
+    For each image, with probability ``probability``, the smallest box holding every pixel above
+    ``threshold`` is cut out and scaled (bilinear, antialiased; the aspect ratio kept) until its
+    longer side spans the image less ``margin`` pixels on each side, then centred on a black
+    frame — the way the digits of the UCI set (Alpaydin & Kaynak 1998) and of NIST were
+    normalised in size before they were scanned. The other images, and images with no ink, pass
+    unchanged. Compose it before :class:`RandomLowResolution` for UCI-like coarse scans.
+
+    Shapes: ``[C, H, W]`` → ``[C, H, W]`` (a batch ``[B, C, H, W]`` draws per image).
+
+    Args:
+        probability: the chance that an image is normalised, 0 to 1.
+        margin: black pixels left on each side of the longer side, ``0 <= margin < H / 2``.
+        threshold: the ink level that counts as drawn, in [0, 1).
+
+    Example:
+        >>> import torch
+        >>> image = torch.zeros(1, 28, 28); image[0, 10:14, 12:14] = 1.0  # a 4 x 2 stroke
+        >>> fitted = RandomFitToFrame(probability=1.0, margin=2)(image)
+        >>> rows = (fitted[0] > 0.5).any(1).nonzero()
+        >>> int(rows.min()), int(rows.max())
+        (2, 25)
+    """
+
+    def __init__(self, probability: float = 0.5, margin: int = 1, threshold: float = 0.1) -> None:
+        self.probability = _check_range(probability, "probability", 0, 1, "probability=0.5")
+        if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+            raise ValueError(f"margin must be whole pixels >= 0, got {margin!r}; e.g. margin: 1.")
+        self.margin = margin
+        self.threshold = _check_range(threshold, "threshold", 0, 0.999, "threshold=0.1")
+
+    def __call__(self, image: Tensor) -> Tensor:
+        images, single = _as_batch(image, "RandomFitToFrame")
+        height, width = images.shape[-2:]
+        if 2 * self.margin >= min(height, width):
+            raise ValueError(
+                f"RandomFitToFrame(margin={self.margin}) leaves no room in a {height}x{width} "
+                f"image; use a margin below {min(height, width) // 2}."
+            )
+        u = torch.rand(len(images), dtype=torch.float64)
+        out = images.clone()
+        for i in range(len(images)):
+            ink = (images[i] > self.threshold).any(0)
+            if u[i] >= self.probability or not ink.any():
+                continue
+            rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+            top, bottom, left, right = (
+                int(rows[0]),
+                int(rows[-1]) + 1,
+                int(cols[0]),
+                int(cols[-1]) + 1,
+            )
+            box = images[i : i + 1, :, top:bottom, left:right]
+            scale = min(
+                (height - 2 * self.margin) / box.shape[-2],
+                (width - 2 * self.margin) / box.shape[-1],
+            )
+            size = (max(1, round(box.shape[-2] * scale)), max(1, round(box.shape[-1] * scale)))
+            fitted = F.interpolate(
+                box, size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+            y, x = (height - size[0]) // 2, (width - size[1]) // 2
+            out[i] = 0.0
+            out[i, :, y : y + size[0], x : x + size[1]] = fitted[0].clamp(0.0, 1.0)
+        return out[0] if single else out
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomFitToFrame(probability={self.probability}, margin={self.margin}, "
+            f"threshold={self.threshold})"
+        )
+
+
 class Compose:
     """Several transforms applied in order: ``transforms[-1](... transforms[0](image))``.
 
@@ -331,4 +460,12 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
-__all__ = ["Compose", "ElasticDistortion", "RandomAffine", "RandomLowResolution", "gaussian_kernel"]
+__all__ = [
+    "Compose",
+    "ElasticDistortion",
+    "RandomAffine",
+    "RandomDilation",
+    "RandomFitToFrame",
+    "RandomLowResolution",
+    "gaussian_kernel",
+]
