@@ -59,6 +59,21 @@ def _check_range(value: Any, name: str, low: float, high: float, example: str) -
     return float(value)
 
 
+def _check_pixels(value: Any, name: str, least: int, example: str) -> tuple[int, int]:
+    """``(low, high)`` whole pixels with ``least <= low <= high``, else a one-line error."""
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        or not least <= value[0] <= value[1]
+    ):
+        raise ValueError(
+            f"{name} must be (low, high) whole pixels with {least} <= low <= high, got "
+            f"{value!r}; e.g. {name}: {example}."
+        )
+    return int(value[0]), int(value[1])
+
+
 def _as_batch(image: Tensor, name: str) -> tuple[Tensor, bool]:
     """``[C, H, W]`` → ``[1, C, H, W]`` (and whether it was one image); ``[B, C, H, W]`` as is."""
     if not isinstance(image, Tensor) or image.dim() not in (3, 4) or not image.is_floating_point():
@@ -268,17 +283,7 @@ class RandomLowResolution:
 
     def __init__(self, probability: float = 0.5, sizes: tuple[int, int] = (8, 16)) -> None:
         self.probability = _check_range(probability, "probability", 0, 1, "probability=0.5")
-        if (
-            not isinstance(sizes, Sequence)
-            or len(sizes) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes)
-            or not 1 <= sizes[0] <= sizes[1]
-        ):
-            raise ValueError(
-                f"sizes must be (low, high) whole pixels with 1 <= low <= high, got {sizes!r}; "
-                "e.g. sizes: [8, 16]."
-            )
-        self.sizes = (int(sizes[0]), int(sizes[1]))
+        self.sizes = _check_pixels(sizes, "sizes", 1, "[8, 16]")
 
     def __call__(self, image: Tensor) -> Tensor:
         images, single = _as_batch(image, "RandomLowResolution")
@@ -325,17 +330,7 @@ class RandomDilation:
 
     def __init__(self, probability: float = 0.5, radii: tuple[int, int] = (1, 2)) -> None:
         self.probability = _check_range(probability, "probability", 0, 1, "probability=0.5")
-        if (
-            not isinstance(radii, Sequence)
-            or len(radii) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in radii)
-            or not 0 <= radii[0] <= radii[1]
-        ):
-            raise ValueError(
-                f"radii must be (low, high) whole pixels with 0 <= low <= high, got {radii!r}; "
-                "e.g. radii: [1, 2]."
-            )
-        self.radii = (int(radii[0]), int(radii[1]))
+        self.radii = _check_pixels(radii, "radii", 0, "[1, 2]")
 
     def __call__(self, image: Tensor) -> Tensor:
         images, single = _as_batch(image, "RandomDilation")
