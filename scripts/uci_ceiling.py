@@ -130,7 +130,6 @@ def oracle(episodes: int, seed: int = 0) -> dict:
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    rng = np.random.default_rng(seed)
     held_y = y[test].numpy()
     with torch.no_grad():
         features = {"pixels (8 x 8)": x[test], "oracle features": body(x[test])}

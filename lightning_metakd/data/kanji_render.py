@@ -212,7 +212,7 @@ def _components(
     for group in root.iter(_SVG_GROUP):
         # parts are "kvg:<code>-g<n>"; the character's own group is "kvg:<code>"
         if group.get(element_key) and "-g" in group.get("id", "") and group.get(part_key) is None:
-            strokes = tuple(stroke_of[id(p)] for p in group.iter(_SVG_PATH) if id(p) in stroke_of)
+            strokes = tuple(stroke_of[id(p)] for p in group.iter(_SVG_PATH))
             if strokes:
                 found.append((group.get(element_key), strokes))
     return tuple(found)

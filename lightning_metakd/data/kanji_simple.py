@@ -47,6 +47,14 @@ _SCRIPTS = {"hiragana": (0x3041, 0x3096), "katakana": (0x30A1, 0x30FA)}
 _SMALL_KANA = set("ぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶ")
 
 
+def _script_of(codepoint: int) -> str | None:
+    """``"hiragana"`` or ``"katakana"`` for a code point in their Unicode block, else ``None``."""
+    for script, (low, high) in _SCRIPTS.items():
+        if low <= codepoint <= high:
+            return script
+    return None
+
+
 def is_simple_group(group: str) -> bool:
     """Whether a group name is one of the simple characters' (never a radical's)."""
     return group.startswith(SIMPLE_GROUP_PREFIX)
@@ -56,13 +64,15 @@ def kana(max_strokes: int) -> list[KanjiStrokes]:
     """The base hiragana and katakana of at most ``max_strokes`` strokes, grouped by script."""
     found = []
     for character in load_kanjivg():
-        for script, (low, high) in _SCRIPTS.items():
-            if not low <= character.codepoint <= high or character.num_strokes > max_strokes:
-                continue
-            text = character.character
-            if text in _SMALL_KANA or len(unicodedata.normalize("NFD", text)) > 1:
-                continue
-            found.append(replace(character, radical=f"{SIMPLE_GROUP_PREFIX}{script}", kind="kana"))
+        script, text = _script_of(character.codepoint), character.character
+        if (
+            script is None
+            or character.num_strokes > max_strokes
+            or text in _SMALL_KANA
+            or len(unicodedata.normalize("NFD", text)) > 1
+        ):
+            continue
+        found.append(replace(character, radical=f"{SIMPLE_GROUP_PREFIX}{script}", kind="kana"))
     return found
 
 
@@ -110,7 +120,7 @@ def components(selected: Sequence[KanjiStrokes], max_strokes: int) -> list[Kanji
                 and element not in characters
                 and element not in first
                 and len(strokes) <= max_strokes
-                and not any(lo <= ord(element) <= hi for lo, hi in _SCRIPTS.values())
+                and _script_of(ord(element)) is None
             ):
                 first[element] = (character, strokes)
     return [cut_component(k, e, s) for e, (k, s) in sorted(first.items(), key=lambda i: ord(i[0]))]
