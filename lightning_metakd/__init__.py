@@ -4,15 +4,16 @@ Meta-train a teacher on few-shot tasks (:class:`MetaLearnerModule`), then distil
 meta-knowledge into a smaller student that still adapts. Public API only; the pieces live in
 ``data/``, ``models/``, ``algorithms/``, ``distill/`` and ``modules/`` (docs/architecture.md).
 
-The names load on first use (PEP 562 module ``__getattr__``): ``import lightning_metakd`` and
+The names load on first use (PEP 562 module ``__getattr__``, :mod:`~lightning_metakd.lazy_exports`): ``import lightning_metakd`` and
 ``metakd <command> --help`` do not import torch (about 2 s) or Lightning (about 5 s more), while
 ``from lightning_metakd import MAML`` works as before.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_metakd.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -75,18 +76,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
     )
 
 
-def __getattr__(name: str) -> Any:
-    """Import the module behind a public name on first use, then keep the name here."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_metakd' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [

@@ -49,16 +49,13 @@ def _python(*args: str) -> tuple[subprocess.CompletedProcess, float]:
 
 @pytest.mark.parametrize("args", [["--help"], *([name, "--help"] for name in OWN)], ids=" ".join)
 def test_help_answers_without_importing_torch(args):
-    """The hard test: no torch module is imported. The soft one: the call costs less than
-    `python -c pass` (measured in the same test) + 1.5 s; it is ~0.1 s (torch alone takes ~2 s,
-    Lightning ~5 s more)."""
-    _, bare = _python("-c", "pass")
-    done, seconds = _python("-c", PROBE, *args)
+    """No torch module is imported (torch alone takes ~2 s, Lightning ~5 s more; the help itself
+    ~0.1 s). Not timed here: a wall-clock bound in a test fails on a busy machine."""
+    done, _ = _python("-c", PROBE, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     code, torch_modules, _ = done.stderr.split("PROBE ")[1].split()
     assert (code, torch_modules) == ("0", "0")
     assert "usage: metakd" in done.stdout
-    assert seconds < bare + 1.5, (seconds, bare)
 
 
 def test_the_package_root_loads_its_names_on_first_use():
@@ -78,6 +75,30 @@ def test_the_package_root_loads_its_names_on_first_use():
     assert set(lightning_metakd.__all__) <= set(dir(lightning_metakd))
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         lightning_metakd.Nope  # noqa: B018
+
+
+def test_the_renderers_load_without_torch_and_the_data_names_on_first_use():
+    """The processes that render the KanjiVG cache import only NumPy and Pillow (they start in
+    a fraction of a second, not the ~5 s torch and Lightning take); the data package's public
+    names and submodules still read as after an eager import."""
+    done, _ = _python(
+        "-c",
+        "import sys; import lightning_metakd.data.kanji_render, lightning_metakd.data.kanji_simple, "
+        "lightning_metakd.data.kanji_handwriting; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'})); "
+        "from lightning_metakd.data import KanjiDataModule; print(KanjiDataModule.__module__)",
+    )
+    assert done.stdout.splitlines() == ["[]", "lightning_metakd.data.kanji"], done.stderr[-2000:]
+    import lightning_metakd.data as data
+
+    for name in data.__all__:
+        assert getattr(data, name).__name__ == name
+    assert set(data.__all__) <= set(dir(data))
+    assert data.kanji_render.__name__ == "lightning_metakd.data.kanji_render"  # a submodule
+    with pytest.raises(AttributeError, match="'lightning_metakd.data' has no attribute 'Nope'"):
+        data.Nope  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute '__wrapped__'"):
+        data.__wrapped__  # noqa: B018
 
 
 def test_report_help_prints_percent_signs_once(capsys):

@@ -19,7 +19,7 @@ from lightning_metakd.data import EpisodicDataModule
 SOURCES = sorted(
     (
         obj
-        for obj in vars(data).values()
+        for obj in (getattr(data, name) for name in data.__all__)
         if inspect.isclass(obj)
         and issubclass(obj, EpisodicDataModule)
         and obj is not EpisodicDataModule
