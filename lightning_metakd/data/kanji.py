@@ -40,6 +40,8 @@ from lightning_metakd.data.kanji_simple import (
     is_simple_group,
     simple_characters,
 )
+from lightning_metakd.data.synthetic_glyphs import cache_key as synthetic_cache_key
+from lightning_metakd.data.synthetic_glyphs import check_synthetic_count, synthetic_glyphs
 
 try:
     import fcntl
@@ -143,6 +145,11 @@ class KanjiDataModule(EpisodicDataModule):
             those. Components that are, or were cut out of, a validation or test group's
             characters are left out; validation and test are the same as without them. ``0``
             (the default): none. Its own cache file.
+        synthetic_characters: add this many synthetic glyphs — random loops, curves and lines,
+            one to three strokes (:mod:`~lightning_metakd.data.synthetic_glyphs`), the shapes of
+            digits that kanji lack — to the *training* split, in six groups of their own (by
+            stroke count, with or without a loop). Validation and test are the same as without
+            them. ``0`` (the default): none. Its own cache file.
         **kwargs: the task shape, episode counts, seed and loader settings of
             :class:`~lightning_metakd.data.EpisodicDataModule` (listed there); ``image_size`` is
             the rendered size (no resampling afterwards).
@@ -170,6 +177,7 @@ class KanjiDataModule(EpisodicDataModule):
         render_style: str = "classic",
         render_processes: int = 1,
         simple_characters: int = 0,
+        synthetic_characters: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -197,21 +205,30 @@ class KanjiDataModule(EpisodicDataModule):
             raise ValueError(f"render_processes must be at least 1, got {render_processes}.")
         self.render_processes = render_processes
         self.simple_characters = check_simple_strokes(simple_characters) if simple_characters else 0
+        self.synthetic_characters = check_synthetic_count(synthetic_characters)
         self.render_config = RENDER_STYLES[render_style](image_size=self.image_size)
 
     @property
     def cache_params(self) -> dict:
         """Everything the rendered images depend on (hashed into the cache file name)."""
-        return {
-            "format_version": CACHE_FORMAT_VERSION,
-            "kanjivg_version": kanjivg_version(),
-            "render": self.render_config.as_dict(),
-            "render_seed": RENDER_SEED,
-            "samples_per_class": self.samples_per_class,
-            "min_group_size": self.min_group_size,
-            "max_classes_per_group": self.max_classes_per_group,
-            "max_classes": self.max_classes,
-        } | ({"simple_characters": self.simple_characters} if self.simple_characters else {})
+        return (
+            {
+                "format_version": CACHE_FORMAT_VERSION,
+                "kanjivg_version": kanjivg_version(),
+                "render": self.render_config.as_dict(),
+                "render_seed": RENDER_SEED,
+                "samples_per_class": self.samples_per_class,
+                "min_group_size": self.min_group_size,
+                "max_classes_per_group": self.max_classes_per_group,
+                "max_classes": self.max_classes,
+            }
+            | ({"simple_characters": self.simple_characters} if self.simple_characters else {})
+            | (
+                {"synthetic_characters": synthetic_cache_key(self.synthetic_characters)}
+                if self.synthetic_characters
+                else {}
+            )
+        )
 
     @property
     def cache_path(self) -> Path:
@@ -234,9 +251,9 @@ class KanjiDataModule(EpisodicDataModule):
 
         Keys: ``images`` uint8 ``[num_classes * samples_per_class, 1, H, W]``, ``labels`` int64,
         ``codepoints`` int64 ``[num_classes]``, ``characters``, ``class_names`` and ``radicals``
-        (strings, one per class: the group; ``simple:...`` for the simple characters), and with
-        ``simple_characters`` also ``sources`` (the radical group a component was cut from, else
-        ``""``).
+        (strings, one per class: the group; ``simple:...`` for the simple characters and the
+        synthetic glyphs), and with ``simple_characters`` or ``synthetic_characters`` also
+        ``sources`` (the radical group a component was cut from, else ``""``).
         """
         path = self.cache_path
         data = _read_cache(path, warn=False)
@@ -259,6 +276,7 @@ class KanjiDataModule(EpisodicDataModule):
             )
         if self.simple_characters:
             kanji = kanji + simple_characters(kanji, self.simple_characters)
+        kanji = kanji + synthetic_glyphs(self.synthetic_characters)
         images = render_samples(
             kanji,
             self.samples_per_class,
@@ -275,7 +293,7 @@ class KanjiDataModule(EpisodicDataModule):
             "radicals": np.asarray([k.radical for k in kanji]),
         } | (
             {"sources": np.asarray([k.source or "" for k in kanji])}
-            if self.simple_characters
+            if self.simple_characters or self.synthetic_characters
             else {}
         )
 
