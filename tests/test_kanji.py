@@ -28,12 +28,14 @@ from lightning_metakd.data.kanji_handwriting import (
 )
 from lightning_metakd.data.kanji_render import (
     RenderConfig,
+    chain_polylines,
     kanjivg_files,
     load_kanjivg,
     parse_kanji_svg,
     parse_path,
     render_kanji,
     render_samples,
+    round_joint_line,
     sample_rng,
 )
 
@@ -200,6 +202,38 @@ def test_render_samples_do_not_depend_on_batching() -> None:
     assert both.shape == (6, 1, 28, 28)
     np.testing.assert_array_equal(both[3:], alone)
     assert not np.array_equal(both[0], both[1])
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 5, 6, 7, 8, 9, 12])
+def test_round_joint_line_is_pillows_curve_joint_pixel_for_pixel(width: int) -> None:
+    """The render's fast polyline equals ``ImageDraw.line(..., joint="curve")`` on random
+    wiggly lines of every width (joints from 5 px; above 8 Pillow itself draws them), with
+    straight runs (no joint) and sharp turns both ways."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(width)
+    for trial in range(20):
+        steps = rng.normal(0, 6, (int(rng.integers(2 if trial % 4 else 8, 40)), 2)).cumsum(0) + 56
+        if trial % 4 == 0:  # a straight run: equal angles, where Pillow draws no joint
+            steps[3:6] = steps[2] + np.arange(1, 4)[:, None] * np.array([2.0, 1.0])
+        xy = [tuple(p) for p in steps.tolist()]
+        ours, pillows = Image.new("L", (112, 112)), Image.new("L", (112, 112))
+        round_joint_line(ImageDraw.Draw(ours), xy, width)
+        ImageDraw.Draw(pillows).line(xy, fill=255, width=width, joint="curve")
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(pillows))
+
+
+def test_chain_polylines_samples_each_cubic_segment_and_keeps_short_chains() -> None:
+    """Two chains: one of two cubic segments (7 points), one lone point; hand-computed ends and
+    midpoints of the Bézier curves."""
+    points = np.array(
+        [[0, 0], [0, 3], [3, 3], [3, 0], [6, 0], [6, 6], [9, 6], [5, 5]], dtype=np.float64
+    )
+    first, second = chain_polylines(points, (7, 1), samples=3)
+    assert len(first) == 6 and second == [(5.0, 5.0)]
+    assert first[0] == (0.0, 0.0) and first[2] == (3.0, 0.0) and first[5] == (9.0, 6.0)
+    assert first[1] == pytest.approx((1.5, 2.25))  # (P0 + 3 P1 + 3 P2 + P3) / 8
+    assert first[4] == pytest.approx((6.0, 3.0))
 
 
 # --- the handwriting style ---------------------------------------------------------------------
