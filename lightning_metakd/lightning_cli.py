@@ -256,6 +256,14 @@ class MetaKDCLI(LightningCLI):
         if subcommand is None:
             return
         config = self.config[subcommand]
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("enable_checkpointing") is False:
+            raise UsageError(
+                "--trainer.enable_checkpointing false: metakd always keeps best.ckpt and "
+                "last.ckpt of a run (the `checkpoint` callback: --ckpt_path last, the pipeline "
+                "and the report read them); drop the flag (--checkpoint.dirpath <folder> puts "
+                "them elsewhere)."
+            )
         if subcommand != "fit":
             self.save_config_kwargs = {
                 **self.save_config_kwargs,

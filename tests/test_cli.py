@@ -264,6 +264,17 @@ def test_config_mistakes_are_one_line_with_a_suggestion(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_turning_checkpoints_off_is_one_line_naming_the_fix(tmp_path, capsys):
+    """Lightning itself would fail with a traceback (the config's checkpoint callback and
+    enable_checkpointing=False clash) after building the model and the data."""
+    config = write_config(tmp_path / "fit.yaml", tiny_config(tmp_path))
+    assert main(["fit", "--config", config, "--trainer.enable_checkpointing", "false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metakd fit: error: --trainer.enable_checkpointing false: metakd ")
+    assert err.count("\n") == 1 and "drop the flag" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_fit_that_fails_before_a_checkpoint_leaves_no_version_folder(tmp_path, capsys):
     config = write_config(tmp_path / "fit.yaml", tiny_config(tmp_path, ways=10))
     assert main(["fit", "--config", config, "--model.init_args.ways", "10"]) == 2
