@@ -412,6 +412,33 @@ def test_cache_is_reused_without_rendering(
     assert sorted(p.name for p in cache_dir.iterdir() if p.suffix == ".tmp") == []
 
 
+def test_a_process_reads_the_cache_file_once_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file written is a plain ``.npz`` (``np.load`` reads it); the arrays of the file read
+    or written last are kept, so later data modules of the process do not open it again, while
+    a new file at the same path (another process rendered it) is read."""
+    dm = KanjiDataModule(cache_dir=str(tmp_path), **SMALL)
+    rendered = dm.load_or_render()
+    with np.load(dm.cache_path) as archive:
+        np.testing.assert_array_equal(archive["images"], rendered["images"])
+        assert json.loads(str(archive["header"]))["params"] == dm.cache_params
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(
+        kanji_module.np, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    )
+    again = KanjiDataModule(cache_dir=str(tmp_path), **SMALL).load_or_render()
+    assert loads == [] and again.keys() == rendered.keys()
+    np.testing.assert_array_equal(again["images"], rendered["images"])
+    again.pop("images")  # the caller's dict is its own
+    assert "images" in KanjiDataModule(cache_dir=str(tmp_path), **SMALL).load_or_render()
+    os.utime(dm.cache_path, ns=(0, dm.cache_path.stat().st_mtime_ns + 10**9))
+    reread = KanjiDataModule(cache_dir=str(tmp_path), **SMALL).load_or_render()
+    assert len(loads) == 1
+    np.testing.assert_array_equal(reread["labels"], rendered["labels"])
+
+
 def test_cache_name_encodes_render_parameters(tmp_path: Path) -> None:
     base = KanjiDataModule(cache_dir=str(tmp_path), **SMALL).cache_path
     names = {

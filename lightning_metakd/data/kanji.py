@@ -390,12 +390,44 @@ def _checksum(data: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+#: zlib level of the cache file: 1 writes the default cache in a third of level 6's time (on the
+#: 2-core CPU 2.2 s instead of 7.6 s, while the other training stages wait for it) for a file of
+#: 30 MB instead of 26; it reads as fast.
+CACHE_COMPRESSION_LEVEL = 1
+
+
 def _write_cache(path: Path, data: dict[str, np.ndarray], params: dict) -> None:
-    """Write ``data`` with a header holding ``params`` and a checksum, atomically."""
+    """Write ``data`` with a header holding ``params`` and a checksum, atomically: an ``.npz``
+    (what ``np.savez_compressed`` writes, at :data:`CACHE_COMPRESSION_LEVEL`)."""
     header = json.dumps({"params": params, "checksum": _checksum(data)}, sort_keys=True)
-    atomic_write(
-        path, lambda handle: np.savez_compressed(handle, header=np.asarray(header), **data)
-    )
+    arrays = {"header": np.asarray(header), **data}
+
+    def write(handle) -> None:  # noqa: ANN001 - a binary file
+        with zipfile.ZipFile(
+            handle, "w", zipfile.ZIP_DEFLATED, compresslevel=CACHE_COMPRESSION_LEVEL
+        ) as archive:
+            for key, array in arrays.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+    atomic_write(path, write)
+    _remember(path, data)
+
+
+#: The cache file read (or written) last in this process, by path, size and modification time,
+#: with its arrays: the stages of one process (the pipeline's teacher, distilled student and
+#: report) then read the file once (2-3 s each on the 2-core CPU). About 100 MB stay in memory.
+_LAST_CACHE: tuple[tuple[str, int, int], dict[str, np.ndarray]] | None = None
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _remember(path: Path, data: dict[str, np.ndarray]) -> None:
+    global _LAST_CACHE
+    _LAST_CACHE = (_file_key(path), data)
 
 
 _CACHE_KEYS = ("images", "labels", "codepoints", "characters", "class_names", "radicals")
@@ -406,6 +438,8 @@ def _read_cache(path: Path, warn: bool = True) -> dict[str, np.ndarray] | None:
     """The cached arrays, or ``None`` if the file is missing, partial or fails its checksum."""
     if not path.exists():
         return None
+    if _LAST_CACHE is not None and _LAST_CACHE[0] == _file_key(path):
+        return dict(_LAST_CACHE[1])
     try:
         with np.load(path, allow_pickle=False) as archive:
             header = json.loads(str(archive["header"]))
@@ -420,4 +454,5 @@ def _read_cache(path: Path, warn: bool = True) -> dict[str, np.ndarray] | None:
                 stacklevel=3,
             )
         return None
-    return data
+    _remember(path, data)
+    return dict(data)
