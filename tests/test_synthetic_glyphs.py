@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_kanji_simple import SMALL  # the same small KanjiVG selection
 
 from lightning_metakd.data import KanjiDataModule
 from lightning_metakd.data.kanji_handwriting import MixedConfig
@@ -19,20 +20,6 @@ from lightning_metakd.data.synthetic_glyphs import (
     _loop,
     synthetic_glyph,
     synthetic_glyphs,
-)
-
-SMALL = dict(
-    ways=3,
-    shots=1,
-    queries=1,
-    meta_batch_size=2,
-    steps_per_epoch=2,
-    val_episodes=2,
-    test_episodes=2,
-    max_classes=24,
-    max_classes_per_group=4,
-    samples_per_class=2,
-    split_fractions=(0.5, 0.25, 0.25),
 )
 
 
