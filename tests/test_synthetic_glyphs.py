@@ -94,6 +94,18 @@ def test_synthetic_glyphs_join_training_only(two_modules) -> None:
     assert groups and sum(len(synthetic["train"].groups[g]) for g in groups) == 30
 
 
+def test_the_summary_counts_their_groups_apart_from_radicals(two_modules) -> None:
+    plain, synthetic = two_modules
+    for module in two_modules:
+        module.setup()
+    radicals = plain.describe_splits().splitlines()[1].split("images")[1].strip()
+    assert radicals == "6 radicals"  # 12 groups x (0.5, 0.25, 0.25)
+    groups = {g for g in synthetic.splits["train"].groups if is_simple_group(g)}
+    line = synthetic.describe_splits().splitlines()[1]
+    assert line.endswith(f"images    6 radicals + {len(groups)} simple-character groups")
+    assert "simple" not in synthetic.describe_splits().splitlines()[2]  # val: radicals only
+
+
 def test_they_have_their_own_cache_and_leave_the_default_key(two_modules) -> None:
     plain, synthetic = two_modules
     assert "synthetic_characters" not in plain.cache_params

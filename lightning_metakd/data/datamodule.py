@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -243,8 +243,17 @@ class EpisodicDataModule(L.LightningDataModule):
         """
         self._require_setup()
         return split_summary(
-            type(self).__name__, self.splits, self.describe_source(), self.group_name
+            type(self).__name__,
+            self.splits,
+            self.describe_source(),
+            self.group_name,
+            self.extra_groups(),
         )
+
+    def extra_groups(self) -> tuple[str, Callable[[str], bool]] | None:
+        """Groups of another kind than :attr:`group_name` that the splits may hold, for the
+        summary to count apart: ``(what they are, which groups)``; ``None`` (the default): none."""
+        return None
 
     def _absent_message(self, split: Split, stage: str | None = None) -> str:
         """Why ``split`` is missing and what to change; ``stage=None``: the info line of a fit."""

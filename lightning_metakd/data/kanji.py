@@ -14,7 +14,7 @@ import os
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,10 @@ class KanjiDataModule(EpisodicDataModule):
             if self.simple_characters or self.synthetic_characters
             else {}
         )
+
+    def extra_groups(self) -> tuple[str, Callable[[str], bool]]:
+        """The simple characters' and synthetic glyphs' groups, counted apart from radicals."""
+        return "simple-character group", is_simple_group
 
     def split_groups(self, radicals: list[str]) -> dict[str, list[str]]:
         """Assign radical groups to ``train``/``val``/``test`` by ``split_fractions``, seeded.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -51,13 +51,19 @@ def checked_splits(name: str, built: Mapping[str, ClassDataset | None]) -> dict[
 
 
 def split_summary(
-    name: str, splits: Mapping[str, ClassDataset], source: str = "", group_name: str = "group"
+    name: str,
+    splits: Mapping[str, ClassDataset],
+    source: str = "",
+    group_name: str = "group",
+    extra_groups: tuple[str, Callable[[str], bool]] | None = None,
 ) -> str:
     """The split sizes, as printed at setup: classes, images and groups of each split.
 
     ``name`` is the data module's, ``source`` a few words on how it found its data, ``group_name``
     what its groups are (alphabet, radical). For each evaluation split, the groups it holds out
-    from training.
+    from training. ``extra_groups``: ``(what they are, which groups)`` for groups of another kind
+    beside them (KanjiVG's simple characters), counted apart: ``80 radicals + 8 simple-character
+    groups``.
     """
     classes = sum(len(ds.base_class_names) for ds in splits.values())
     images = sum(len(ds.base_labels) for ds in splits.values())
@@ -75,8 +81,12 @@ def split_summary(
             f"{len(ds.base_labels):7,d} images"
         )
         if ds.base_groups:
-            count = len(ds.base_groups)
+            extra_name, is_extra = extra_groups or ("", lambda group: False)
+            extra = sum(map(is_extra, ds.base_groups))
+            count = len(ds.base_groups) - extra
             line += f"  {count:3,d} {group_name}{'' if count == 1 else 's'}"
+            if extra:
+                line += f" + {extra} {extra_name}{'' if extra == 1 else 's'}"
             if split != "train":
                 held_out = sorted(set(ds.base_groups) - train_groups)
                 shown = ", ".join(held_out[:3]) + (", ..." if len(held_out) > 3 else "")
