@@ -217,8 +217,11 @@ class InlineStage:
 
     started: list[str] = []
 
-    def __init__(self, stage, config, stage_dir, test, threads):
+    def __init__(self, stage, config, stage_dir, test, threads, work=None, args=(), log=None):
         InlineStage.started.append(stage)
+        if work is not None:  # the report's prefetch: its real work needs real checkpoints
+            self.stage, self.log, self._result = stage, log, {"learners": len(args[1])}
+            return
         self.stage, self.log = stage, stage_dir / "stage.log"
         self._result = pipeline.stages.run_training_stage(stage, config, stage_dir, test)
 
@@ -237,7 +240,8 @@ def test_two_processes_train_the_baseline_beside_the_teacher(fake_stages, monkey
     monkeypatch.setattr(pipeline.run, "BackgroundStage", InlineStage)
     InlineStage.started = []
     markers, out = _run(path, run_dir, processes=2)
-    assert InlineStage.started == ["student_baseline"]  # the only stage that needs no teacher
+    # the only stage that needs no teacher; then, beside distill, the report's early measurements
+    assert InlineStage.started == ["student_baseline", "report prefetch"]
     assert calls == ["student_baseline", "teacher", "distill", "report"]
     lines = [line for line in out.splitlines() if "stage " in line]
     assert lines[:2] == [
@@ -381,6 +385,9 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     rows = json.loads((run_dir / "report.json").read_text())
     assert [r["name"] for r in rows] == ["teacher", "distilled student", "baseline student"]
     assert rows[0]["parameters"] > rows[1]["parameters"] == rows[2]["parameters"]
+    # The teacher's and the baseline's accuracies were measured beside distill, then reused.
+    assert read_marker(run_dir, "report")["prefetched"] == ["teacher", "baseline student"]
+    assert not (run_dir / "report_prefetch.pt").exists()
     # The report measures each learner on the same test episodes as its own stage's test.
     assert rows[0]["accuracy"] == pytest.approx(teacher["test"]["test/acc"], abs=1e-6)
     table = (run_dir / "report.md").read_text()
@@ -397,6 +404,7 @@ def test_pipeline_command_end_to_end(tmp_path, kanji_cache, monkeypatch, capsys)
     assert "in a process of its own" not in capsys.readouterr().out
     sequential = json.loads((one / "report.json").read_text())
     assert [r["accuracy"] for r in sequential] == [r["accuracy"] for r in rows]
+    assert read_marker(one, "report")["prefetched"] == []  # measured here, and equal
     assert pipeline.pipeline_main(command[1:]) == 0
     again = capsys.readouterr().out
     assert again.count("skipped (finished; done.json)") == 4

@@ -71,6 +71,54 @@ def test_compare_writes_the_report_with_the_learners_own_numbers(tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_known_accuracies_are_used_and_digests_say_when_they_apply(tmp_path):
+    """compare() takes per-episode accuracies measured elsewhere (the pipeline measures two
+    learners beside distillation) and gives the rows it would have measured; the digests that
+    guard that reuse change with any weight and with the episodes, not with population
+    statistics a transductive learner never reads."""
+    import copy
+
+    from lightning_metakd.report.comparison import (
+        episode_accuracies,
+        episodes_digest,
+        learner_digest,
+    )
+
+    dm = TinyDataModule(ways=3, shots=1, queries=3, meta_batch_size=4, val_episodes=4,
+                        test_episodes=8, image_size=16)  # fmt: skip
+    torch.manual_seed(0)
+    learners = {
+        n: MetaLearnerModule(Conv4(hidden=h, image_size=16), ProtoNet(), ways=3).learner
+        for n, h in (("wide", 16), ("narrow", 4))
+    }
+    plain = compare(learners, dm, tmp_path / "a", warmup=0, repeats=1, plot=False)
+    fake = torch.linspace(0, 1, 8)
+    reused = compare(learners, dm, tmp_path / "b", warmup=0, repeats=1, plot=False,
+                     known_accuracies={"narrow": episode_accuracies(learners["narrow"], dm)})  # fmt: skip
+    forced = compare(learners, dm, tmp_path / "c", warmup=0, repeats=1, plot=False,
+                     known_accuracies={"narrow": fake})  # fmt: skip
+    same = ("accuracy", "ci95", "diff_vs_reference", "diff_ci95", "parameters", "flops")
+    assert [{k: r[k] for k in same} for r in reused] == [{k: r[k] for k in same} for r in plain]
+    assert forced[1]["accuracy"] == pytest.approx(0.5)  # the given ones, not measured again
+    assert forced[1]["diff_vs_reference"] == pytest.approx(0.5 - plain[0]["accuracy"])
+
+    wide = learners["wide"]
+    twin = copy.deepcopy(wide)
+    assert learner_digest(twin) == learner_digest(wide)
+    twin.register_buffer("calibrated", torch.tensor(True))  # unread by a transductive learner
+    assert learner_digest(twin) == learner_digest(wide)
+    with torch.no_grad():
+        next(twin.model.parameters()).view(-1)[0] += 1e-6
+    assert learner_digest(twin) != learner_digest(wide)
+    assert learner_digest(learners["narrow"]) != learner_digest(wide)
+
+    again = TinyDataModule(ways=3, shots=1, queries=3, meta_batch_size=4, val_episodes=4,
+                           test_episodes=8, image_size=16)  # fmt: skip
+    other = TinyDataModule(ways=3, shots=1, queries=3, meta_batch_size=4, val_episodes=4,
+                           test_episodes=8, image_size=16, seed=1)  # fmt: skip
+    assert episodes_digest(again) == episodes_digest(dm) != episodes_digest(other)
+
+
 def test_compare_needs_meta_learners(tmp_path):
     with pytest.raises(TypeError, match="compare takes Learners"):
         compare({"x": torch.nn.Linear(2, 2)}, None, tmp_path)

@@ -25,6 +25,7 @@ from lightning_metakd.pipeline.config import (
     _digest,
     _folder_fingerprint,
     load_pipeline_config,
+    merge_config,
     pipeline_stages,
     stage_config,
 )
@@ -172,20 +173,32 @@ class BackgroundStage:
     above 1); its output goes to ``<run>/<stage>/stage.log``.
 
     Spawned, not forked (forking beside torch's threads is unsafe); the process sets the
-    pipeline's ``threads`` and runs :func:`~lightning_metakd.pipeline.stages.run_training_stage`.
+    pipeline's ``threads`` and runs :func:`~lightning_metakd.pipeline.stages.run_training_stage`
+    (or, with ``work``, another top-level function of ``args``; then ``log`` names its output).
     The KanjiVG cache's file lock makes a stage that starts while another renders wait for it.
     """
 
     def __init__(
-        self, stage: str, config: dict[str, Any], stage_dir: Path, test: bool, threads: int | None
+        self,
+        stage: str,
+        config: dict[str, Any] | None,
+        stage_dir: Path | None,
+        test: bool,
+        threads: int | None,
+        work: Callable[..., dict[str, Any]] | None = None,
+        args: tuple = (),
+        log: Path | None = None,
     ):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        self.stage, self.log = stage, stage_dir / "stage.log"
+        if work is None:
+            work, args = stages.run_training_stage, (stage, config, stage_dir, test)
+        self.stage = stage
+        self.log = log if log is not None else Path(stage_dir) / "stage.log"  # type: ignore[arg-type]
         self._results, sender = context.Pipe(duplex=False)
-        args = (sender, stage, config, str(stage_dir), test, threads, str(self.log))
-        self._process = context.Process(target=_stage_process, args=args, name=f"metakd-{stage}")
+        body = (sender, work, args, threads, str(self.log))
+        self._process = context.Process(target=_stage_process, args=body, name=f"metakd-{stage}")
         self._process.start()
         sender.close()  # only the child writes: the parent sees EOFError if it dies silently
 
@@ -219,8 +232,8 @@ class BackgroundStage:
         self._process.join()
 
 
-def _stage_process(sender, stage, config, stage_dir, test, threads, log) -> None:
-    """The body of a :class:`BackgroundStage`'s process."""
+def _stage_process(sender, work, args, threads, log) -> None:
+    """The body of a :class:`BackgroundStage`'s process: ``work(*args)``, its output to ``log``."""
     import sys
     import traceback
 
@@ -232,11 +245,47 @@ def _stage_process(sender, stage, config, stage_dir, test, threads, log) -> None
 
                 torch.set_num_threads(threads)
             began = time.perf_counter()
-            result = stages.run_training_stage(stage, config, Path(stage_dir), test)
+            result = work(*args)
             sender.send(("ok", result, time.perf_counter() - began))
         except BaseException as err:  # noqa: BLE001 - reported to the pipeline, which raises it
             traceback.print_exc()
             sender.send(("error", f"{type(err).__name__}: {err}", 0.0))
+
+
+def _start_prefetch(
+    spec: PipelineSpec, distill_config: Mapping[str, Any], markers: Mapping[str, Mapping[str, Any]]
+) -> BackgroundStage | None:
+    """Measure the finished teacher's and baseline's report accuracies in a second process while
+    the distilled student trains (:func:`~lightning_metakd.pipeline.stages.
+    prefetch_report_accuracies`); ``None`` if neither has finished."""
+    checkpoints = [
+        markers[s]["checkpoint"]
+        for s in ("teacher", "student_baseline")
+        if s in markers and markers[s].get("checkpoint")
+    ]
+    if not checkpoints:
+        return None
+    data = merge_config(distill_config.get("data") or {}, spec.report.get("data") or {})
+    out = spec.run_dir / stages.PREFETCH_FILE
+    out.unlink(missing_ok=True)
+    return BackgroundStage(
+        "report prefetch",
+        None,
+        None,
+        False,
+        spec.threads,
+        work=stages.prefetch_report_accuracies,
+        args=(data, checkpoints, out),
+        log=out.with_suffix(".log"),
+    )
+
+
+def _finish_prefetch(prefetch: BackgroundStage, say: Callable[[str], None]) -> None:
+    """Wait for the prefetch; a failed one only means the report measures everything itself."""
+    try:
+        prefetch.result()
+    except RuntimeError as err:
+        say(f"[pipeline] the report measures every learner itself ({err})")
 
 
 def _stage_inputs(
@@ -307,6 +356,7 @@ def run_pipeline(
     configs: dict[str, dict[str, Any]] = {}  # what each stage runs on, built once it is ready
     inputs: dict[str, str] = {}  # their digests
     beside: dict[str, BackgroundStage] = {}
+    prefetch: BackgroundStage | None = None  # the report's early measurements, beside distill
 
     def finish(stage: str, result: dict[str, Any], seconds: float) -> None:
         marker = {
@@ -386,6 +436,11 @@ def run_pipeline(
                     f"[pipeline] stage {number[other]}: {other} ({why}), in a process of its own "
                     f"beside {stage}; its output: {beside[other].log}"
                 )
+            if stage == "distill" and "report" in pending and processes - 1 - len(beside) > 0:
+                prefetch = _start_prefetch(spec, configs[stage], markers)
+            if stage == "report" and prefetch is not None:
+                _finish_prefetch(prefetch, say)
+                prefetch = None
             began = time.perf_counter()
             if stage == "report":
                 result = stages.run_report_stage(spec, markers)
@@ -397,7 +452,7 @@ def run_pipeline(
                 )
             finish(stage, result, time.perf_counter() - began)
     finally:
-        for background in beside.values():
+        for background in [*beside.values(), *([prefetch] if prefetch else [])]:
             background.stop()
     report = spec.run_dir / "report.md"
     say(f"[pipeline] report: {report}")

@@ -96,8 +96,68 @@ def log_report_to_tensorboard(log_dir: Path, rows: list[dict[str, Any]], table: 
         writer.close()
 
 
+#: Where the report's early measurements go (beside the stage folders: the report's own folder
+#: is emptied when the report stage begins).
+PREFETCH_FILE = "report_prefetch.pt"
+
+
+def prefetch_report_accuracies(
+    data_config: Mapping[str, Any], checkpoints: list[str], out: Path
+) -> dict[str, Any]:
+    """The test-episode accuracies of ``checkpoints``' learners, measured before the report stage.
+
+    The pipeline runs this in its second process while the distilled student trains: the
+    teacher's and the undistilled student's accuracies are then ready when the report begins,
+    which measures only what is new (the distilled student) and every learner's size and
+    latency. Writes ``{"episodes": digest, "accuracies": {learner digest: [episodes]}}`` to
+    ``out`` (``torch.save``); the report uses an entry only where both digests are its own
+    (:func:`~lightning_metakd.report.comparison.episodes_digest`, :func:`~lightning_metakd.
+    report.comparison.learner_digest`), so a stale or foreign file changes nothing.
+    """
+    import torch
+
+    from lightning_metakd.atomic import atomic_write
+    from lightning_metakd.modules import read_checkpoint
+    from lightning_metakd.report import report_datamodule
+    from lightning_metakd.report.comparison import (
+        episode_accuracies,
+        episodes_digest,
+        learner_digest,
+    )
+
+    datamodule = report_datamodule(data_config)
+    datamodule.prepare_data()
+    accuracies = {}
+    for path in checkpoints:
+        learner = read_checkpoint(path).learner()
+        accuracies[learner_digest(learner)] = episode_accuracies(learner, datamodule)
+    found = {"episodes": episodes_digest(datamodule), "accuracies": accuracies}
+    atomic_write(out, lambda handle: torch.save(found, handle))
+    return {"learners": len(accuracies)}
+
+
+def _prefetched(path: Path, datamodule: Any, learners: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: accuracies}`` of ``learners`` that :func:`prefetch_report_accuracies` measured."""
+    import torch
+
+    from lightning_metakd.report.comparison import episodes_digest, learner_digest
+
+    if not path.is_file():
+        return {}
+    found = torch.load(path, weights_only=True)
+    if found.get("episodes") != episodes_digest(datamodule):
+        return {}
+    accuracies = found.get("accuracies", {})
+    digests = {name: learner_digest(learner) for name, learner in learners.items()}
+    return {name: accuracies[d] for name, d in digests.items() if d in accuracies}
+
+
 def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]]) -> dict:
-    """Compare the three learners on the distill stage's fixed test episodes; returns marker fields."""
+    """Compare the three learners on the distill stage's fixed test episodes; returns marker fields.
+
+    Accuracies that :func:`prefetch_report_accuracies` measured on the same episodes for the same
+    learners are taken from its file (which is then removed); the rest are measured here.
+    """
     from lightning_metakd.modules import read_checkpoint
     from lightning_metakd.report import (
         checkpoint_learners,
@@ -121,17 +181,22 @@ def run_report_stage(spec: PipelineSpec, markers: Mapping[str, Mapping[str, Any]
             REPORT_NAMES["distill"]: distilled.learner(),
             REPORT_NAMES["student_baseline"]: baseline,
         }
-    with episode_progress(datamodule, len(learners), desc="[pipeline] report"):
+    prefetch = spec.run_dir / PREFETCH_FILE
+    known = _prefetched(prefetch, datamodule, learners)
+    prefetch.unlink(missing_ok=True)
+    with episode_progress(datamodule, len(learners) - len(known), desc="[pipeline] report"):
         rows = compare(
             learners,
             datamodule,
             spec.run_dir,
             warmup=spec.report.get("warmup", 2),
             repeats=spec.report.get("repeats", 10),
+            known_accuracies=known,
         )
     table = markdown_table(rows)
     log_report_to_tensorboard(spec.run_dir / "report", rows, table, spec.run_dir / "report.png")
     return {
         "rows": rows,
         "files": [str(spec.run_dir / f"report.{e}") for e in ("json", "md", "png")],
+        "prefetched": [name for name in learners if name in known],
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import statistics
 import time
@@ -47,11 +48,60 @@ def _episode_cost(learner: Measured, support_x, support_y, query_x) -> None:
         learner.predict(states[0], query_x)
 
 
+def episode_accuracies(learner: Measured, datamodule: EpisodicDataModule) -> torch.Tensor:
+    """The learner's accuracy on each fixed test episode of ``datamodule``: float ``[episodes]``
+    in test order (:meth:`Learner.evaluate <lightning_metakd.algorithms.Learner.evaluate>`)."""
+    learner = learner.to("cpu").eval()
+    datamodule.setup("test")
+    accuracies = [learner.evaluate(batch).accuracy for batch in datamodule.test_dataloader()]
+    return torch.cat(accuracies).detach().float().flatten()
+
+
+def learner_digest(learner: Measured) -> str:
+    """A digest of what a learner's test accuracies depend on: its classes, normalisation policy
+    and every tensor of its state (an ensemble: its members' and weights). The population
+    statistics a learner may carry (``population.*``, ``calibrated``) count only under the
+    ``population`` policy, the one that reads them: a distillation checkpoint's teacher that has
+    them digests like the teacher stage's checkpoint that has not."""
+    digest = hashlib.sha256()
+    members = learner.learners if isinstance(learner, TeacherEnsemble) else [learner]
+    if isinstance(learner, TeacherEnsemble):
+        digest.update(repr(list(learner.weights)).encode())
+    for member in members:
+        digest.update(
+            f"{type(member.algorithm).__qualname__}:{type(member.model).__qualname__}:"
+            f"{member.normalization}".encode()
+        )
+        for name, tensor in member.state_dict().items():
+            if member.normalization != "population" and name.split(".")[0] in (
+                "population",
+                "calibrated",
+            ):
+                continue
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def episodes_digest(datamodule: EpisodicDataModule) -> str:
+    """A digest of the fixed test episodes: the split's classes and images and every task's
+    support and query indices (two data modules with equal digests test alike)."""
+    datamodule.setup("test")
+    dataset = datamodule.splits["test"]
+    digest = hashlib.sha256(repr(list(dataset.class_names)).encode())
+    digest.update(dataset.images.contiguous().numpy().tobytes())
+    tasks = datamodule.sampler("test").global_tasks()
+    digest.update(repr([(t.classes, t.support, t.query) for t in tasks]).encode())
+    return digest.hexdigest()
+
+
 def measure(
     learner: Measured,
     datamodule: EpisodicDataModule,
     warmup: int = 2,
     repeats: int = 10,
+    episode_accuracy: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Accuracy ± 95% CI on the test episodes, parameter count, FLOPs and CPU latency per episode.
 
@@ -70,16 +120,20 @@ def measure(
       ensemble's members all adapt and predict).
     - ``latency_ms``: median wall-clock time of that episode over ``repeats`` runs after
       ``warmup`` runs, on the CPU (the learner is moved there).
+
+    ``episode_accuracy``: the per-episode accuracies if already measured on these episodes
+    (:func:`episode_accuracies`, e.g. in another process while something else ran); then only
+    the size, FLOPs and latency are measured here.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}.")
+    if episode_accuracy is None:
+        episode_accuracy = episode_accuracies(learner, datamodule)
     learner = learner.to("cpu").eval()
     datamodule.setup("test")
-    accuracies, first = [], None
-    for batch in datamodule.test_dataloader():
-        accuracies.append(learner.evaluate(batch).accuracy)
-        first = batch if first is None else first
-    episode_accuracy = torch.cat(accuracies).detach().float().flatten()
+    # the class's loader: a progress bar that counts the instance's (episode_progress) counts
+    # only the accuracies' pass; the fixed test episodes come in the same order from either
+    first = next(iter(type(datamodule).test_dataloader(datamodule)))
     mean, ci95 = mean_ci95(episode_accuracy)
     task = (first.support_x[0], first.support_y[0], first.query_x[0])
     with FlopCounterMode(display=False) as counter:
@@ -121,6 +175,7 @@ def compare(
     repeats: int = 10,
     plot: bool = True,
     reference: str | None = None,
+    known_accuracies: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every learner (:func:`measure`) and write ``report.json``, ``report.md``, ``report.png``.
 
@@ -143,6 +198,8 @@ def compare(
             matplotlib (the ``dev`` extra).
         reference: the name of the learner the paired differences are taken against (default:
             the first of ``learners``).
+        known_accuracies: ``{name: per-episode accuracies}`` already measured on these episodes
+            (:func:`episode_accuracies`); those learners are not evaluated again.
 
     Returns:
         One row per learner: ``{"name", "accuracy", "ci95", "diff_vs_reference", "diff_ci95",
@@ -168,7 +225,11 @@ def compare(
         raise KeyError(f"reference {reference!r} is not one of the learners {list(learners)}.")
     if plot:
         pyplot = plot_pyplot()
-    measured = {name: measure(m, datamodule, warmup, repeats) for name, m in learners.items()}
+    known = known_accuracies or {}
+    measured = {
+        name: measure(m, datamodule, warmup, repeats, known.get(name))
+        for name, m in learners.items()
+    }
     episodes = {name: m.pop("episode_accuracy") for name, m in measured.items()}
     rows = []
     for name, m in measured.items():
@@ -258,6 +319,9 @@ __all__ = [
     "Measured",
     "checkpoint_learners",
     "compare",
+    "episode_accuracies",
+    "learner_digest",
+    "episodes_digest",
     "distillation_learners",
     "measure",
 ]
