@@ -128,7 +128,7 @@ def compare_given(accuracies: dict[str, list[float]], monkeypatch, tmp_path, **k
     """``compare`` on learners whose per-episode test accuracies are ``accuracies``."""
     learners = {name: Learner(Conv4(hidden=2), ProtoNet(), ways=2) for name in accuracies}
 
-    def measure(learner, datamodule, warmup, repeats):
+    def measure(learner, datamodule, warmup, repeats, episode_accuracy=None):
         name = next(n for n, m in learners.items() if m is learner)
         episode_accuracy = torch.tensor(accuracies[name])
         mean, ci95 = mean_ci95(episode_accuracy)
