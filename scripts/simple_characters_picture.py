@@ -2,8 +2,10 @@
 """Draw docs/results/simple_characters.png: the simple characters beside the UCI digits.
 
 Rows: kana and kanji components (``KanjiDataModule(simple_characters=6)``'s extra training
-classes, :mod:`lightning_metakd.data.kanji_simple`) as the mixed renderer draws them, a few of the
-kanji they train beside, and the UCI digits (the real-handwriting test, never trained on).
+classes, :mod:`lightning_metakd.data.kanji_simple`) and synthetic glyphs
+(``synthetic_characters``, :mod:`lightning_metakd.data.synthetic_glyphs`) as the mixed renderer
+draws them, a few of the kanji they train beside, and the UCI digits (the real-handwriting test,
+never trained on).
 
 Usage::
 
@@ -22,6 +24,7 @@ from lightning_metakd.data.kanji import select_kanji
 from lightning_metakd.data.kanji_handwriting import MixedConfig
 from lightning_metakd.data.kanji_render import render_samples
 from lightning_metakd.data.kanji_simple import simple_characters
+from lightning_metakd.data.synthetic_glyphs import synthetic_glyphs
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = 12
@@ -43,6 +46,7 @@ def main() -> None:
         "kanji components (simple_characters, training only)": [
             k for k in simple if k.kind == "component"
         ],
+        "synthetic glyphs (synthetic_characters, training only)": synthetic_glyphs(400),
         "kanji (the data set's classes)": kanji,
     }
     rows = {}
