@@ -217,13 +217,19 @@ class InlineStage:
 
     started: list[str] = []
 
-    def __init__(self, stage, config, stage_dir, test, threads, work=None, args=(), log=None):
+    def __init__(self, stage, work, args, log, threads):
         InlineStage.started.append(stage)
-        if work is not None:  # the report's prefetch: its real work needs real checkpoints
-            self.stage, self.log, self._result = stage, log, {"learners": len(args[1])}
-            return
-        self.stage, self.log = stage, stage_dir / "stage.log"
-        self._result = pipeline.stages.run_training_stage(stage, config, stage_dir, test)
+        self.stage, self.log = stage, log
+        # the report's prefetch is not run: its real work needs real checkpoints
+        is_training = work is pipeline.stages.run_training_stage
+        self._result = work(*args) if is_training else {"learners": len(args[1])}
+
+    @classmethod
+    def training(cls, stage, config, stage_dir, test, threads):
+        args = (stage, config, stage_dir, test)
+        return cls(
+            stage, pipeline.stages.run_training_stage, args, stage_dir / "stage.log", threads
+        )
 
     def done(self):
         return True
@@ -301,7 +307,7 @@ def test_a_stage_that_fails_in_its_own_process_says_which_and_where_to_look(tmp_
     from lightning_metakd.pipeline.run import BackgroundStage
 
     config = {"model": {"class_path": "no_such_package.Learner"}, "trainer": {"logger": False}}
-    stage = BackgroundStage("student_baseline", config, tmp_path, True, 1)
+    stage = BackgroundStage.training("student_baseline", config, tmp_path, True, 1)
     with pytest.raises(RuntimeError, match=r"the student_baseline stage failed: .*no_such_package"):
         stage.result()
     log = (tmp_path / "stage.log").read_text()

@@ -431,7 +431,7 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 def _remember(path: Path, data: dict[str, np.ndarray]) -> None:
     global _LAST_CACHE
-    _LAST_CACHE = (_file_key(path), data)
+    _LAST_CACHE = (_file_key(path), dict(data))  # its own dict: callers get copies of it
 
 
 _CACHE_KEYS = ("images", "labels", "codepoints", "characters", "class_names", "radicals")

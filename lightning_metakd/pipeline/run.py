@@ -169,38 +169,40 @@ def _will_run(
 
 
 class BackgroundStage:
-    """A training stage fitted in a spawned process of its own, beside the pipeline's (``processes``
-    above 1); its output goes to ``<run>/<stage>/stage.log``.
+    """Work of the pipeline in a spawned process of its own, beside the pipeline's (``processes``
+    above 1): a training stage (:meth:`training`, its output in ``<run>/<stage>/stage.log``) or
+    the report's early measurements.
 
     Spawned, not forked (forking beside torch's threads is unsafe); the process sets the
-    pipeline's ``threads`` and runs :func:`~lightning_metakd.pipeline.stages.run_training_stage`
-    (or, with ``work``, another top-level function of ``args``; then ``log`` names its output).
+    pipeline's ``threads`` and runs ``work(*args)`` (a top-level function), its output to ``log``.
     The KanjiVG cache's file lock makes a stage that starts while another renders wait for it.
     """
 
     def __init__(
         self,
         stage: str,
-        config: dict[str, Any] | None,
-        stage_dir: Path | None,
-        test: bool,
+        work: Callable[..., dict[str, Any]],
+        args: tuple,
+        log: Path,
         threads: int | None,
-        work: Callable[..., dict[str, Any]] | None = None,
-        args: tuple = (),
-        log: Path | None = None,
     ):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
-        if work is None:
-            work, args = stages.run_training_stage, (stage, config, stage_dir, test)
-        self.stage = stage
-        self.log = log if log is not None else Path(stage_dir) / "stage.log"  # type: ignore[arg-type]
+        self.stage, self.log = stage, log
         self._results, sender = context.Pipe(duplex=False)
-        body = (sender, work, args, threads, str(self.log))
+        body = (sender, work, args, threads, str(log))
         self._process = context.Process(target=_stage_process, args=body, name=f"metakd-{stage}")
         self._process.start()
         sender.close()  # only the child writes: the parent sees EOFError if it dies silently
+
+    @classmethod
+    def training(
+        cls, stage: str, config: dict[str, Any], stage_dir: Path, test: bool, threads: int | None
+    ) -> BackgroundStage:
+        """The training ``stage`` (:func:`~lightning_metakd.pipeline.stages.run_training_stage`)."""
+        args = (stage, config, stage_dir, test)
+        return cls(stage, stages.run_training_stage, args, stage_dir / "stage.log", threads)
 
     def done(self) -> bool:
         """Whether the stage has finished (or its process ended)."""
@@ -270,13 +272,10 @@ def _start_prefetch(
     out.unlink(missing_ok=True)
     return BackgroundStage(
         "report prefetch",
-        None,
-        None,
-        False,
+        stages.prefetch_report_accuracies,
+        (data, checkpoints, out),
+        out.with_suffix(".log"),
         spec.threads,
-        work=stages.prefetch_report_accuracies,
-        args=(data, checkpoints, out),
-        log=out.with_suffix(".log"),
     )
 
 
@@ -429,7 +428,7 @@ def run_pipeline(
             stage_dir = begin(stage)
             say(f"[pipeline] stage {number[stage]}: {stage} ({reason})")
             for other, why in [(s, r) for s, r in others if s in TRAINING_STAGES][:free]:
-                beside[other] = BackgroundStage(
+                beside[other] = BackgroundStage.training(
                     other, configs[other], begin(other), spec.stage_tests, spec.threads
                 )
                 say(
