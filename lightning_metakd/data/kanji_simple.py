@@ -26,6 +26,7 @@ never used (the real-handwriting tests are digits).
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import replace
@@ -76,6 +77,17 @@ def kana(max_strokes: int) -> list[KanjiStrokes]:
     return found
 
 
+def fill_box(chains: Sequence[np.ndarray], max_scale: float = math.inf) -> tuple[np.ndarray, ...]:
+    """``chains`` of points ``[n, 2]`` moved and scaled together (aspect ratio kept, by at most
+    ``max_scale``) so that their points' longer side spans :data:`COMPONENT_SPAN` units, centred
+    in the 109-unit box; float32, as KanjiVG's chains are."""
+    points = np.concatenate(chains)
+    low, high = points.min(0), points.max(0)
+    scale = min(max_scale, COMPONENT_SPAN / max(float((high - low).max()), 1e-6))
+    centre = KANJIVG_BOX / 2
+    return tuple(((c - (low + high) / 2) * scale + centre).astype(np.float32) for c in chains)
+
+
 def cut_component(character: KanjiStrokes, element: str, strokes: Sequence[int]) -> KanjiStrokes:
     """The strokes ``strokes`` of ``character`` alone, centred and scaled to fill the box.
 
@@ -88,11 +100,7 @@ def cut_component(character: KanjiStrokes, element: str, strokes: Sequence[int])
     picked = [
         (c, s) for c, s in zip(character.chains, character.chain_stroke, strict=True) if s in keep
     ]
-    points = np.concatenate([c for c, _ in picked])
-    low, high = points.min(0), points.max(0)
-    scale = min(MAX_COMPONENT_SCALE, COMPONENT_SPAN / max(float((high - low).max()), 1e-6))
-    centre = KANJIVG_BOX / 2
-    chains = tuple(((c - (low + high) / 2) * scale + centre).astype(np.float32) for c, _ in picked)
+    chains = fill_box([c for c, _ in picked], MAX_COMPONENT_SCALE)
     order = {s: i for i, s in enumerate(sorted(keep))}
     return KanjiStrokes(
         ord(element),
@@ -148,6 +156,7 @@ __all__ = [
     "check_simple_strokes",
     "components",
     "cut_component",
+    "fill_box",
     "is_simple_group",
     "kana",
     "simple_characters",

@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from lightning_metakd.data.kanji_render import KANJIVG_BOX, KanjiStrokes
-from lightning_metakd.data.kanji_simple import COMPONENT_SPAN, SIMPLE_GROUP_PREFIX
+from lightning_metakd.data.kanji_render import KanjiStrokes
+from lightning_metakd.data.kanji_simple import SIMPLE_GROUP_PREFIX, fill_box
 
 #: The first code point of the glyphs (Supplementary Private Use Area-A).
 FIRST_CODEPOINT = 0xF0000
@@ -87,11 +87,7 @@ def synthetic_glyph(index: int, seed: int = GLYPH_SEED) -> KanjiStrokes:
     count = int(rng.choice(list(STROKE_COUNTS), p=list(STROKE_COUNTS.values())))
     kinds = rng.choice(list(STROKE_KINDS), size=count, p=list(STROKE_KINDS.values()))
     strokes = [_MAKERS[str(kind)](rng) for kind in kinds]
-    points = np.concatenate(strokes)
-    low, high = points.min(0), points.max(0)
-    scale = COMPONENT_SPAN / max(float((high - low).max()), 1e-6)
-    centre = KANJIVG_BOX / 2
-    chains = tuple(((s - (low + high) / 2) * scale + centre).astype(np.float32) for s in strokes)
+    chains = fill_box(strokes)
     looped = "with loops" if "loop" in kinds else "no loops"
     group = f"{SIMPLE_GROUP_PREFIX}synthetic-{count} stroke{'s' * (count > 1)}, {looped}"
     return KanjiStrokes(
