@@ -9,8 +9,8 @@ Steps (each run is a real ``metakd fit`` + ``test`` in a subprocess of its own, 
 2. its student, ``kanji-student-conv4-16``: ``configs/kanji/distill_protonet.yaml`` with that
    teacher, ``teacher_normalization: population`` (the teacher's embeddings cached once) and
    8 epochs (StepLR every 3): the "distilled, 8 epochs" arm of ``scripts/kanji_study.py main``;
-   the mixed pair's student, ``kanji-mixed-student-conv4-24``, has its own config
-   (``STUDENT_CONFIGS``: coarse-scan views, a Conv4-24);
+   the mixed and scan pairs' students have a config of their own (``Recipe.student_config``:
+   coarse-scan views, a Conv4-24);
 3. packaging (:func:`package`): each best checkpoint stripped to its learner
    (:meth:`~lightning_metakd.modules.Checkpoint.stripped`: the student without the teacher's
    weights, no optimiser state) into ``lightning_metakd/pretrained/<name>.ckpt``, measured
@@ -28,17 +28,19 @@ Usage::
     python scripts/pretrain.py --package_only --teacher runs/kanji-protonet/version_0/checkpoints/best.ckpt \\
         --student runs/pretrain/student/seed_0/checkpoints/best.ckpt    # package existing runs
     python scripts/pretrain.py --smoke --out /tmp/pretrain --package_dir /tmp/pretrain/package
-    python scripts/pretrain.py --render_style handwriting             # on the handwriting renders
-    python scripts/pretrain.py --render_style mixed --seed 1 --out runs/pretrain-mixed-1 \\
+    python scripts/pretrain.py --recipe handwriting                   # on the handwriting renders
+    python scripts/pretrain.py --recipe scan                          # the pair for scanned digits
+    python scripts/pretrain.py --recipe mixed --seed 1 --out runs/pretrain-mixed-1 \\
         --package_dir runs/pretrain-mixed-1/package                  # a seed outside the package
     python scripts/pretrain.py --summarize runs/pretrain-*/package/manifest.json   # over seeds
     python scripts/pretrain.py --summarize docs/results/pretrained_seeds.json runs/pretrain-mixed-*/package/manifest.json
     python scripts/pretrain.py --measure a=runs/a/best.ckpt b=runs/b/best.ckpt --measure_out m.json
 
-Each render style has its pair of names (``PAIRS``); packaging one pair replaces its own two
+Each recipe (``RECIPES``: the drawings and data of one pair) has its pair of names (``PAIRS``;
+the first three recipes are named by their render style); packaging one pair replaces its own two
 entries of ``manifest.json`` and keeps the other's. ``--seed N --out DIR --package_dir DIR/package``
 trains another seed outside the package, and ``--summarize`` gives the mean ± sd over seeds of
-those runs' manifests (with each style's difference from classic paired by seed); an earlier
+those runs' manifests (with each recipe's difference from classic paired by seed); an earlier
 summary's JSON among them stands for the manifests it summarised (their runs may be gone).
 """
 
@@ -49,8 +51,11 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,20 +63,66 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "lightning_metakd" / "pretrained"
 TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
-#: The shipped pair of each render style: (teacher, student).
-PAIRS = {
-    "classic": (TEACHER, STUDENT),
-    "handwriting": ("kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"),
-    "mixed": ("kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-24"),
-}
 TEACHER_CONFIG = Path("configs/kanji/protonet.yaml")
 STUDENT_CONFIG = Path("configs/kanji/distill_protonet.yaml")
-#: A render style whose student has a recipe of its own (the others: ``STUDENT_CONFIG``). The
-#: mixed pair's: coarse-scan views and a Conv4-24 (docs/pretrained.md, "A student for real
-#: handwriting").
-STUDENT_CONFIGS = {"mixed": Path("configs/kanji/distill_protonet_handwriting.yaml")}
+#: The mixed pair's student config: coarse-scan views and a Conv4-24 (docs/pretrained.md, "A
+#: student for real handwriting").
+HANDWRITING_STUDENT_CONFIG = Path("configs/kanji/distill_protonet_handwriting.yaml")
 #: The student's recipe beyond its config (the teacher's path is added at run time).
 STUDENT_OVERRIDES = {"model.init_args.teacher_normalization": "population", "trainer.max_epochs": 8}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one shipped pair is trained: its names, its drawings, its data beyond the configs'.
+
+    Attributes:
+        teacher, student: the pair's names (``pretrained:<name>``).
+        render_style: the KanjiVG drawings both train on (``KanjiDataModule(render_style=)``).
+        data: ``data.init_args`` both runs add (e.g. ``simple_characters``).
+        teacher_views: the teacher trains on its student config's ``train_transform`` too (the
+            student's views, seen by the teacher in its own meta-training).
+        student_config: the config the student is distilled with.
+    """
+
+    teacher: str
+    student: str
+    render_style: str = "classic"
+    data: Mapping[str, Any] = field(default_factory=dict)
+    teacher_views: bool = False
+    student_config: Path = STUDENT_CONFIG
+
+
+#: The shipped pairs, by recipe name (``--recipe``); the first three are named by their drawings.
+RECIPES = {
+    "classic": Recipe(TEACHER, STUDENT),
+    "handwriting": Recipe(
+        "kanji-handwriting-protonet-conv4-64",
+        "kanji-handwriting-student-conv4-16",
+        render_style="handwriting",
+    ),
+    # + the simple characters (kana and kanji components of at most 6 strokes, training split
+    # only; docs/pretrained.md, "Simple characters") and the student's recipe of its own.
+    "mixed": Recipe(
+        "kanji-mixed-protonet-conv4-64",
+        "kanji-mixed-student-conv4-24",
+        render_style="mixed",
+        data={"simple_characters": 6},
+        student_config=HANDWRITING_STUDENT_CONFIG,
+    ),
+    # The mixed recipe + 400 synthetic glyphs (loops and curves) for both, and the teacher on
+    # the student's coarse-scan views (docs/pretrained.md, "A pair for scanned digits").
+    "scan": Recipe(
+        "kanji-scan-protonet-conv4-64",
+        "kanji-scan-student-conv4-24",
+        render_style="mixed",
+        data={"simple_characters": 6, "synthetic_characters": 400},
+        teacher_views=True,
+        student_config=HANDWRITING_STUDENT_CONFIG,
+    ),
+}
+#: The shipped pair of each recipe: (teacher, student).
+PAIRS = {name: (recipe.teacher, recipe.student) for name, recipe in RECIPES.items()}
 #: ``--smoke``: every run a few steps, into another folder; the numbers mean nothing.
 SMOKE = {
     "trainer.max_epochs": 1,
@@ -100,27 +151,58 @@ def say(line: str) -> None:
     print(f"[pretrain] {line}", flush=True)
 
 
-#: Data settings a render style's pair trains with beyond the style itself: the mixed pair also
-#: learns the simple characters (kana and kanji components of at most 6 strokes, training split
-#: only; docs/pretrained.md, "Simple characters").
-STYLE_DATA = {"mixed": {"data.init_args.simple_characters": 6}}
+def render_overrides(name: str) -> dict[str, Any]:
+    """The data overrides both runs of a recipe take (none for the configs' own, classic)."""
+    recipe = RECIPES[name]
+    found = {f"data.init_args.{key}": value for key, value in recipe.data.items()}
+    if recipe.render_style != "classic":
+        found = {"data.init_args.render_style": recipe.render_style, **found}
+    return found
 
 
-def render_overrides(style: str) -> dict[str, Any]:
-    """The data overrides of a render style (none for the configs' own, classic)."""
-    if style == "classic":
-        return {}
-    return {"data.init_args.render_style": style, **STYLE_DATA.get(style, {})}
+def config_views(config: Path) -> dict[str, Any] | None:
+    """A config's ``data.init_args.train_transform`` (``None``: its images are not transformed)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / config).read_text())["data"]["init_args"].get("train_transform")
 
 
-def student_config(style: str) -> Path:
-    """The config a render style's student is distilled with."""
-    return STUDENT_CONFIGS.get(style, STUDENT_CONFIG)
+def teacher_overrides(name: str) -> dict[str, Any]:
+    """The teacher's overrides of a recipe: its data, and its student's views where it takes them."""
+    recipe = RECIPES[name]
+    found = render_overrides(name)
+    if recipe.teacher_views:
+        views = config_views(recipe.student_config)
+        if views is None:
+            raise SystemExit(f"{recipe.student_config} has no train_transform for the teacher.")
+        found["data.init_args.train_transform"] = views
+    return found
+
+
+def views_of(name: str, kind: str) -> str:
+    """The transform of a recipe's teacher or student's training images, as text ("" for none)."""
+    if kind == "teacher":
+        views = teacher_overrides(name).get("data.init_args.train_transform")
+    else:
+        views = config_views(student_config(name))
+    if not views:
+        return ""
+    args = ", ".join(f"{k}={v}" for k, v in views.get("init_args", {}).items())
+    return f"{views['class_path'].rsplit('.', 1)[-1]}({args})"
+
+
+def student_config(name: str) -> Path:
+    """The config a recipe's student is distilled with."""
+    return RECIPES[name].student_config
 
 
 def command(config: Path, overrides: dict[str, Any], seed: int) -> str:
     """The ``metakd fit`` command line a run amounts to (``run_seeds`` adds the seed's keys)."""
-    flags = [f"--{k} {v}" for k, v in overrides.items()]
+
+    def shown(value: Any) -> str:  # a config section as the JSON the CLI parses, quoted
+        return shlex.quote(json.dumps(value)) if isinstance(value, dict | list) else str(value)
+
+    flags = [f"--{k} {shown(v)}" for k, v in overrides.items()]
     flags += [f"--seed_everything {seed}", f"--data.init_args.train_seed {seed}"]
     return " ".join(["metakd fit --config", config.as_posix(), *flags])
 
@@ -130,20 +212,22 @@ def train(opts: argparse.Namespace) -> tuple[Path, Path, dict[str, dict[str, Any
     """Fit and test the teacher, then the student; their best checkpoints and run records."""
     from lightning_metakd.seeds import run_seeds
 
-    teacher_name, student_name = PAIRS[opts.render_style]
-    common = {**render_overrides(opts.render_style), **(SMOKE if opts.smoke else {})}
+    teacher_name, student_name = PAIRS[opts.recipe]
+    smoke = SMOKE if opts.smoke else {}
+    common = {**render_overrides(opts.recipe), **smoke}
+    teacher_own = {**teacher_overrides(opts.recipe), **smoke}
     teacher_runs = run_seeds(
-        ROOT / TEACHER_CONFIG, [opts.seed], opts.out / "teacher", common, name=teacher_name
+        ROOT / TEACHER_CONFIG, [opts.seed], opts.out / "teacher", teacher_own, name=teacher_name
     )
     teacher = Path(teacher_runs.runs[0].checkpoint)
     student_overrides = {**STUDENT_OVERRIDES, "model.init_args.teacher": str(teacher), **common}
-    config = student_config(opts.render_style)
+    config = student_config(opts.recipe)
     student_runs = run_seeds(
         ROOT / config, [opts.seed], opts.out / "student", student_overrides, name=student_name
     )
     student = Path(student_runs.runs[0].checkpoint)
     records = {
-        teacher_name: run_record(teacher, command(TEACHER_CONFIG, common, opts.seed)),
+        teacher_name: run_record(teacher, command(TEACHER_CONFIG, teacher_own, opts.seed)),
         student_name: run_record(student, command(config, student_overrides, opts.seed)),
     }
     return teacher, student, records
@@ -334,7 +418,7 @@ def package(
 ) -> dict[str, Any]:
     """Strip both checkpoints into ``opts.package_dir``, measure them, update ``manifest.json``.
 
-    The manifest keeps the other render style's pair: packaging one pair replaces its two
+    The manifest keeps the other recipes' pairs: packaging one pair replaces its two
     entries and files only.
     """
     import torch
@@ -343,7 +427,8 @@ def package(
 
     out = opts.package_dir
     out.mkdir(parents=True, exist_ok=True)
-    teacher_name, student_name = PAIRS[opts.render_style]
+    recipe = RECIPES[opts.recipe]
+    teacher_name, student_name = recipe.teacher, recipe.student
     sources = {
         teacher_name: (teacher, "teacher", None),
         student_name: (student, "student", teacher_name),
@@ -373,10 +458,11 @@ def package(
             "input": "1 x 28 x 28, white strokes on black in [0, 1] (KanjiVG renders); pass "
                      "invert for dark-on-light drawings (metakd finetune --invert)",
             "distilled_from": distilled_from,
-            "render_style": opts.render_style,
-            "simple_characters": render_overrides(opts.render_style).get(
-                "data.init_args.simple_characters", 0
-            ),
+            "recipe": opts.recipe,
+            "render_style": recipe.render_style,
+            "simple_characters": recipe.data.get("simple_characters", 0),
+            "synthetic_characters": recipe.data.get("synthetic_characters", 0),
+            "views": views_of(opts.recipe, kind),
             "seed": opts.seed,
             "trained": records[name],
         })  # fmt: skip
@@ -388,8 +474,8 @@ def package(
         entry["check_accuracy"] = {"accuracy": found["check_accuracy"], **check_spec()}
         entry["measured"] = {
             "date": measured["date"],
-            "command": f"python scripts/pretrain.py --package_only --render_style "
-            f"{opts.render_style} --seed {opts.seed} --teacher {teacher} --student {student}",
+            "command": f"python scripts/pretrain.py --package_only --recipe "
+            f"{opts.recipe} --seed {opts.seed} --teacher {teacher} --student {student}",
         }
     path = out / "manifest.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
@@ -433,11 +519,12 @@ def _summarised_runs(found: dict[str, Any]) -> list[tuple[str, str, int, dict[st
 
 
 def summarize(manifests: list[Path]) -> dict[str, Any]:
-    """Mean ± sd over seeds of every (render style, kind) in ``manifests``, per test.
+    """Mean ± sd over seeds of every (recipe, kind) in ``manifests``, per test.
 
     Each manifest is one ``scripts/pretrain.py --seed N`` run (or the package's own), or an
-    earlier summary (this function's JSON: its runs again, by seed); every style's difference
-    from classic is paired by seed (the seeds both styles have).
+    earlier summary (this function's JSON: its runs again, by seed); every recipe's difference
+    from classic is paired by seed (the seeds both recipes have). A manifest entry names its
+    recipe (``recipe``; older ones only their ``render_style``, which was their recipe's name).
     """
     from lightning_metakd.seeds import mean_sd
 
@@ -451,7 +538,7 @@ def summarize(manifests: list[Path]) -> dict[str, Any]:
             pixels = found.get("pixels") or pixels
             sources += found.get("manifests", [])
         else:
-            runs_in = [(e["render_style"], e["kind"], e["seed"],
+            runs_in = [(e.get("recipe", e["render_style"]), e["kind"], e["seed"],
                         {test: r["acc"] for test, r in e["accuracy"].items()})
                        for e in found["models"]]  # fmt: skip
             pixels = {test: r["acc"] for test, r in found.get("pixels", {}).items()} or pixels
@@ -524,8 +611,9 @@ def summary_table(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed_everything and train_seed")
-    parser.add_argument("--render_style", choices=list(PAIRS), default="classic",
-                        help="the KanjiVG drawings both models train on")  # fmt: skip
+    parser.add_argument("--recipe", "--render_style", dest="recipe", choices=list(RECIPES),
+                        default="classic", help="the pair to train: its drawings and data "
+                        "(RECIPES; --render_style is the older name)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "pretrain",
                         help="the training runs' folder")  # fmt: skip
     parser.add_argument("--package_dir", type=Path, default=PACKAGE,
@@ -569,15 +657,15 @@ def main(argv: list[str] | None = None) -> int:
     if opts.package_only:
         if opts.teacher is None or opts.student is None:
             parser.error("--package_only needs --teacher CKPT and --student CKPT.")
-        style = render_overrides(opts.render_style)
-        teacher_name, student_name = PAIRS[opts.render_style]
+        teacher_name, student_name = PAIRS[opts.recipe]
         # The shipped teacher is the given one's learner, bit for bit: the same distillation.
         shown = {**STUDENT_OVERRIDES, "model.init_args.teacher": f"pretrained:{teacher_name}"}
-        shown.update(style)
+        shown.update(render_overrides(opts.recipe))
+        teacher_own = teacher_overrides(opts.recipe)
         records = {
-            teacher_name: run_record(opts.teacher, command(TEACHER_CONFIG, style, opts.seed)),
+            teacher_name: run_record(opts.teacher, command(TEACHER_CONFIG, teacher_own, opts.seed)),
             student_name: run_record(
-                opts.student, command(student_config(opts.render_style), shown, opts.seed)
+                opts.student, command(student_config(opts.recipe), shown, opts.seed)
             ),
         }
         teacher, student = opts.teacher, opts.student

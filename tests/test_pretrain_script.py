@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain.py"
 def pretrain():
     spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def entry(name: str, style: str, kind: str, seed: int, kanji: float, mnist: float) -> dict:
@@ -161,3 +164,49 @@ def test_each_style_trains_on_its_own_data_and_the_mixed_pair_on_simple_characte
     assert mixed == {"data.init_args.render_style": "mixed", "data.init_args.simple_characters": 6}
     line = pretrain.command(pretrain.TEACHER_CONFIG, mixed, 0)
     assert "--data.init_args.simple_characters 6" in line and line.endswith("train_seed 0")
+    assert pretrain.teacher_overrides("mixed") == mixed  # the mixed teacher sees no views
+
+
+def test_the_scan_teacher_trains_on_its_students_views_with_synthetic_glyphs(pretrain):
+    """The scan recipe: the mixed data + 400 synthetic glyphs for both runs, and the teacher on the
+    very coarse-scan views its student's config gives the student; the recorded command is one a
+    shell runs (the views as quoted JSON)."""
+    import shlex
+
+    import yaml
+
+    both = pretrain.render_overrides("scan")
+    assert both == {"data.init_args.render_style": "mixed", "data.init_args.simple_characters": 6,
+                    "data.init_args.synthetic_characters": 400}  # fmt: skip
+    teacher = pretrain.teacher_overrides("scan")
+    config = yaml.safe_load((SCRIPT.parents[1] / pretrain.student_config("scan")).read_text())
+    views = config["data"]["init_args"]["train_transform"]
+    assert views["class_path"].endswith("RandomLowResolution")
+    assert teacher == {**both, "data.init_args.train_transform": views}
+    words = shlex.split(pretrain.command(pretrain.TEACHER_CONFIG, teacher, 2))
+    assert json.loads(words[words.index("--data.init_args.train_transform") + 1]) == views
+    assert words[-4:] == ["--seed_everything", "2", "--data.init_args.train_seed", "2"]
+    assert pretrain.PAIRS["scan"] == ("kanji-scan-protonet-conv4-64", "kanji-scan-student-conv4-24")
+
+
+def test_recipe_and_its_older_name_render_style_choose_the_same_pair(pretrain, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # main() moves to the repository; this puts it back after
+    chosen = []
+    monkeypatch.setattr(pretrain, "train", lambda opts: chosen.append(opts.recipe) or (0, 0, {}))
+    monkeypatch.setattr(pretrain, "package", lambda *args: None)
+    for flag in ("--recipe", "--render_style"):
+        assert pretrain.main([flag, "scan"]) == 0
+    assert pretrain.main([]) == 0
+    assert chosen == ["scan", "scan", "classic"]
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--recipe", "nope"])
+    assert exit_.value.code == 2
+
+
+def test_the_manifest_names_each_models_training_views(pretrain):
+    assert pretrain.views_of("classic", "teacher") == pretrain.views_of("classic", "student") == ""
+    scans = "RandomLowResolution(probability=0.5, sizes=[8, 16])"
+    assert pretrain.views_of("mixed", "teacher") == ""
+    assert pretrain.views_of("mixed", "student") == scans
+    assert pretrain.views_of("scan", "teacher") == pretrain.views_of("scan", "student") == scans

@@ -159,10 +159,13 @@ def test_metakd_pretrained_lists_every_model(capsys):
     assert [row.split(" | ")[0] for row in rows] == [f"| pretrained:{n}" for n in MODELS]
     for row, entry in zip(rows, MODELS.values(), strict=True):
         assert f"{entry['parameters']:,}" in row and entry["normalization"] in row
-        simple = entry["simple_characters"]
+        simple, glyphs = entry["simple_characters"], entry["synthetic_characters"]
         extra = f" + simple characters (≤ {simple} strokes)" if simple else ""
+        extra += f" + {glyphs} synthetic glyphs" if glyphs else ""
+        extra += ", coarse-scan views" if entry["views"].startswith("RandomLowResolution(") else ""
         assert f"| KanjiVG, {entry['render_style']} renders{extra} |" in row
-        assert bool(simple) == (entry["render_style"] == "mixed")  # the mixed pair learns them
+        assert bool(simple) == (entry["render_style"] == "mixed")  # the mixed pairs learn them
+        assert bool(glyphs) == (entry["recipe"] == "scan")
         assert f"{100 * entry['accuracy']['kanji']['acc']:.2f}%" in row
         assert f"{entry['bytes'] / 1024:.0f} kB" in row
     assert main(["pretrained", "--json"]) == 0

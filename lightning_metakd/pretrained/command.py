@@ -33,10 +33,14 @@ def _accuracy(entry: Mapping[str, Any], key: str) -> str:
 
 def trained_on(entry: Mapping[str, Any]) -> str:
     """What a model was meta-trained on, e.g. ``"KanjiVG, mixed renders + simple characters (≤ 6
-    strokes)"``."""
+    strokes)"``; ``+ 400 synthetic glyphs`` and ``, coarse-scan views`` where it had them (the
+    ``views`` of its entry: the training images' transform)."""
     text = f"KanjiVG, {entry.get('render_style', 'classic')} renders"
     strokes = entry.get("simple_characters", 0)
-    return text + (f" + simple characters (≤ {strokes} strokes)" if strokes else "")
+    text += f" + simple characters (≤ {strokes} strokes)" if strokes else ""
+    glyphs = entry.get("synthetic_characters", 0)
+    text += f" + {glyphs} synthetic glyphs" if glyphs else ""
+    return text + (", coarse-scan views" if "RandomLowResolution" in entry.get("views", "") else "")
 
 
 def table(entries: Mapping[str, Mapping[str, Any]]) -> str:
