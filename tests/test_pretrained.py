@@ -34,24 +34,34 @@ MODELS = models()
 TEACHER, STUDENT = "kanji-protonet-conv4-64", "kanji-student-conv4-16"
 HW_TEACHER, HW_STUDENT = "kanji-handwriting-protonet-conv4-64", "kanji-handwriting-student-conv4-16"
 MIXED_TEACHER, MIXED_STUDENT = "kanji-mixed-protonet-conv4-64", "kanji-mixed-student-conv4-24"
+SCAN_TEACHER, SCAN_STUDENT = "kanji-scan-protonet-conv4-64", "kanji-scan-student-conv4-24"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_the_package_ships_a_teacher_and_its_student_per_render_style():
-    assert list(MODELS) == [TEACHER, STUDENT, HW_TEACHER, HW_STUDENT, MIXED_TEACHER, MIXED_STUDENT]
-    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"] * 3
-    styles = ["classic"] * 2 + ["handwriting"] * 2 + ["mixed"] * 2
+def test_the_package_ships_a_teacher_and_its_student_per_recipe():
+    assert list(MODELS) == [TEACHER, STUDENT, HW_TEACHER, HW_STUDENT, MIXED_TEACHER, MIXED_STUDENT,
+                            SCAN_TEACHER, SCAN_STUDENT]  # fmt: skip
+    assert [MODELS[n]["kind"] for n in MODELS] == ["teacher", "student"] * 4
+    recipes = ["classic"] * 2 + ["handwriting"] * 2 + ["mixed"] * 2 + ["scan"] * 2
+    assert [MODELS[n]["recipe"] for n in MODELS] == recipes
+    styles = ["classic"] * 2 + ["handwriting"] * 2 + ["mixed"] * 4  # the scan pair: mixed renders
     assert [MODELS[n]["render_style"] for n in MODELS] == styles
     assert MODELS[STUDENT]["distilled_from"] == TEACHER
     assert MODELS[HW_STUDENT]["distilled_from"] == HW_TEACHER
     assert MODELS[MIXED_STUDENT]["distilled_from"] == MIXED_TEACHER
-    # the mixed student is a Conv4-24 (its own recipe), the other students Conv4-16
-    assert [MODELS[n]["parameters"] for n in (STUDENT, HW_STUDENT, MIXED_STUDENT)] == [
-        7248,
-        7248,
-        16056,
+    assert MODELS[SCAN_STUDENT]["distilled_from"] == SCAN_TEACHER
+    # the mixed and scan students are Conv4-24s (their own recipe), the other students Conv4-16
+    students = (STUDENT, HW_STUDENT, MIXED_STUDENT, SCAN_STUDENT)
+    assert [MODELS[n]["parameters"] for n in students] == [7248, 7248, 16056, 16056]
+    for name in (MIXED_STUDENT, SCAN_STUDENT):
+        assert "distill_protonet_handwriting.yaml" in MODELS[name]["trained"]["command"]
+    # the scan teacher alone among the teachers trained on coarse-scan views, with 400 glyphs
+    scans = "RandomLowResolution(probability=0.5, sizes=[8, 16])"
+    assert [n for n in MODELS if MODELS[n]["views"] == scans] == [
+        MIXED_STUDENT, SCAN_TEACHER, SCAN_STUDENT
     ]
-    assert "distill_protonet_handwriting.yaml" in MODELS[MIXED_STUDENT]["trained"]["command"]
+    assert "--data.init_args.train_transform" in MODELS[SCAN_TEACHER]["trained"]["command"]
+    assert {MODELS[n]["synthetic_characters"] for n in (SCAN_TEACHER, SCAN_STUDENT)} == {400}
     assert {MODELS[n]["seed"] for n in MODELS} == {0}  # seed 0 of each, chosen before training
 
 

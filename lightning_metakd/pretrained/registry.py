@@ -9,7 +9,8 @@ Example:
     >>> list(models())  # doctest: +NORMALIZE_WHITESPACE
     ['kanji-protonet-conv4-64', 'kanji-student-conv4-16',
      'kanji-handwriting-protonet-conv4-64', 'kanji-handwriting-student-conv4-16',
-     'kanji-mixed-protonet-conv4-64', 'kanji-mixed-student-conv4-24']
+     'kanji-mixed-protonet-conv4-64', 'kanji-mixed-student-conv4-24',
+     'kanji-scan-protonet-conv4-64', 'kanji-scan-student-conv4-24']
     >>> name_of("pretrained:kanji-student-conv4-16"), name_of("runs/x/best.ckpt")
     ('kanji-student-conv4-16', None)
     >>> weights_file("kanji-student-conv4-16").name
