@@ -58,7 +58,9 @@ def test_the_package_ships_a_teacher_and_its_student_per_recipe():
     # the scan teacher alone among the teachers trained on coarse-scan views, with 400 glyphs
     scans = "RandomLowResolution(probability=0.5, sizes=[8, 16])"
     assert [n for n in MODELS if MODELS[n]["views"] == scans] == [
-        MIXED_STUDENT, SCAN_TEACHER, SCAN_STUDENT
+        MIXED_STUDENT,
+        SCAN_TEACHER,
+        SCAN_STUDENT,
     ]
     assert "--data.init_args.train_transform" in MODELS[SCAN_TEACHER]["trained"]["command"]
     assert {MODELS[n]["synthetic_characters"] for n in (SCAN_TEACHER, SCAN_STUDENT)} == {400}
