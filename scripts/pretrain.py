@@ -180,11 +180,13 @@ def teacher_overrides(name: str) -> dict[str, Any]:
 
 
 def views_of(name: str, kind: str) -> str:
-    """The transform of a recipe's teacher or student's training images, as text ("" for none)."""
+    """The transform of a recipe's teacher or student's training images, as text ("" for none):
+    the run's override where it has one, else its config's own."""
     if kind == "teacher":
-        views = teacher_overrides(name).get("data.init_args.train_transform")
+        config, overrides = TEACHER_CONFIG, teacher_overrides(name)
     else:
-        views = config_views(student_config(name))
+        config, overrides = student_config(name), render_overrides(name)
+    views = overrides.get("data.init_args.train_transform") or config_views(config)
     if not views:
         return ""
     args = ", ".join(f"{k}={v}" for k, v in views.get("init_args", {}).items())
